@@ -1,0 +1,16 @@
+//! Schema migrations for `demiarch-sessions`.
+//!
+//! Run them with the standard SeaORM CLI (`cargo run -p migration -- up`), or let
+//! `SessionManager::connect` apply pending ones.
+pub use sea_orm_migration::prelude::*;
+
+mod m20261124_000001_core_schema;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261124_000001_core_schema::Migration)]
+    }
+}

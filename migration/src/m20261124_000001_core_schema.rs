@@ -1,0 +1,364 @@
+//! The core schema: sessions, agent executions, resource locks, the fencing
+//! counter and the append-only audit log.
+//!
+//! Invariants held by the database, not by the library:
+//! - at most one *held* lock per (resource_type, resource_key);
+//! - at most one `session_end` audit row per session;
+//! - a lock's session is its agent's session (composite foreign key);
+//! - a completed session has `completed_at` and `context_data`;
+//! - a released lock has both `released_at` and `release_reason`;
+//! - status columns only take the documented values;
+//! - on SQLite, audit rows cannot be updated or deleted (triggers).
+use sea_orm_migration::prelude::*;
+use sea_orm_migration::schema::*;
+use sea_orm_migration::sea_orm::{ConnectionTrait, DatabaseBackend};
+
+#[derive(DeriveMigrationName)]
+pub struct Migration;
+
+/// UUIDs are kept as their 36-character hyphenated text so an operator can
+/// read and query them by hand (SQLite would otherwise store 16-byte BLOBs).
+const UUID_TEXT_LEN: u32 = 36;
+
+#[async_trait::async_trait]
+impl MigrationTrait for Migration {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(GlobalSessions::Table)
+                    .col(string_len(GlobalSessions::Id, UUID_TEXT_LEN).primary_key())
+                    .col(string_len(GlobalSessions::Status, 16).check(
+                        Expr::col(GlobalSessions::Status).is_in([
+                            "active",
+                            "paused",
+                            "interrupted",
+                            "completed",
+                        ]),
+                    ))
+                    .col(timestamp_with_time_zone(GlobalSessions::StartedAt))
+                    .col(timestamp_with_time_zone(GlobalSessions::UpdatedAt))
+                    .col(timestamp_with_time_zone_null(GlobalSessions::CompletedAt))
+                    .col(json_binary_null(GlobalSessions::ContextData))
+                    .check(
+                        Expr::col(GlobalSessions::Status).ne("completed").or(Expr::col(
+                            GlobalSessions::CompletedAt,
+                        )
+                        .is_not_null()
+                        .and(Expr::col(GlobalSessions::ContextData).is_not_null())),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+
+        manager
+            .create_table(
+                Table::create()
+                    .table(AgentExecutions::Table)
+                    .col(string_len(AgentExecutions::Id, UUID_TEXT_LEN).primary_key())
+                    .col(string_len(AgentExecutions::SessionId, UUID_TEXT_LEN))
+                    .col(string_len(AgentExecutions::AgentType, 1024))
+                    .col(string_len(AgentExecutions::Status, 16).check(
+                        Expr::col(AgentExecutions::Status).is_in([
+                            "running",
+                            "completed",
+                            "failed",
+                            "cancelled",
+                        ]),
+                    ))
+                    .col(timestamp_with_time_zone(AgentExecutions::StartedAt))
+                    .col(timestamp_with_time_zone_null(AgentExecutions::CompletedAt))
+                    .foreign_key(
+                        ForeignKey::create()
+                            .name("fk_agent_executions_session")
+                            .from(AgentExecutions::Table, AgentExecutions::SessionId)
+                            .to(GlobalSessions::Table, GlobalSessions::Id)
+                            .on_delete(ForeignKeyAction::Restrict)
+                            .on_update(ForeignKeyAction::Restrict),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        // Target of the composite foreign key from resource_locks, and the
+        // index that finds a session's agents.
+        manager
+            .create_index(
+                Index::create()
+                    .name("ux_agent_executions_session_id")
+                    .table(AgentExecutions::Table)
+                    .col(AgentExecutions::SessionId)
+                    .col(AgentExecutions::Id)
+                    .unique()
+                    .to_owned(),
+            )
+            .await?;
+
+        manager
+            .create_table(
+                Table::create()
+                    .table(ResourceLocks::Table)
+                    .col(string_len(ResourceLocks::Id, UUID_TEXT_LEN).primary_key())
+                    .col(string_len(ResourceLocks::AgentId, UUID_TEXT_LEN))
+                    // Denormalised from the agent so that ending a session releases
+                    // its locks through one index range, without a join. The
+                    // composite foreign key below keeps it equal to the agent's.
+                    .col(string_len(ResourceLocks::SessionId, UUID_TEXT_LEN))
+                    .col(string_len(ResourceLocks::ResourceType, 1024))
+                    .col(string_len(ResourceLocks::ResourceKey, 1024))
+                    .col(big_integer_uniq(ResourceLocks::FencingToken))
+                    .col(timestamp_with_time_zone(ResourceLocks::AcquiredAt))
+                    .col(timestamp_with_time_zone_null(ResourceLocks::ExpiresAt))
+                    .col(timestamp_with_time_zone_null(ResourceLocks::ReleasedAt))
+                    .col(string_len_null(ResourceLocks::ReleaseReason, 32))
+                    .check(
+                        Expr::col(ResourceLocks::ReleasedAt)
+                            .is_null()
+                            .and(Expr::col(ResourceLocks::ReleaseReason).is_null())
+                            .or(Expr::col(ResourceLocks::ReleasedAt)
+                                .is_not_null()
+                                .and(Expr::col(ResourceLocks::ReleaseReason).is_not_null())),
+                    )
+                    .foreign_key(
+                        ForeignKey::create()
+                            .name("fk_resource_locks_agent")
+                            .from(
+                                ResourceLocks::Table,
+                                (ResourceLocks::SessionId, ResourceLocks::AgentId),
+                            )
+                            .to(
+                                AgentExecutions::Table,
+                                (AgentExecutions::SessionId, AgentExecutions::Id),
+                            )
+                            .on_delete(ForeignKeyAction::Restrict)
+                            .on_update(ForeignKeyAction::Restrict),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("ix_resource_locks_agent")
+                    .table(ResourceLocks::Table)
+                    .col(ResourceLocks::AgentId)
+                    .to_owned(),
+            )
+            .await?;
+
+        manager
+            .create_table(
+                Table::create()
+                    .table(LockFencing::Table)
+                    .col(integer(LockFencing::Id).primary_key())
+                    .col(big_integer(LockFencing::LastToken))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .exec_stmt(
+                Query::insert()
+                    .into_table(LockFencing::Table)
+                    .columns([LockFencing::Id, LockFencing::LastToken])
+                    .values_panic([1.into(), 0i64.into()])
+                    .to_owned(),
+            )
+            .await?;
+
+        manager
+            .create_table(
+                Table::create()
+                    .table(AuditLog::Table)
+                    .col(string_len(AuditLog::Id, UUID_TEXT_LEN).primary_key())
+                    .col(string_len(AuditLog::EventType, 64))
+                    .col(timestamp_with_time_zone(AuditLog::EventTime))
+                    .col(string_len_null(AuditLog::SessionId, UUID_TEXT_LEN))
+                    .col(json_binary(AuditLog::Details))
+                    // Restrict, never cascade: deleting a session must not erase
+                    // its history.
+                    .foreign_key(
+                        ForeignKey::create()
+                            .name("fk_audit_log_session")
+                            .from(AuditLog::Table, AuditLog::SessionId)
+                            .to(GlobalSessions::Table, GlobalSessions::Id)
+                            .on_delete(ForeignKeyAction::Restrict)
+                            .on_update(ForeignKeyAction::Restrict),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("ix_audit_log_session")
+                    .table(AuditLog::Table)
+                    .col(AuditLog::SessionId)
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("ix_audit_log_event_time")
+                    .table(AuditLog::Table)
+                    .col(AuditLog::EventType)
+                    .col(AuditLog::EventTime)
+                    .to_owned(),
+            )
+            .await?;
+
+        match manager.get_database_backend() {
+            DatabaseBackend::MySql => {
+                return Err(DbErr::Migration(
+                    "MySQL/MariaDB schema is not supported yet".to_owned(),
+                ))
+            }
+            DatabaseBackend::Postgres | DatabaseBackend::Sqlite => {
+                create_partial_indexes(manager).await?;
+            }
+            _ => {}
+        }
+        if manager.get_database_backend() == DatabaseBackend::Sqlite {
+            let db = manager.get_connection();
+            for (name, op) in [("no_update", "UPDATE"), ("no_delete", "DELETE")] {
+                db.execute_unprepared(&format!(
+                    "CREATE TRIGGER audit_log_{name} BEFORE {op} ON audit_log \
+                     BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END"
+                ))
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        if manager.get_database_backend() == DatabaseBackend::Sqlite {
+            let db = manager.get_connection();
+            db.execute_unprepared("DROP TRIGGER IF EXISTS audit_log_no_update")
+                .await?;
+            db.execute_unprepared("DROP TRIGGER IF EXISTS audit_log_no_delete")
+                .await?;
+        }
+        for table in [
+            AuditLog::Table.into_iden(),
+            LockFencing::Table.into_iden(),
+            ResourceLocks::Table.into_iden(),
+            AgentExecutions::Table.into_iden(),
+            GlobalSessions::Table.into_iden(),
+        ] {
+            manager
+                .drop_table(Table::drop().table(table).if_exists().to_owned())
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Partial indexes (SQLite, PostgreSQL): uniqueness over held locks only, since
+/// `UNIQUE(type, key, released_at)` would let NULLs through as distinct.
+async fn create_partial_indexes(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
+    manager
+        .create_index(
+            Index::create()
+                .name("ux_resource_locks_held")
+                .table(ResourceLocks::Table)
+                .col(ResourceLocks::ResourceType)
+                .col(ResourceLocks::ResourceKey)
+                .unique()
+                .and_where(Expr::col(ResourceLocks::ReleasedAt).is_null())
+                .to_owned(),
+        )
+        .await?;
+    // Ending a session walks exactly its held locks.
+    manager
+        .create_index(
+            Index::create()
+                .name("ix_resource_locks_session_held")
+                .table(ResourceLocks::Table)
+                .col(ResourceLocks::SessionId)
+                .and_where(Expr::col(ResourceLocks::ReleasedAt).is_null())
+                .to_owned(),
+        )
+        .await?;
+    // Expiry sweeps look only at held locks that carry a time to live.
+    manager
+        .create_index(
+            Index::create()
+                .name("ix_resource_locks_expiry_held")
+                .table(ResourceLocks::Table)
+                .col(ResourceLocks::ExpiresAt)
+                .and_where(
+                    Expr::col(ResourceLocks::ReleasedAt)
+                        .is_null()
+                        .and(Expr::col(ResourceLocks::ExpiresAt).is_not_null()),
+                )
+                .to_owned(),
+        )
+        .await?;
+    // One session_end row per session, whatever races.
+    manager
+        .create_index(
+            Index::create()
+                .name("ux_audit_log_session_end")
+                .table(AuditLog::Table)
+                .col(AuditLog::SessionId)
+                .unique()
+                .and_where(Expr::col(AuditLog::EventType).eq("session_end"))
+                .to_owned(),
+        )
+        .await?;
+    Ok(())
+}
+
+#[derive(DeriveIden)]
+enum GlobalSessions {
+    Table,
+    Id,
+    Status,
+    StartedAt,
+    UpdatedAt,
+    CompletedAt,
+    ContextData,
+}
+
+#[derive(DeriveIden)]
+enum AgentExecutions {
+    Table,
+    Id,
+    SessionId,
+    AgentType,
+    Status,
+    StartedAt,
+    CompletedAt,
+}
+
+#[derive(DeriveIden)]
+enum ResourceLocks {
+    Table,
+    Id,
+    AgentId,
+    SessionId,
+    ResourceType,
+    ResourceKey,
+    FencingToken,
+    AcquiredAt,
+    ExpiresAt,
+    ReleasedAt,
+    ReleaseReason,
+}
+
+#[derive(DeriveIden)]
+enum LockFencing {
+    Table,
+    Id,
+    LastToken,
+}
+
+#[derive(DeriveIden)]
+enum AuditLog {
+    Table,
+    Id,
+    EventType,
+    EventTime,
+    SessionId,
+    Details,
+}
