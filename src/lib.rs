@@ -1,1 +1,65 @@
-pub fn x(){}
+//! # demiarch-sessions
+//!
+//! The global session store of an AI-agent orchestrator, embedded in the app:
+//! sessions, the agent executions inside them, the resource locks those agents
+//! hold, their context windows, and an append-only audit log. SQLite is the
+//! embedded default.
+//!
+//! Its heart is [`SessionManager::end_session`] (story 6.5): in one
+//! transaction, within `Config::cleanup_timeout`, the session is marked
+//! completed, its context saved for recovery, every lock its agents hold
+//! released and the audit record written.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> demiarch_sessions::Result<()> {
+//! use demiarch_sessions::SessionManager;
+//!
+//! let manager = SessionManager::connect("sqlite::memory:").await?;
+//! let session = manager.start_session().await?;
+//! let agent = manager.register_agent(session, "coder").await?;
+//! let grant = manager.acquire_lock(agent, "file", "src/main.rs").await?;
+//! manager.contexts().put(session, "plan", serde_json::json!({"step": 1}));
+//!
+//! let report = manager.end_session(session).await?;
+//! assert_eq!(report.locks_released, 1);
+//! assert_eq!(report.context_windows, 1);
+//!
+//! // The resource is free again, with a higher fencing token.
+//! let next_session = manager.start_session().await?;
+//! let next_agent = manager.register_agent(next_session, "reviewer").await?;
+//! let next = manager.acquire_lock(next_agent, "file", "src/main.rs").await?;
+//! assert!(next.fencing_token > grant.fencing_token);
+//!
+//! // The saved context comes back for recovery.
+//! let saved = manager.session_context(session).await?;
+//! assert_eq!(saved[0].key, "plan");
+//! # Ok(())
+//! # }
+//! ```
+mod audit;
+mod config;
+mod context;
+mod db;
+mod error;
+mod locks;
+mod manager;
+mod session;
+mod status;
+mod validate;
+
+pub use audit::AuditEvent;
+pub use config::Config;
+pub use context::{ContextRegistry, ContextSource, ContextWindow, CONTEXT_FORMAT_VERSION};
+pub use error::{Error, Result};
+pub use locks::LockGrant;
+pub use manager::SessionManager;
+pub use session::EndSessionReport;
+pub use status::{AgentStatus, ReleaseReason, SessionStatus};
+pub use validate::MAX_NAME_BYTES;
+
+/// The schema migrations, for apps that own their connection
+/// ([`SessionManager::new`]) and run `Migrator::up` themselves.
+pub use migration::Migrator;
+/// The generated entities, for apps that query the store directly.
+pub use entity;

@@ -1,0 +1,32 @@
+//! Configuration and its defaults.
+use std::time::Duration;
+
+/// Tuning for a [`SessionManager`](crate::SessionManager).
+///
+/// Fields are public so that `Config { cleanup_timeout, ..Default::default() }`
+/// works.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Upper bound on the whole of `end_session` (story 6.5 AC6: 2 s). Past it
+    /// the call returns [`Error::Timeout`](crate::Error::Timeout) and rolls back.
+    pub cleanup_timeout: Duration,
+    /// Largest serialized context (`context_data`) one session may save.
+    pub max_context_bytes: usize,
+    /// How long a SQLite connection waits for another writer before giving up
+    /// (`PRAGMA busy_timeout`).
+    pub busy_timeout: Duration,
+    /// Pool size for file databases and servers. An in-memory SQLite database
+    /// always uses one connection, since each connection would be its own database.
+    pub max_connections: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            cleanup_timeout: Duration::from_secs(2),
+            max_context_bytes: 16 * 1024 * 1024,
+            busy_timeout: Duration::from_secs(5),
+            max_connections: 8,
+        }
+    }
+}

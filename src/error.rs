@@ -1,0 +1,60 @@
+//! The one error type of the library.
+use sea_orm::DbErr;
+use uuid::Uuid;
+
+/// Everything a call can fail with. Each variant names the id or field at
+/// fault; match on it rather than on the message.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No session has this id.
+    #[error("session {0} not found")]
+    SessionNotFound(Uuid),
+    /// No agent execution has this id.
+    #[error("agent {0} not found")]
+    AgentNotFound(Uuid),
+    /// No lock has this id.
+    #[error("lock {0} not found")]
+    LockNotFound(Uuid),
+    /// The session exists but is not `active`, so it takes no new agents or locks.
+    #[error("session {session_id} is {status}, not active; start or resume a session first")]
+    SessionNotActive { session_id: Uuid, status: String },
+    /// The agent exists but is no longer `running`, so it takes no new locks.
+    #[error("agent {agent_id} is {status}, not running; register a new agent")]
+    AgentNotRunning { agent_id: Uuid, status: String },
+    /// Another holder has this resource. `holder_agent_id` and `fencing_token`
+    /// describe the holder seen just after the refusal (`None` if it was
+    /// released in between).
+    #[error("{resource_type}/{resource_key} is held by agent {} (fencing token {}); retry after it is released",
+        .holder_agent_id.map(|a| a.to_string()).unwrap_or_else(|| "unknown".into()),
+        .fencing_token.map(|t| t.to_string()).unwrap_or_else(|| "unknown".into()))]
+    LockHeld {
+        resource_type: String,
+        resource_key: String,
+        holder_agent_id: Option<Uuid>,
+        fencing_token: Option<i64>,
+    },
+    /// The operation did not finish within its budget; it was rolled back and
+    /// nothing changed. Retrying later is safe.
+    #[error("timed out after {elapsed_ms} ms; nothing was changed, retry later")]
+    Timeout { elapsed_ms: u64 },
+    /// The serialized context windows exceed `Config::max_context_bytes`.
+    /// Nothing changed and the windows are kept: trim them and retry.
+    #[error("context is {bytes} bytes, over the {limit}-byte limit; trim the context windows and retry")]
+    ContextTooLarge { bytes: usize, limit: usize },
+    /// A caller-supplied value was rejected before touching the database.
+    #[error("invalid {field}: {reason}")]
+    InvalidInput { field: &'static str, reason: String },
+    /// The saved context of a session cannot be read back.
+    #[error("saved context of session {session_id} is unreadable: {reason}")]
+    CorruptContext { session_id: Uuid, reason: String },
+    /// A stored row does not have the form this library writes (edited by hand?).
+    #[error("stored row is malformed: {0}")]
+    CorruptRow(String),
+    /// The database refused or failed; the transaction was rolled back.
+    #[error("database error: {0}")]
+    Database(#[from] DbErr),
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,211 @@
+//! Ending a session with cleanup: story 6.5, top to bottom in the order it lists.
+//!
+//! 1. Serialize the session's context windows (before any transaction opens,
+//!    so the write lock is never held while user data is serialized).
+//! 2. In one transaction (SQLite: `BEGIN IMMEDIATE`), bounded by
+//!    `Config::cleanup_timeout`:
+//!    a. mark the session `completed` with `completed_at` and `context_data`
+//!       — one conditional UPDATE that both checks and changes it;
+//!    b. release every held lock of the session (reason `session_end`);
+//!    c. cancel its agents that are still running;
+//!    d. append the `session_end` audit row.
+//! 3. Commit, then drop the session's live windows from the registry.
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ActiveValue::{NotSet, Set, Unchanged},
+    ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QuerySelect,
+};
+use serde::Serialize;
+use tracing::{field, info_span, warn, Instrument};
+use sea_orm::entity::prelude::TextUuid;
+use uuid::Uuid;
+
+use entity::{agent_executions, global_sessions, resource_locks};
+
+use crate::audit::{self, AuditEvent};
+use crate::context::SavedContext;
+use crate::status::{AgentStatus, ReleaseReason, SessionStatus};
+use crate::{db, validate, Error, Result, SessionManager};
+
+/// What `end_session` did.
+#[derive(Clone, Debug, Serialize)]
+pub struct EndSessionReport {
+    pub session_id: Uuid,
+    /// When the session was ended (the first end's time if `already_ended`).
+    pub completed_at: DateTime<Utc>,
+    /// The session was already completed: nothing was written.
+    pub already_ended: bool,
+    pub locks_released: u64,
+    pub agents_cancelled: u64,
+    pub context_windows: u64,
+    pub context_bytes: u64,
+    /// Wall time of the whole call, commit included.
+    pub cleanup_ms: u64,
+}
+
+/// What the transaction changed; the report adds the timing.
+struct Cleanup {
+    completed_at: DateTime<Utc>,
+    already_ended: bool,
+    locks_released: u64,
+    agents_cancelled: u64,
+}
+
+pub(crate) async fn end_session(manager: &SessionManager, session_id: Uuid) -> Result<EndSessionReport> {
+    let span = info_span!(
+        "end_session",
+        %session_id,
+        locks_released = field::Empty,
+        cleanup_ms = field::Empty,
+        already_ended = field::Empty,
+    );
+    async move {
+        let started = Instant::now();
+        validate::id("session_id", session_id)?;
+        let budget = manager.config().cleanup_timeout;
+
+        // AC4: serialized before the transaction begins.
+        let context = SavedContext::capture(
+            manager.context_source().windows(session_id),
+            manager.config().max_context_bytes,
+        )?;
+        let now = db::now();
+
+        // AC6: everything up to the commit is bounded. The commit itself is not
+        // cancelled midway: a cancelled COMMIT would leave the caller unsure
+        // whether the session ended. A dropped transaction rolls back.
+        let work = async {
+            let txn = db::begin_write(manager.connection()).await?;
+            let cleanup = cleanup_in(&txn, session_id, now, &context, started).await?;
+            Ok::<_, Error>((txn, cleanup))
+        };
+        let (txn, cleanup) = match tokio::time::timeout(budget, work).await {
+            Ok(result) => result?,
+            Err(_) => {
+                let elapsed_ms = millis(started.elapsed());
+                warn!(elapsed_ms, budget_ms = millis(budget), "session cleanup timed out and was rolled back");
+                return Err(Error::Timeout { elapsed_ms });
+            }
+        };
+        txn.commit().await?;
+        if !cleanup.already_ended {
+            manager.context_source().clear(session_id);
+        }
+
+        let elapsed = started.elapsed();
+        let report = EndSessionReport {
+            session_id,
+            completed_at: cleanup.completed_at,
+            already_ended: cleanup.already_ended,
+            locks_released: cleanup.locks_released,
+            agents_cancelled: cleanup.agents_cancelled,
+            context_windows: if cleanup.already_ended { 0 } else { context.windows },
+            context_bytes: if cleanup.already_ended { 0 } else { context.bytes },
+            cleanup_ms: millis(elapsed),
+        };
+        let span = tracing::Span::current();
+        span.record("locks_released", report.locks_released);
+        span.record("cleanup_ms", report.cleanup_ms);
+        span.record("already_ended", report.already_ended);
+        if elapsed > budget {
+            warn!(cleanup_ms = report.cleanup_ms, budget_ms = millis(budget), "session cleanup exceeded its budget");
+        }
+        Ok(report)
+    }
+    .instrument(span)
+    .await
+}
+
+/// The statements of the end, inside the caller's transaction.
+async fn cleanup_in(
+    txn: &DatabaseTransaction,
+    session_id: Uuid,
+    now: DateTime<Utc>,
+    context: &SavedContext,
+    started: Instant,
+) -> Result<Cleanup> {
+    let id = TextUuid(session_id);
+    // AC1, AC2, AC4: one conditional update both checks and ends the session.
+    let session = global_sessions::ActiveModel {
+        id: Unchanged(id),
+        status: Set(SessionStatus::Completed.as_str().to_owned()),
+        started_at: NotSet,
+        updated_at: Set(now),
+        completed_at: Set(Some(now)),
+        context_data: Set(Some(context.value.clone())),
+    };
+    let ended = global_sessions::Entity::update(session)
+        .validate()?
+        .filter(global_sessions::Column::Status.ne(SessionStatus::Completed.as_str()))
+        .exec_without_returning(txn)
+        .await?
+        .rows_affected;
+    if ended == 0 {
+        return already_ended(txn, session_id).await;
+    }
+
+    // AC3: every held lock of the session, through the partial index on held locks.
+    let locks_released = resource_locks::Entity::update_many()
+        .col_expr(resource_locks::Column::ReleasedAt, Expr::value(now))
+        .col_expr(resource_locks::Column::ReleaseReason, Expr::value(ReleaseReason::SessionEnd.as_str()))
+        .filter(resource_locks::Column::SessionId.eq(id))
+        .filter(resource_locks::Column::ReleasedAt.is_null())
+        .exec(txn)
+        .await?
+        .rows_affected;
+
+    let agents_cancelled = agent_executions::Entity::update_many()
+        .col_expr(agent_executions::Column::Status, Expr::value(AgentStatus::Cancelled.as_str()))
+        .col_expr(agent_executions::Column::CompletedAt, Expr::value(now))
+        .filter(agent_executions::Column::SessionId.eq(id))
+        .filter(agent_executions::Column::Status.eq(AgentStatus::Running.as_str()))
+        .exec(txn)
+        .await?
+        .rows_affected;
+
+    // AC5: the one audit row. Its cleanup_ms is the time up to this write; the
+    // report's adds the commit.
+    let details = serde_json::json!({
+        "session_id": session_id,
+        "cleanup_ms": millis(started.elapsed()),
+        "locks_released": locks_released,
+        "agents_cancelled": agents_cancelled,
+        "context_windows": context.windows,
+        "context_bytes": context.bytes,
+    });
+    audit::append(txn, AuditEvent::SessionEnd, Some(session_id), details, now).await?;
+
+    Ok(Cleanup { completed_at: now, already_ended: false, locks_released, agents_cancelled })
+}
+
+/// The conditional update touched nothing: the session is unknown or was
+/// already completed. Only then is the row read.
+async fn already_ended(txn: &DatabaseTransaction, session_id: Uuid) -> Result<Cleanup> {
+    let row: Option<(String, Option<DateTime<Utc>>)> = global_sessions::Entity::find()
+        .select_only()
+        .column(global_sessions::Column::Status)
+        .column(global_sessions::Column::CompletedAt)
+        .filter(global_sessions::Column::Id.eq(TextUuid(session_id)))
+        .into_tuple()
+        .one(txn)
+        .await?;
+    match row {
+        None => Err(Error::SessionNotFound(session_id)),
+        Some((_, Some(completed_at))) => Ok(Cleanup {
+            completed_at,
+            already_ended: true,
+            locks_released: 0,
+            agents_cancelled: 0,
+        }),
+        Some((status, None)) => Err(Error::CorruptRow(format!(
+            "session {session_id} is {status} yet was not updated by its end"
+        ))),
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,65 @@
+//! Starting sessions and registering their agents.
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QuerySelect,
+
+};
+use sea_orm::entity::prelude::TextUuid;
+use uuid::Uuid;
+
+use entity::{agent_executions, global_sessions};
+
+use crate::audit::{self, AuditEvent};
+use crate::status::{AgentStatus, SessionStatus};
+use crate::{db, validate, Error, Result};
+
+pub(crate) async fn start_session(conn: &DatabaseConnection) -> Result<Uuid> {
+    let id = Uuid::new_v4();
+    let now = db::now();
+    let txn = db::begin_write(conn).await?;
+    let row = global_sessions::ActiveModel {
+        id: Set(TextUuid(id)),
+        status: Set(SessionStatus::Active.as_str().to_owned()),
+        started_at: Set(now),
+        updated_at: Set(now),
+        completed_at: Set(None),
+        context_data: Set(None),
+    };
+    global_sessions::Entity::insert(row).exec_without_returning(&txn).await?;
+    audit::append(&txn, AuditEvent::SessionStart, Some(id), serde_json::json!({ "session_id": id }), now)
+        .await?;
+    txn.commit().await?;
+    Ok(id)
+}
+
+pub(crate) async fn register_agent(
+    conn: &DatabaseConnection,
+    session_id: Uuid,
+    agent_type: &str,
+) -> Result<Uuid> {
+    validate::id("session_id", session_id)?;
+    validate::name("agent_type", agent_type)?;
+    let txn = db::begin_write(conn).await?;
+    let status: Option<String> = global_sessions::Entity::find()
+        .select_only()
+        .column(global_sessions::Column::Status)
+        .filter(global_sessions::Column::Id.eq(TextUuid(session_id)))
+        .into_tuple()
+        .one(&txn)
+        .await?;
+    let status = status.ok_or(Error::SessionNotFound(session_id))?;
+    if status != SessionStatus::Active.as_str() {
+        return Err(Error::SessionNotActive { session_id, status });
+    }
+    let id = Uuid::new_v4();
+    let row = agent_executions::ActiveModel {
+        id: Set(TextUuid(id)),
+        session_id: Set(TextUuid(session_id)),
+        agent_type: Set(agent_type.to_owned()),
+        status: Set(AgentStatus::Running.as_str().to_owned()),
+        started_at: Set(db::now()),
+        completed_at: Set(None),
+    };
+    agent_executions::Entity::insert(row).exec_without_returning(&txn).await?;
+    txn.commit().await?;
+    Ok(id)
+}
