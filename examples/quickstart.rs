@@ -21,9 +21,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let reviewer = manager.register_agent(session, "reviewer").await?;
     manager.acquire_lock(coder, "file", "src/main.rs").await?;
     manager.acquire_lock(coder, "file", "src/lib.rs").await?;
-    manager.acquire_lock(reviewer, "branch", "feature/session-end").await?;
-    manager.contexts().put(session, "plan", json!({"goal": "end sessions cleanly", "step": 3}));
-    manager.contexts().put(session, "notes", json!(["locks released", "context saved"]));
+    manager
+        .acquire_lock(reviewer, "branch", "feature/session-end")
+        .await?;
+    manager.contexts().put(
+        session,
+        "plan",
+        json!({"goal": "end sessions cleanly", "step": 3}),
+    );
+    manager
+        .contexts()
+        .put(session, "notes", json!(["locks released", "context saved"]));
 
     let report = manager.end_session(session).await?;
     println!("{}", serde_json::to_string_pretty(&report)?);

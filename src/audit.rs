@@ -49,6 +49,8 @@ pub(crate) async fn append<C: ConnectionTrait>(
         session_id: Set(session_id.map(TextUuid)),
         details: Set(details),
     };
-    audit_log::Entity::insert(row).exec_without_returning(txn).await?;
+    audit_log::Entity::insert(row)
+        .exec_without_returning(txn)
+        .await?;
     Ok(())
 }

@@ -98,7 +98,10 @@ impl SavedContext {
     /// Serializes the windows and enforces the size limit.
     pub fn capture(windows: Vec<ContextWindow>, limit: usize) -> crate::Result<Self> {
         let count = windows.len() as u64;
-        let envelope = ContextEnvelope { version: CONTEXT_FORMAT_VERSION, windows };
+        let envelope = ContextEnvelope {
+            version: CONTEXT_FORMAT_VERSION,
+            windows,
+        };
         let value = serde_json::to_value(&envelope).map_err(|e| crate::Error::InvalidInput {
             field: "context",
             reason: format!("context windows cannot be serialized as JSON: {e}"),
@@ -107,7 +110,11 @@ impl SavedContext {
         if bytes > limit {
             return Err(crate::Error::ContextTooLarge { bytes, limit });
         }
-        Ok(Self { value, windows: count, bytes: bytes as u64 })
+        Ok(Self {
+            value,
+            windows: count,
+            bytes: bytes as u64,
+        })
     }
 }
 
@@ -130,7 +137,10 @@ fn json_len(value: &serde_json::Value) -> usize {
 }
 
 /// Reads `context_data` back into windows.
-pub(crate) fn decode(session_id: Uuid, value: serde_json::Value) -> crate::Result<Vec<ContextWindow>> {
+pub(crate) fn decode(
+    session_id: Uuid,
+    value: serde_json::Value,
+) -> crate::Result<Vec<ContextWindow>> {
     let envelope: ContextEnvelope =
         serde_json::from_value(value).map_err(|e| crate::Error::CorruptContext {
             session_id,

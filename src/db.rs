@@ -3,8 +3,8 @@ use std::path::Path;
 
 use chrono::{DateTime, SubsecRound, Utc};
 use sea_orm::{
-    ConnectOptions, Database, DatabaseBackend, DatabaseConnection,
-    DatabaseTransaction, SqliteTransactionMode, TransactionOptions, TransactionTrait,
+    ConnectOptions, Database, DatabaseBackend, DatabaseConnection, DatabaseTransaction,
+    SqliteTransactionMode, TransactionOptions, TransactionTrait,
 };
 use sea_orm_migration::MigratorTrait;
 
@@ -30,7 +30,11 @@ pub(crate) async fn connect(url: &str, config: &Config) -> Result<DatabaseConnec
             create_private_sqlite_file(url)?;
         }
         // One connection per in-memory database: a second would be a second database.
-        options.max_connections(if memory { 1 } else { config.max_connections.max(1) });
+        options.max_connections(if memory {
+            1
+        } else {
+            config.max_connections.max(1)
+        });
         let busy_timeout = config.busy_timeout;
         options.map_sqlx_sqlite_opts(move |opts| {
             use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
@@ -48,18 +52,110 @@ pub(crate) async fn connect(url: &str, config: &Config) -> Result<DatabaseConnec
         });
     } else {
         options.max_connections(config.max_connections.max(1));
+        configure_server_sessions(&mut options, config);
     }
     let db = Database::connect(options).await?;
     migration::Migrator::up(&db, None).await?;
     Ok(db)
 }
 
+/// Every pooled server connection runs at READ COMMITTED and gives up waiting
+/// for a row lock after `Config::cleanup_timeout`, on the server itself.
+///
+/// READ COMMITTED is what closes the end/acquire race together with the row
+/// locks taken on the session (see `session::end` and `locks::acquire`): each
+/// statement sees the rows committed before it started, so the release of a
+/// session's locks, run after the session row is locked, sees every lock that
+/// an acquire committed before it. Under REPEATABLE READ (MariaDB's default)
+/// the snapshot could predate such a lock.
+///
+/// The server-side lock timeout means a blocked statement is ended by the
+/// server, so a connection never goes back to the pool stuck inside one.
+#[allow(unused_variables)]
+fn configure_server_sessions(options: &mut ConnectOptions, config: &Config) {
+    let lock_wait_ms = config.cleanup_timeout.as_millis().max(1);
+    #[cfg(feature = "postgres")]
+    {
+        let setup = format!(
+            "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED; \
+             SET lock_timeout = '{lock_wait_ms}ms'"
+        );
+        options.map_sqlx_postgres_pool_opts(move |pool| {
+            let setup = setup.clone();
+            pool.after_connect(move |conn, _meta| {
+                let setup = setup.clone();
+                Box::pin(async move {
+                    use sea_orm::sqlx::Executor;
+                    conn.execute(sea_orm::sqlx::raw_sql(sea_orm::sqlx::AssertSqlSafe(setup)))
+                        .await
+                        .map(|_| ())
+                })
+            })
+        });
+    }
+    #[cfg(feature = "mysql")]
+    {
+        // innodb_lock_wait_timeout counts whole seconds.
+        let lock_wait_s = lock_wait_ms.div_ceil(1000);
+        let setup = [
+            "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED".to_owned(),
+            format!("SET SESSION innodb_lock_wait_timeout = {lock_wait_s}"),
+        ];
+        options.map_sqlx_mysql_pool_opts(move |pool| {
+            let setup = setup.clone();
+            pool.after_connect(move |conn, _meta| {
+                let setup = setup.clone();
+                Box::pin(async move {
+                    use sea_orm::sqlx::Executor;
+                    for statement in setup {
+                        conn.execute(sea_orm::sqlx::raw_sql(sea_orm::sqlx::AssertSqlSafe(
+                            statement,
+                        )))
+                        .await?;
+                    }
+                    Ok(())
+                })
+            })
+        });
+    }
+}
+
+/// Whether the database gave up waiting for a lock: SQLite busy, a
+/// PostgreSQL lock or statement timeout, a MariaDB/MySQL lock-wait or
+/// statement-time limit.
+pub(crate) fn is_lock_timeout(err: &sea_orm::DbErr) -> bool {
+    use sea_orm::{DbErr, RuntimeErr};
+    let sqlx_err = match err {
+        DbErr::Exec(RuntimeErr::SqlxError(e))
+        | DbErr::Query(RuntimeErr::SqlxError(e))
+        | DbErr::Conn(RuntimeErr::SqlxError(e)) => e,
+        _ => return false,
+    };
+    let Some(db_err) = sqlx_err.as_database_error() else {
+        return false;
+    };
+    #[cfg(feature = "mysql")]
+    if let Some(my) = db_err.try_downcast_ref::<sea_orm::sqlx::mysql::MySqlDatabaseError>() {
+        // 1205 lock wait timeout, 1969 MariaDB max_statement_time, 3024 MySQL max_execution_time.
+        return matches!(my.number(), 1205 | 1969 | 3024);
+    }
+    match db_err.code().as_deref() {
+        // SQLITE_BUSY and its extended codes (recovery, snapshot, timeout).
+        Some("5" | "261" | "517" | "773") => true,
+        // lock_not_available, query_canceled (statement_timeout).
+        Some("55P03" | "57014") => true,
+        _ => false,
+    }
+}
+
 /// Creates a missing SQLite file readable by its owner only: it will hold
 /// users' code and prompts. SQLite gives its -wal and -shm files the same mode.
 fn create_private_sqlite_file(url: &str) -> Result<()> {
-    let options: sea_orm::sqlx::sqlite::SqliteConnectOptions = url
-        .parse()
-        .map_err(|e| Error::InvalidInput { field: "url", reason: format!("{e}") })?;
+    let options: sea_orm::sqlx::sqlite::SqliteConnectOptions =
+        url.parse().map_err(|e| Error::InvalidInput {
+            field: "url",
+            reason: format!("{e}"),
+        })?;
     let path: &Path = options.get_filename();
     if path.as_os_str().is_empty() || path.exists() {
         return Ok(());

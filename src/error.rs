@@ -40,7 +40,9 @@ pub enum Error {
     Timeout { elapsed_ms: u64 },
     /// The serialized context windows exceed `Config::max_context_bytes`.
     /// Nothing changed and the windows are kept: trim them and retry.
-    #[error("context is {bytes} bytes, over the {limit}-byte limit; trim the context windows and retry")]
+    #[error(
+        "context is {bytes} bytes, over the {limit}-byte limit; trim the context windows and retry"
+    )]
     ContextTooLarge { bytes: usize, limit: usize },
     /// A caller-supplied value was rejected before touching the database.
     #[error("invalid {field}: {reason}")]

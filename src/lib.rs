@@ -58,8 +58,8 @@ pub use session::EndSessionReport;
 pub use status::{AgentStatus, ReleaseReason, SessionStatus};
 pub use validate::MAX_NAME_BYTES;
 
+/// The generated entities, for apps that query the store directly.
+pub use entity;
 /// The schema migrations, for apps that own their connection
 /// ([`SessionManager::new`]) and run `Migrator::up` themselves.
 pub use migration::Migrator;
-/// The generated entities, for apps that query the store directly.
-pub use entity;

@@ -23,9 +23,12 @@ const UUID_TEXT_LEN: u32 = 36;
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let backend = manager.get_database_backend();
+        let ts = |col| timestamp_col(backend, col, false);
+        let ts_null = |col| timestamp_col(backend, col, true);
         manager
             .create_table(
-                Table::create()
+                table_for(backend)
                     .table(GlobalSessions::Table)
                     .col(string_len(GlobalSessions::Id, UUID_TEXT_LEN).primary_key())
                     .col(string_len(GlobalSessions::Status, 16).check(
@@ -36,16 +39,16 @@ impl MigrationTrait for Migration {
                             "completed",
                         ]),
                     ))
-                    .col(timestamp_with_time_zone(GlobalSessions::StartedAt))
-                    .col(timestamp_with_time_zone(GlobalSessions::UpdatedAt))
-                    .col(timestamp_with_time_zone_null(GlobalSessions::CompletedAt))
+                    .col(ts(GlobalSessions::StartedAt.into_iden()))
+                    .col(ts(GlobalSessions::UpdatedAt.into_iden()))
+                    .col(ts_null(GlobalSessions::CompletedAt.into_iden()))
                     .col(json_binary_null(GlobalSessions::ContextData))
                     .check(
-                        Expr::col(GlobalSessions::Status).ne("completed").or(Expr::col(
-                            GlobalSessions::CompletedAt,
-                        )
-                        .is_not_null()
-                        .and(Expr::col(GlobalSessions::ContextData).is_not_null())),
+                        Expr::col(GlobalSessions::Status)
+                            .ne("completed")
+                            .or(Expr::col(GlobalSessions::CompletedAt)
+                                .is_not_null()
+                                .and(Expr::col(GlobalSessions::ContextData).is_not_null())),
                     )
                     .to_owned(),
             )
@@ -53,7 +56,7 @@ impl MigrationTrait for Migration {
 
         manager
             .create_table(
-                Table::create()
+                table_for(backend)
                     .table(AgentExecutions::Table)
                     .col(string_len(AgentExecutions::Id, UUID_TEXT_LEN).primary_key())
                     .col(string_len(AgentExecutions::SessionId, UUID_TEXT_LEN))
@@ -66,8 +69,8 @@ impl MigrationTrait for Migration {
                             "cancelled",
                         ]),
                     ))
-                    .col(timestamp_with_time_zone(AgentExecutions::StartedAt))
-                    .col(timestamp_with_time_zone_null(AgentExecutions::CompletedAt))
+                    .col(ts(AgentExecutions::StartedAt.into_iden()))
+                    .col(ts_null(AgentExecutions::CompletedAt.into_iden()))
                     .foreign_key(
                         ForeignKey::create()
                             .name("fk_agent_executions_session")
@@ -95,7 +98,7 @@ impl MigrationTrait for Migration {
 
         manager
             .create_table(
-                Table::create()
+                table_for(backend)
                     .table(ResourceLocks::Table)
                     .col(string_len(ResourceLocks::Id, UUID_TEXT_LEN).primary_key())
                     .col(string_len(ResourceLocks::AgentId, UUID_TEXT_LEN))
@@ -106,9 +109,9 @@ impl MigrationTrait for Migration {
                     .col(string_len(ResourceLocks::ResourceType, 1024))
                     .col(string_len(ResourceLocks::ResourceKey, 1024))
                     .col(big_integer_uniq(ResourceLocks::FencingToken))
-                    .col(timestamp_with_time_zone(ResourceLocks::AcquiredAt))
-                    .col(timestamp_with_time_zone_null(ResourceLocks::ExpiresAt))
-                    .col(timestamp_with_time_zone_null(ResourceLocks::ReleasedAt))
+                    .col(ts(ResourceLocks::AcquiredAt.into_iden()))
+                    .col(ts_null(ResourceLocks::ExpiresAt.into_iden()))
+                    .col(ts_null(ResourceLocks::ReleasedAt.into_iden()))
                     .col(string_len_null(ResourceLocks::ReleaseReason, 32))
                     .check(
                         Expr::col(ResourceLocks::ReleasedAt)
@@ -147,7 +150,7 @@ impl MigrationTrait for Migration {
 
         manager
             .create_table(
-                Table::create()
+                table_for(backend)
                     .table(LockFencing::Table)
                     .col(integer(LockFencing::Id).primary_key())
                     .col(big_integer(LockFencing::LastToken))
@@ -166,11 +169,11 @@ impl MigrationTrait for Migration {
 
         manager
             .create_table(
-                Table::create()
+                table_for(backend)
                     .table(AuditLog::Table)
                     .col(string_len(AuditLog::Id, UUID_TEXT_LEN).primary_key())
                     .col(string_len(AuditLog::EventType, 64))
-                    .col(timestamp_with_time_zone(AuditLog::EventTime))
+                    .col(ts(AuditLog::EventTime.into_iden()))
                     .col(string_len_null(AuditLog::SessionId, UUID_TEXT_LEN))
                     .col(json_binary(AuditLog::Details))
                     // Restrict, never cascade: deleting a session must not erase
@@ -206,37 +209,80 @@ impl MigrationTrait for Migration {
             )
             .await?;
 
-        match manager.get_database_backend() {
+        let db = manager.get_connection();
+        match backend {
             DatabaseBackend::MySql => {
-                return Err(DbErr::Migration(
-                    "MySQL/MariaDB schema is not supported yet".to_owned(),
-                ))
-            }
-            DatabaseBackend::Postgres | DatabaseBackend::Sqlite => {
-                create_partial_indexes(manager).await?;
-            }
-            _ => {}
-        }
-        if manager.get_database_backend() == DatabaseBackend::Sqlite {
-            let db = manager.get_connection();
-            for (name, op) in [("no_update", "UPDATE"), ("no_delete", "DELETE")] {
-                db.execute_unprepared(&format!(
-                    "CREATE TRIGGER audit_log_{name} BEFORE {op} ON audit_log \
-                     BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END"
-                ))
+                // No partial indexes: a generated column that is non-NULL only
+                // while the row qualifies carries the unique index (NULLs never
+                // collide). Held locks are keyed by a hash of type and key, since
+                // two 1024-character columns exceed InnoDB's index key limit.
+                db.execute_unprepared(
+                    "ALTER TABLE resource_locks \
+                     ADD COLUMN held_lock_key BINARY(32) AS \
+                       (IF(released_at IS NULL, UNHEX(SHA2(CONCAT(resource_type, CHAR(0), resource_key), 256)), NULL)) STORED, \
+                     ADD UNIQUE INDEX ux_resource_locks_held (held_lock_key), \
+                     ADD INDEX ix_resource_locks_session_held (session_id, released_at), \
+                     ADD INDEX ix_resource_locks_expiry_held (released_at, expires_at), \
+                     ADD INDEX ix_resource_locks_resource (resource_type(191), resource_key(191))",
+                )
                 .await?;
+                db.execute_unprepared(
+                    "ALTER TABLE audit_log \
+                     ADD COLUMN session_end_key VARCHAR(36) AS \
+                       (IF(event_type = 'session_end', session_id, NULL)) STORED, \
+                     ADD UNIQUE INDEX ux_audit_log_session_end (session_end_key)",
+                )
+                .await?;
+                for (name, op) in [("no_update", "UPDATE"), ("no_delete", "DELETE")] {
+                    db.execute_unprepared(&format!(
+                        "CREATE TRIGGER audit_log_{name} BEFORE {op} ON audit_log FOR EACH ROW \
+                         SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'audit_log is append-only'"
+                    ))
+                    .await?;
+                }
+            }
+            DatabaseBackend::Postgres => {
+                create_partial_indexes(manager).await?;
+                db.execute_unprepared(
+                    "CREATE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS \
+                     $$ BEGIN RAISE EXCEPTION 'audit_log is append-only'; END $$",
+                )
+                .await?;
+                db.execute_unprepared(
+                    "CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON audit_log \
+                     FOR EACH ROW EXECUTE FUNCTION audit_log_append_only()",
+                )
+                .await?;
+            }
+            _ => {
+                create_partial_indexes(manager).await?;
+                for (name, op) in [("no_update", "UPDATE"), ("no_delete", "DELETE")] {
+                    db.execute_unprepared(&format!(
+                        "CREATE TRIGGER audit_log_{name} BEFORE {op} ON audit_log \
+                         BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END"
+                    ))
+                    .await?;
+                }
             }
         }
         Ok(())
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        if manager.get_database_backend() == DatabaseBackend::Sqlite {
-            let db = manager.get_connection();
-            db.execute_unprepared("DROP TRIGGER IF EXISTS audit_log_no_update")
-                .await?;
-            db.execute_unprepared("DROP TRIGGER IF EXISTS audit_log_no_delete")
-                .await?;
+        let db = manager.get_connection();
+        match manager.get_database_backend() {
+            DatabaseBackend::Postgres => {
+                db.execute_unprepared("DROP TABLE IF EXISTS audit_log")
+                    .await?;
+                db.execute_unprepared("DROP FUNCTION IF EXISTS audit_log_append_only()")
+                    .await?;
+            }
+            _ => {
+                db.execute_unprepared("DROP TRIGGER IF EXISTS audit_log_no_update")
+                    .await?;
+                db.execute_unprepared("DROP TRIGGER IF EXISTS audit_log_no_delete")
+                    .await?;
+            }
         }
         for table in [
             AuditLog::Table.into_iden(),
@@ -251,6 +297,37 @@ impl MigrationTrait for Migration {
         }
         Ok(())
     }
+}
+
+/// A `CREATE TABLE` with the backend's table options: on MySQL/MariaDB, a
+/// binary collation so keys are matched byte for byte, as on the other backends.
+fn table_for(backend: DatabaseBackend) -> TableCreateStatement {
+    let mut table = Table::create();
+    if backend == DatabaseBackend::MySql {
+        table.character_set("utf8mb4").collate("utf8mb4_bin");
+    }
+    table
+}
+
+/// Timestamps in UTC with microseconds: `timestamptz` on PostgreSQL, RFC 3339
+/// text on SQLite, `DATETIME(6)` on MySQL/MariaDB (its `TIMESTAMP` stops in
+/// 2038 and would keep whole seconds only).
+fn timestamp_col(backend: DatabaseBackend, col: DynIden, nullable: bool) -> ColumnDef {
+    let mut def = if backend == DatabaseBackend::MySql {
+        ColumnDef::new(col)
+            .custom(Alias::new("DATETIME(6)"))
+            .to_owned()
+    } else if nullable {
+        timestamp_with_time_zone_null(col)
+    } else {
+        timestamp_with_time_zone(col)
+    };
+    if nullable {
+        def.null();
+    } else {
+        def.not_null();
+    }
+    def
 }
 
 /// Partial indexes (SQLite, PostgreSQL): uniqueness over held locks only, since

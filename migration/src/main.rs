@@ -6,7 +6,10 @@ const DEFAULT_DATABASE_URL: &str = "sqlite://demiarch-sessions.db?mode=rwc";
 
 fn main() {
     let url_given = std::env::args().any(|a| {
-        a == "-u" || a == "--database-url" || a.starts_with("--database-url=") || a.starts_with("-u")
+        a == "-u"
+            || a == "--database-url"
+            || a.starts_with("--database-url=")
+            || a.starts_with("-u")
     });
     if !url_given && std::env::var_os("DATABASE_URL").is_none() {
         // Still single-threaded here: the runtime starts below.

@@ -5,7 +5,7 @@
 //! 2. In one transaction (SQLite: `BEGIN IMMEDIATE`), bounded by
 //!    `Config::cleanup_timeout`:
 //!    a. mark the session `completed` with `completed_at` and `context_data`
-//!       — one conditional UPDATE that both checks and changes it;
+//!    — one conditional UPDATE that both checks and changes it;
 //!    b. release every held lock of the session (reason `session_end`);
 //!    c. cancel its agents that are still running;
 //!    d. append the `session_end` audit row.
@@ -13,6 +13,7 @@
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use sea_orm::entity::prelude::TextUuid;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ActiveValue::{NotSet, Set, Unchanged},
@@ -20,7 +21,6 @@ use sea_orm::{
 };
 use serde::Serialize;
 use tracing::{field, info_span, warn, Instrument};
-use sea_orm::entity::prelude::TextUuid;
 use uuid::Uuid;
 
 use entity::{agent_executions, global_sessions, resource_locks};
@@ -54,7 +54,10 @@ struct Cleanup {
     agents_cancelled: u64,
 }
 
-pub(crate) async fn end_session(manager: &SessionManager, session_id: Uuid) -> Result<EndSessionReport> {
+pub(crate) async fn end_session(
+    manager: &SessionManager,
+    session_id: Uuid,
+) -> Result<EndSessionReport> {
     let span = info_span!(
         "end_session",
         %session_id,
@@ -83,10 +86,21 @@ pub(crate) async fn end_session(manager: &SessionManager, session_id: Uuid) -> R
             Ok::<_, Error>((txn, cleanup))
         };
         let (txn, cleanup) = match tokio::time::timeout(budget, work).await {
-            Ok(result) => result?,
+            Ok(Ok(done)) => done,
+            // The server (or SQLite's busy handler) gave up waiting first.
+            Ok(Err(Error::Database(e))) if db::is_lock_timeout(&e) => {
+                let elapsed_ms = millis(started.elapsed());
+                warn!(elapsed_ms, error = %e, "session cleanup was blocked and rolled back");
+                return Err(Error::Timeout { elapsed_ms });
+            }
+            Ok(Err(e)) => return Err(e),
             Err(_) => {
                 let elapsed_ms = millis(started.elapsed());
-                warn!(elapsed_ms, budget_ms = millis(budget), "session cleanup timed out and was rolled back");
+                warn!(
+                    elapsed_ms,
+                    budget_ms = millis(budget),
+                    "session cleanup timed out and was rolled back"
+                );
                 return Err(Error::Timeout { elapsed_ms });
             }
         };
@@ -102,8 +116,16 @@ pub(crate) async fn end_session(manager: &SessionManager, session_id: Uuid) -> R
             already_ended: cleanup.already_ended,
             locks_released: cleanup.locks_released,
             agents_cancelled: cleanup.agents_cancelled,
-            context_windows: if cleanup.already_ended { 0 } else { context.windows },
-            context_bytes: if cleanup.already_ended { 0 } else { context.bytes },
+            context_windows: if cleanup.already_ended {
+                0
+            } else {
+                context.windows
+            },
+            context_bytes: if cleanup.already_ended {
+                0
+            } else {
+                context.bytes
+            },
             cleanup_ms: millis(elapsed),
         };
         let span = tracing::Span::current();
@@ -111,7 +133,11 @@ pub(crate) async fn end_session(manager: &SessionManager, session_id: Uuid) -> R
         span.record("cleanup_ms", report.cleanup_ms);
         span.record("already_ended", report.already_ended);
         if elapsed > budget {
-            warn!(cleanup_ms = report.cleanup_ms, budget_ms = millis(budget), "session cleanup exceeded its budget");
+            warn!(
+                cleanup_ms = report.cleanup_ms,
+                budget_ms = millis(budget),
+                "session cleanup exceeded its budget"
+            );
         }
         Ok(report)
     }
@@ -129,6 +155,10 @@ async fn cleanup_in(
 ) -> Result<Cleanup> {
     let id = TextUuid(session_id);
     // AC1, AC2, AC4: one conditional update both checks and ends the session.
+    // It is the first statement, so on PostgreSQL and MariaDB it takes the
+    // session row's exclusive lock (what `SELECT … FOR UPDATE` would) before
+    // anything else is touched: acquires and registrations, which read the row
+    // `FOR SHARE`, wait for this end to commit and then see `completed`.
     let session = global_sessions::ActiveModel {
         id: Unchanged(id),
         status: Set(SessionStatus::Completed.as_str().to_owned()),
@@ -150,7 +180,10 @@ async fn cleanup_in(
     // AC3: every held lock of the session, through the partial index on held locks.
     let locks_released = resource_locks::Entity::update_many()
         .col_expr(resource_locks::Column::ReleasedAt, Expr::value(now))
-        .col_expr(resource_locks::Column::ReleaseReason, Expr::value(ReleaseReason::SessionEnd.as_str()))
+        .col_expr(
+            resource_locks::Column::ReleaseReason,
+            Expr::value(ReleaseReason::SessionEnd.as_str()),
+        )
         .filter(resource_locks::Column::SessionId.eq(id))
         .filter(resource_locks::Column::ReleasedAt.is_null())
         .exec(txn)
@@ -158,7 +191,10 @@ async fn cleanup_in(
         .rows_affected;
 
     let agents_cancelled = agent_executions::Entity::update_many()
-        .col_expr(agent_executions::Column::Status, Expr::value(AgentStatus::Cancelled.as_str()))
+        .col_expr(
+            agent_executions::Column::Status,
+            Expr::value(AgentStatus::Cancelled.as_str()),
+        )
         .col_expr(agent_executions::Column::CompletedAt, Expr::value(now))
         .filter(agent_executions::Column::SessionId.eq(id))
         .filter(agent_executions::Column::Status.eq(AgentStatus::Running.as_str()))
@@ -178,7 +214,12 @@ async fn cleanup_in(
     });
     audit::append(txn, AuditEvent::SessionEnd, Some(session_id), details, now).await?;
 
-    Ok(Cleanup { completed_at: now, already_ended: false, locks_released, agents_cancelled })
+    Ok(Cleanup {
+        completed_at: now,
+        already_ended: false,
+        locks_released,
+        agents_cancelled,
+    })
 }
 
 /// The conditional update touched nothing: the session is unknown or was

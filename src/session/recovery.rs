@@ -1,6 +1,6 @@
 //! Reading back what a session saved.
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QuerySelect};
 use sea_orm::entity::prelude::TextUuid;
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QuerySelect};
 use uuid::Uuid;
 
 use entity::global_sessions;
@@ -23,7 +23,10 @@ pub(crate) async fn session_context(
         .map_err(|e| match e {
             sea_orm::DbErr::Conn(_) | sea_orm::DbErr::ConnectionAcquire(_) => Error::Database(e),
             // The row was found but its context_data does not decode as JSON.
-            other => Error::CorruptContext { session_id, reason: other.to_string() },
+            other => Error::CorruptContext {
+                session_id,
+                reason: other.to_string(),
+            },
         })?;
     match row {
         None => Err(Error::SessionNotFound(session_id)),

@@ -1,9 +1,9 @@
 //! Starting sessions and registering their agents.
-use sea_orm::{
-    ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QuerySelect,
-
-};
 use sea_orm::entity::prelude::TextUuid;
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, DatabaseConnection, DatabaseTransaction, EntityTrait,
+    QueryFilter, QuerySelect,
+};
 use uuid::Uuid;
 
 use entity::{agent_executions, global_sessions};
@@ -24,9 +24,17 @@ pub(crate) async fn start_session(conn: &DatabaseConnection) -> Result<Uuid> {
         completed_at: Set(None),
         context_data: Set(None),
     };
-    global_sessions::Entity::insert(row).exec_without_returning(&txn).await?;
-    audit::append(&txn, AuditEvent::SessionStart, Some(id), serde_json::json!({ "session_id": id }), now)
+    global_sessions::Entity::insert(row)
+        .exec_without_returning(&txn)
         .await?;
+    audit::append(
+        &txn,
+        AuditEvent::SessionStart,
+        Some(id),
+        serde_json::json!({ "session_id": id }),
+        now,
+    )
+    .await?;
     txn.commit().await?;
     Ok(id)
 }
@@ -39,17 +47,7 @@ pub(crate) async fn register_agent(
     validate::id("session_id", session_id)?;
     validate::name("agent_type", agent_type)?;
     let txn = db::begin_write(conn).await?;
-    let status: Option<String> = global_sessions::Entity::find()
-        .select_only()
-        .column(global_sessions::Column::Status)
-        .filter(global_sessions::Column::Id.eq(TextUuid(session_id)))
-        .into_tuple()
-        .one(&txn)
-        .await?;
-    let status = status.ok_or(Error::SessionNotFound(session_id))?;
-    if status != SessionStatus::Active.as_str() {
-        return Err(Error::SessionNotActive { session_id, status });
-    }
+    lock_active_session(&txn, session_id).await?;
     let id = Uuid::new_v4();
     let row = agent_executions::ActiveModel {
         id: Set(TextUuid(id)),
@@ -59,7 +57,28 @@ pub(crate) async fn register_agent(
         started_at: Set(db::now()),
         completed_at: Set(None),
     };
-    agent_executions::Entity::insert(row).exec_without_returning(&txn).await?;
+    agent_executions::Entity::insert(row)
+        .exec_without_returning(&txn)
+        .await?;
     txn.commit().await?;
     Ok(id)
+}
+
+/// Reads the session's status `FOR SHARE` and requires it to be active. The
+/// share lock makes the caller's insert serialize with an end of the session,
+/// which takes the row exclusively (see `session::end`).
+pub(crate) async fn lock_active_session(txn: &DatabaseTransaction, session_id: Uuid) -> Result<()> {
+    let status: Option<String> = global_sessions::Entity::find()
+        .select_only()
+        .column(global_sessions::Column::Status)
+        .filter(global_sessions::Column::Id.eq(TextUuid(session_id)))
+        .lock_shared()
+        .into_tuple()
+        .one(txn)
+        .await?;
+    let status = status.ok_or(Error::SessionNotFound(session_id))?;
+    if status != SessionStatus::Active.as_str() {
+        return Err(Error::SessionNotActive { session_id, status });
+    }
+    Ok(())
 }

@@ -2,11 +2,17 @@
 //! run in parallel and never share state.
 //!
 //! `each_backend` runs a test body once per backend: in-memory SQLite and a
-//! temporary file-backed WAL SQLite always. It says on stderr which backends
-//! it ran and which it skipped.
+//! temporary file-backed WAL SQLite always; PostgreSQL when `TEST_POSTGRES_URL`
+//! is set and MariaDB/MySQL when `TEST_MYSQL_URL` is set (each test then gets
+//! its own freshly created database, dropped afterwards). Each test binary
+//! says once, on the terminal, which backends it ran and which it skipped.
 #![allow(dead_code)]
 
 use std::future::Future;
+use std::io::Write;
+use std::sync::Once;
+
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
 
 use demiarch_sessions::{Config, SessionManager};
 use entity::{agent_executions, audit_log, global_sessions, resource_locks};
@@ -21,14 +27,123 @@ pub use sea_orm::entity::prelude::TextUuid;
 pub enum Backend {
     SqliteMemory,
     SqliteFile,
+    Postgres,
+    MySql,
 }
 
 impl Backend {
+    pub const ALL: [Backend; 4] = [
+        Backend::SqliteMemory,
+        Backend::SqliteFile,
+        Backend::Postgres,
+        Backend::MySql,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Backend::SqliteMemory => "sqlite-memory",
             Backend::SqliteFile => "sqlite-wal",
+            Backend::Postgres => "postgres",
+            Backend::MySql => "mysql",
         }
+    }
+
+    pub fn is_sqlite(self) -> bool {
+        matches!(self, Backend::SqliteMemory | Backend::SqliteFile)
+    }
+
+    /// The server URL to create test databases on, or why the backend is skipped.
+    fn server_url(self) -> Result<Option<String>, String> {
+        let (var, feature_on) = match self {
+            Backend::SqliteMemory | Backend::SqliteFile => return Ok(None),
+            Backend::Postgres => ("TEST_POSTGRES_URL", cfg!(feature = "postgres")),
+            Backend::MySql => ("TEST_MYSQL_URL", cfg!(feature = "mysql")),
+        };
+        match std::env::var(var) {
+            Ok(url) if !url.is_empty() && feature_on => Ok(Some(url)),
+            Ok(url) if !url.is_empty() => Err(format!(
+                "{var} is set but the `{}` feature is off (use --all-features)",
+                self.name()
+            )),
+            _ => Err(format!("{var} is not set")),
+        }
+    }
+
+    /// Whether tests run on this backend here, or why not.
+    pub fn availability(self) -> Result<(), String> {
+        self.server_url().map(|_| ())
+    }
+}
+
+/// Says once per test binary which backends run and which are skipped. Written
+/// straight to the terminal: the test harness captures `eprintln!`.
+fn announce_backends() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let mut lines = String::new();
+        for backend in Backend::ALL {
+            match backend.availability() {
+                Ok(()) => lines.push_str(&format!("backend {}: running\n", backend.name())),
+                Err(why) => {
+                    lines.push_str(&format!("backend {}: SKIPPED ({why})\n", backend.name()))
+                }
+            }
+        }
+        let _ = std::io::stderr().write_all(lines.as_bytes());
+    });
+}
+
+/// Replaces the database name in a server URL.
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let host_part = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{host_part}/{name}?{q}"),
+        None => format!("{host_part}/{name}"),
+    }
+}
+
+/// A freshly created, uniquely named database on a server, dropped by `drop_now`.
+struct ServerDb {
+    admin: DatabaseConnection,
+    name: String,
+    backend: Backend,
+}
+
+impl ServerDb {
+    async fn create(backend: Backend, server_url: &str) -> (Self, String) {
+        let admin = Database::connect(server_url)
+            .await
+            .unwrap_or_else(|e| panic!("connect to {server_url}: {e}"));
+        let name = format!("dsess_{}", Uuid::new_v4().simple());
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap_or_else(|e| panic!("create database {name}: {e}"));
+        let url = with_database(server_url, &name);
+        (
+            Self {
+                admin,
+                name,
+                backend,
+            },
+            url,
+        )
+    }
+
+    async fn drop_now(self) {
+        let sql = match self.backend {
+            Backend::Postgres => format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            _ => format!("DROP DATABASE IF EXISTS {}", self.name),
+        };
+        let _ = self.admin.execute_unprepared(&sql).await;
     }
 }
 
@@ -38,6 +153,7 @@ pub struct TestDb {
     pub manager: SessionManager,
     pub url: String,
     dir: Option<TempDir>,
+    server: Option<ServerDb>,
 }
 
 impl TestDb {
@@ -45,19 +161,44 @@ impl TestDb {
         Self::with_config(backend, Config::default()).await
     }
 
+    /// A fresh database on `backend`. Panics if the backend is unavailable:
+    /// check `Backend::availability` first (as `each_backend` does).
     pub async fn with_config(backend: Backend, config: Config) -> Self {
-        let (url, dir) = match backend {
-            Backend::SqliteMemory => ("sqlite::memory:".to_owned(), None),
+        let (url, dir, server) = match backend {
+            Backend::SqliteMemory => ("sqlite::memory:".to_owned(), None, None),
             Backend::SqliteFile => {
                 let dir = tempfile::tempdir().expect("temp dir");
                 let url = format!("sqlite://{}", dir.path().join("sessions.db").display());
-                (url, Some(dir))
+                (url, Some(dir), None)
+            }
+            Backend::Postgres | Backend::MySql => {
+                let server_url = backend
+                    .server_url()
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(|| panic!("{} is not available", backend.name()));
+                let (server, url) = ServerDb::create(backend, &server_url).await;
+                (url, None, Some(server))
             }
         };
         let manager = SessionManager::connect_with(&url, config)
             .await
             .unwrap_or_else(|e| panic!("connect {url}: {e}"));
-        Self { backend, manager, url, dir }
+        Self {
+            backend,
+            manager,
+            url,
+            dir,
+            server,
+        }
+    }
+
+    /// Closes the pool and drops a server database.
+    pub async fn cleanup(self) {
+        let _ = self.manager.connection().clone().close().await;
+        if let Some(server) = self.server {
+            server.drop_now().await;
+        }
     }
 
     /// The directory holding a file database, if any.
@@ -67,6 +208,17 @@ impl TestDb {
 
     pub fn is_file(&self) -> bool {
         self.backend == Backend::SqliteFile
+    }
+
+    pub fn is_sqlite(&self) -> bool {
+        self.backend.is_sqlite()
+    }
+
+    /// A second, independent connection to the same database (another process's view).
+    pub async fn second_connection(&self) -> DatabaseConnection {
+        Database::connect(&self.url)
+            .await
+            .expect("second connection")
     }
 }
 
@@ -79,14 +231,34 @@ where
     each_backend_with(test, Config::default(), body).await
 }
 
+/// Runs `body` on every available backend. The body gets a `TestDb` whose
+/// database is dropped after the body returns (server backends).
 pub async fn each_backend_with<F, Fut>(test: &str, config: Config, body: F)
 where
     F: Fn(TestDb) -> Fut,
     Fut: Future<Output = ()>,
 {
-    for backend in [Backend::SqliteMemory, Backend::SqliteFile] {
-        body(TestDb::with_config(backend, config.clone()).await).await;
-        eprintln!("{test}: ran on {}", backend.name());
+    announce_backends();
+    for backend in Backend::ALL {
+        if backend.availability().is_err() {
+            continue;
+        }
+        let db = TestDb::with_config(backend, config.clone()).await;
+        let server = db
+            .server
+            .as_ref()
+            .map(|s| (s.admin.clone(), s.name.clone(), s.backend));
+        body(db).await;
+        if let Some((admin, name, backend)) = server {
+            ServerDb {
+                admin,
+                name,
+                backend,
+            }
+            .drop_now()
+            .await;
+        }
+        eprintln!("{test}: passed on {}", backend.name());
     }
 }
 
@@ -179,12 +351,19 @@ pub async fn snapshot(db: &TestDb) -> Snapshot {
 }
 
 /// A session with `agents` agents holding `locks_per_agent` locks each.
-pub async fn populated_session(db: &TestDb, agents: usize, locks_per_agent: usize) -> (Uuid, Vec<Uuid>) {
+pub async fn populated_session(
+    db: &TestDb,
+    agents: usize,
+    locks_per_agent: usize,
+) -> (Uuid, Vec<Uuid>) {
     let m = &db.manager;
     let session = m.start_session().await.expect("start");
     let mut ids = Vec::new();
     for a in 0..agents {
-        let agent = m.register_agent(session, &format!("agent-{a}")).await.expect("register");
+        let agent = m
+            .register_agent(session, &format!("agent-{a}"))
+            .await
+            .expect("register");
         for l in 0..locks_per_agent {
             m.acquire_lock(agent, "file", &format!("{session}/{a}/{l}"))
                 .await
