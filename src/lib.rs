@@ -63,3 +63,9 @@ pub use entity;
 /// The schema migrations, for apps that own their connection
 /// ([`SessionManager::new`]) and run `Migrator::up` themselves.
 pub use migration::Migrator;
+
+/// The README's examples are compiled and run as doc tests, so it cannot
+/// drift from the code.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -167,14 +167,16 @@ async fn cleanup_in(
         completed_at: Set(Some(now)),
         context_data: Set(Some(context.value.clone())),
     };
-    let ended = global_sessions::Entity::update(session)
+    let update = global_sessions::Entity::update(session)
         .validate()?
         .filter(global_sessions::Column::Status.ne(SessionStatus::Completed.as_str()))
         .exec_without_returning(txn)
-        .await?
-        .rows_affected;
-    if ended == 0 {
-        return already_ended(txn, session_id).await;
+        .await;
+    match update {
+        Ok(_) => {}
+        // UpdateOne reports "no row matched" as this error, never as 0 rows.
+        Err(sea_orm::DbErr::RecordNotUpdated) => return already_ended(txn, session_id).await,
+        Err(e) => return Err(e.into()),
     }
 
     // AC3: every held lock of the session, through the partial index on held locks.
