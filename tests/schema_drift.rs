@@ -4,7 +4,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{each_backend, Backend, TestDb};
+use common::{each_backend, populated_session, Backend, TestDb};
 use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, IdenStatic, Iterable, Statement};
 
 /// Columns a backend adds for its own indexes, which no entity maps.
@@ -67,6 +67,34 @@ async fn entities_match_migrated_tables() {
         assert_entity_matches(&db, entity::resource_locks::Entity).await;
         assert_entity_matches(&db, entity::lock_fencing::Entity).await;
         assert_entity_matches(&db, entity::audit_log::Entity).await;
+    })
+    .await;
+}
+
+/// The migrations roll all the way down and back up on every backend, leaving
+/// a working store (what `cargo run -p migration -- fresh` relies on).
+#[tokio::test]
+async fn migrations_roll_down_and_up_again() {
+    use demiarch_sessions::Migrator;
+    use sea_orm_migration::MigratorTrait;
+    each_backend("migrations_roll_down_and_up_again", |db| async move {
+        let conn = db.manager.connection();
+        Migrator::down(conn, None).await.expect("down");
+        let leftover = table_columns(&db, "resource_locks").await;
+        assert!(
+            leftover.is_empty(),
+            "{}: resource_locks survived down",
+            db.backend.name()
+        );
+        Migrator::up(conn, None).await.expect("up again");
+        assert_entity_matches(&db, entity::resource_locks::Entity).await;
+        let (session, _) = populated_session(&db, 1, 2).await;
+        let report = db
+            .manager
+            .end_session(session)
+            .await
+            .expect("end after fresh");
+        assert_eq!(report.locks_released, 2);
     })
     .await;
 }

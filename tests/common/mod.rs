@@ -214,6 +214,18 @@ impl TestDb {
         self.backend.is_sqlite()
     }
 
+    /// A second manager with its own pool on the same database: another app
+    /// instance (another host, for a server). On in-memory SQLite, where a
+    /// second pool would be a second database, a clone of the first.
+    pub async fn peer_manager(&self) -> SessionManager {
+        if self.backend == Backend::SqliteMemory {
+            return self.manager.clone();
+        }
+        SessionManager::connect_with(&self.url, self.manager.config().clone())
+            .await
+            .unwrap_or_else(|e| panic!("second manager on {}: {e}", self.url))
+    }
+
     /// A second, independent connection to the same database (another process's view).
     pub async fn second_connection(&self) -> DatabaseConnection {
         Database::connect(&self.url)
