@@ -16,6 +16,9 @@ pub enum AuditEvent {
     SessionStart,
     /// A session was ended with cleanup (story 6.5).
     SessionEnd,
+    /// Stale locks were released (by `sweep_locks`, or by an acquire that found
+    /// the resource's holder expired). Names each lock.
+    LocksSwept,
 }
 
 impl AuditEvent {
@@ -24,6 +27,7 @@ impl AuditEvent {
         match self {
             Self::SessionStart => "session_start",
             Self::SessionEnd => "session_end",
+            Self::LocksSwept => "locks_swept",
         }
     }
 }

@@ -15,6 +15,14 @@ pub struct Config {
     /// How long a SQLite connection waits for another writer before giving up
     /// (`PRAGMA busy_timeout`).
     pub busy_timeout: Duration,
+    /// Most locks one transaction of `sweep_locks` releases, so a sweep over a
+    /// million stale locks never holds the write lock for long.
+    pub sweep_batch: u64,
+    /// After an involuntary release (expired or orphaned), how long the resource
+    /// stays unavailable, so a holder that was swept away can notice before
+    /// another takes over. A clean release or end frees it at once. Zero by
+    /// default (Consul's default is 15 s).
+    pub lock_delay: Duration,
     /// Pool size for file databases and servers. An in-memory SQLite database
     /// always uses one connection, since each connection would be its own database.
     pub max_connections: u32,
@@ -26,6 +34,8 @@ impl Default for Config {
             cleanup_timeout: Duration::from_secs(2),
             max_context_bytes: 16 * 1024 * 1024,
             busy_timeout: Duration::from_secs(5),
+            sweep_batch: 1000,
+            lock_delay: Duration::ZERO,
             max_connections: 8,
         }
     }

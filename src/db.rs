@@ -54,9 +54,56 @@ pub(crate) async fn connect(url: &str, config: &Config) -> Result<DatabaseConnec
         options.max_connections(config.max_connections.max(1));
         configure_server_sessions(&mut options, config);
     }
-    let db = Database::connect(options).await?;
+    let sqlite_path = url.starts_with("sqlite:").then(|| sqlite_display_path(url));
+    let not_a_database = |e: sea_orm::DbErr| match &sqlite_path {
+        Some(path) if is_not_a_database(&e) => Error::NotADatabase { path: path.clone() },
+        _ => Error::Database(e),
+    };
+    let db = Database::connect(options).await.map_err(not_a_database)?;
+    refuse_newer_schema(&db).await.map_err(|e| match e {
+        Error::Database(e) => not_a_database(e),
+        other => other,
+    })?;
     migration::Migrator::up(&db, None).await?;
     Ok(db)
+}
+
+/// Refuses a database migrated by a newer library before anything is written.
+async fn refuse_newer_schema(db: &DatabaseConnection) -> Result<()> {
+    use sea_orm::EntityTrait;
+    use sea_orm_migration::seaql_migrations;
+    let manager = sea_orm_migration::SchemaManager::new(db);
+    if !manager.has_table("seaql_migrations").await? {
+        return Ok(());
+    }
+    let known: Vec<String> = migration::Migrator::migrations()
+        .iter()
+        .map(|m| m.name().to_owned())
+        .collect();
+    let unknown: Vec<String> = seaql_migrations::Entity::find()
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|m| m.version)
+        .filter(|v| !known.contains(v))
+        .collect();
+    if unknown.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::SchemaTooNew { unknown })
+    }
+}
+
+fn sqlite_display_path(url: &str) -> String {
+    url.parse::<sea_orm::sqlx::sqlite::SqliteConnectOptions>()
+        .map(|o| o.get_filename().display().to_string())
+        .unwrap_or_else(|_| url.to_owned())
+}
+
+/// SQLITE_NOTADB (26): the file exists but is not a database.
+fn is_not_a_database(err: &sea_orm::DbErr) -> bool {
+    let text = err.to_string();
+    text.contains("file is not a database") || text.contains("(code: 26)")
 }
 
 /// Every pooled server connection runs at READ COMMITTED and gives up waiting

@@ -34,6 +34,17 @@ pub enum Error {
         holder_agent_id: Option<Uuid>,
         fencing_token: Option<i64>,
     },
+    /// The resource was released involuntarily (expired or orphaned) less than
+    /// `Config::lock_delay` ago and cannot be taken yet.
+    #[error("{resource_type}/{resource_key} was released involuntarily and is unavailable for another {retry_after_ms} ms (lock delay)")]
+    LockDelay {
+        resource_type: String,
+        resource_key: String,
+        retry_after_ms: u64,
+    },
+    /// The lock exists but is no longer held (released, swept or expired).
+    #[error("lock {lock_id} is no longer held ({reason}); acquire the resource again")]
+    LockNotHeld { lock_id: Uuid, reason: String },
     /// The operation did not finish within its budget; it was rolled back and
     /// nothing changed. Retrying later is safe.
     #[error("timed out after {elapsed_ms} ms; nothing was changed, retry later")]
@@ -50,6 +61,12 @@ pub enum Error {
     /// The saved context of a session cannot be read back.
     #[error("saved context of session {session_id} is unreadable: {reason}")]
     CorruptContext { session_id: Uuid, reason: String },
+    /// The URL names a file that is not a SQLite database. Nothing was written to it.
+    #[error("{path} is not a SQLite database; point the URL at a new file or an existing store")]
+    NotADatabase { path: String },
+    /// The database was migrated by a newer version of this library.
+    #[error("the database schema is newer than this library (unknown migrations: {}); upgrade demiarch-sessions", .unknown.join(", "))]
+    SchemaTooNew { unknown: Vec<String> },
     /// A stored row does not have the form this library writes (edited by hand?).
     #[error("stored row is malformed: {0}")]
     CorruptRow(String),

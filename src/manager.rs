@@ -8,7 +8,8 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use crate::context::{ContextRegistry, ContextSource, ContextWindow};
-use crate::locks::LockGrant;
+use crate::locks::{LockGrant, LockOptions, SweepReport};
+use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::session::EndSessionReport;
 use crate::{db, locks, session, Config, Result};
 
@@ -19,6 +20,7 @@ pub struct SessionManager {
     config: Arc<Config>,
     contexts: Arc<ContextRegistry>,
     source: Arc<dyn ContextSource>,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for SessionManager {
@@ -65,6 +67,7 @@ impl SessionManager {
             config: Arc::new(config),
             source: contexts.clone(),
             contexts,
+            metrics: Arc::default(),
         }
     }
 
@@ -93,6 +96,16 @@ impl SessionManager {
 
     pub(crate) fn context_source(&self) -> &dyn ContextSource {
         self.source.as_ref()
+    }
+
+    pub(crate) fn metrics_recorder(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Counts of ends, locks released, sweeps and timeouts, and cleanup
+    /// duration percentiles, since this manager was created.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.metrics.snapshot()
     }
 
     /// Starts an `active` session and records `session_start` in the audit log.
@@ -133,7 +146,79 @@ impl SessionManager {
         resource_type: &str,
         resource_key: &str,
     ) -> Result<LockGrant> {
-        locks::acquire(&self.db, agent_id, resource_type, resource_key).await
+        self.acquire_lock_with(
+            agent_id,
+            resource_type,
+            resource_key,
+            LockOptions::default(),
+        )
+        .await
+    }
+
+    /// [`acquire_lock`](Self::acquire_lock) with options, such as a time to live.
+    ///
+    /// # Errors
+    /// As `acquire_lock`, plus [`Error::LockDelay`](crate::Error::LockDelay)
+    /// while the resource is in its lock delay, and
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a zero `ttl`.
+    #[instrument(skip(self), err)]
+    pub async fn acquire_lock_with(
+        &self,
+        agent_id: Uuid,
+        resource_type: &str,
+        resource_key: &str,
+        options: LockOptions,
+    ) -> Result<LockGrant> {
+        locks::acquire(
+            &self.db,
+            &self.config,
+            agent_id,
+            resource_type,
+            resource_key,
+            &options,
+        )
+        .await
+    }
+
+    /// Extends a held lock's time to live to `ttl` from now.
+    ///
+    /// # Errors
+    /// [`Error::LockNotFound`](crate::Error::LockNotFound);
+    /// [`Error::LockNotHeld`](crate::Error::LockNotHeld) when it was released
+    /// or has expired (renewing cannot revive it).
+    #[instrument(skip(self), err)]
+    pub async fn renew_lock(&self, lock_id: Uuid, ttl: std::time::Duration) -> Result<()> {
+        locks::renew(&self.db, lock_id, ttl).await
+    }
+
+    /// Releases expired locks (reason `expired`) and the held locks of
+    /// completed or interrupted sessions (reason `orphaned`), in transactions of
+    /// at most `Config::sweep_batch` locks, each writing one `locks_swept`
+    /// audit row that names every lock it released.
+    ///
+    /// # Errors
+    /// [`Error::Database`](crate::Error::Database); batches already committed stay.
+    #[instrument(skip(self), err)]
+    pub async fn sweep_locks(&self) -> Result<SweepReport> {
+        let report = locks::sweep(&self.db, self.config.sweep_batch).await?;
+        self.metrics.record_sweep(report.expired + report.orphaned);
+        Ok(report)
+    }
+
+    /// Whether `fencing_token` belongs to the current, unexpired holder of the
+    /// resource. A protected resource calls this before honouring a write, so
+    /// a holder that was swept away or replaced is refused.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a bad name.
+    #[instrument(skip(self), err)]
+    pub async fn validate_fence(
+        &self,
+        resource_type: &str,
+        resource_key: &str,
+        fencing_token: i64,
+    ) -> Result<bool> {
+        locks::validate_fence(&self.db, resource_type, resource_key, fencing_token).await
     }
 
     /// Releases a held lock (reason `released`). Releasing a lock that is
@@ -159,7 +244,13 @@ impl SessionManager {
     /// [`Error::Timeout`](crate::Error::Timeout),
     /// [`Error::Database`](crate::Error::Database); on every error nothing changed.
     pub async fn end_session(&self, session_id: Uuid) -> Result<EndSessionReport> {
-        session::end::end_session(self, session_id).await
+        let result = session::end::end_session(self, session_id).await;
+        match &result {
+            Ok(_) => {}
+            Err(crate::Error::Timeout { .. }) => self.metrics.record_end_timeout(),
+            Err(_) => self.metrics.record_end_failure(),
+        }
+        result
     }
 
     /// The saved context of an ended session, or the live windows of an open one.

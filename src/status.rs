@@ -75,5 +75,9 @@ text_enum!(
         Released => "released",
         /// Released because its session ended.
         SessionEnd => "session_end",
+        /// Released because its time to live ran out.
+        Expired => "expired",
+        /// Released because its session was completed or interrupted without it.
+        Orphaned => "orphaned",
     }
 );

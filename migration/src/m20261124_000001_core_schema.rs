@@ -371,6 +371,21 @@ async fn create_partial_indexes(manager: &SchemaManager<'_>) -> Result<(), DbErr
                 .to_owned(),
         )
         .await?;
+    // The lock-delay check looks up a resource's recent involuntary releases;
+    // releases for other reasons never enter this index, so ending a session
+    // does not maintain it.
+    manager
+        .create_index(
+            Index::create()
+                .name("ix_resource_locks_involuntary")
+                .table(ResourceLocks::Table)
+                .col(ResourceLocks::ResourceType)
+                .col(ResourceLocks::ResourceKey)
+                .col(ResourceLocks::ReleasedAt)
+                .and_where(Expr::col(ResourceLocks::ReleaseReason).is_in(["expired", "orphaned"]))
+                .to_owned(),
+        )
+        .await?;
     // One session_end row per session, whatever races.
     manager
         .create_index(

@@ -110,6 +110,11 @@ pub(crate) async fn end_session(
         }
 
         let elapsed = started.elapsed();
+        manager.metrics_recorder().record_end(
+            cleanup.already_ended,
+            cleanup.locks_released,
+            elapsed,
+        );
         let report = EndSessionReport {
             session_id,
             completed_at: cleanup.completed_at,
