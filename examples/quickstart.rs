@@ -46,7 +46,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "id": audit.id.0,
         "event_type": audit.event_type,
         "event_time": audit.event_time,
-        "session_id": audit.session_id.map(|s| s.0),
+        "session_id": audit.session_id,
         "details": audit.details,
     });
     println!("{}", serde_json::to_string_pretty(&audit)?);

@@ -50,7 +50,7 @@ pub(crate) async fn append<C: ConnectionTrait>(
         id: Set(TextUuid(Uuid::new_v4())),
         event_type: Set(event.as_str().to_owned()),
         event_time: Set(at),
-        session_id: Set(session_id.map(TextUuid)),
+        session_id: Set(session_id.map(|id| id.to_string())),
         details: Set(details),
     };
     audit_log::Entity::insert(row)

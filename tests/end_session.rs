@@ -398,7 +398,7 @@ async fn end_writes_one_audit_row_and_ids_are_text() {
             let ends = audit_of(&db, session, "session_end").await;
             assert_eq!(ends.len(), 1, "exactly one session_end row");
             let end = &ends[0];
-            assert_eq!(end.session_id, Some(TextUuid(session)));
+            assert_eq!(end.session_id, Some(session.to_string()));
             assert_eq!(end.event_time, completed_at);
 
             let details = &end.details;

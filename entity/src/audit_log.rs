@@ -9,7 +9,9 @@ pub struct Model {
     pub id: TextUuid,
     pub event_type: String,
     pub event_time: DateTimeUtc,
-    pub session_id: Option<TextUuid>,
+    // Text, not Option<TextUuid>: SeaORM 2.0.4 fails to decode a NULL into
+    // Option<TextUuid> (its TryGetable loses the null marker).
+    pub session_id: Option<String>,
     #[sea_orm(column_type = "JsonBinary")]
     pub details: Json,
 }
