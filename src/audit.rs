@@ -16,6 +16,11 @@ pub enum AuditEvent {
     SessionStart,
     /// A session was ended with cleanup (story 6.5).
     SessionEnd,
+    /// A session whose owner stopped heartbeating was marked interrupted by
+    /// `recover_stale`; its locks were released and running agents cancelled.
+    SessionInterrupted,
+    /// A new session was started from an ended one's saved context.
+    SessionResumed,
     /// Stale locks were released (by `sweep_locks`, or by an acquire that found
     /// the resource's holder expired). Names each lock.
     LocksSwept,
@@ -28,6 +33,8 @@ impl AuditEvent {
             Self::SessionStart => "session_start",
             Self::SessionEnd => "session_end",
             Self::LocksSwept => "locks_swept",
+            Self::SessionInterrupted => "session_interrupted",
+            Self::SessionResumed => "session_resumed",
         }
     }
 }

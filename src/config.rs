@@ -23,6 +23,10 @@ pub struct Config {
     /// another takes over. A clean release or end frees it at once. Zero by
     /// default (Consul's default is 15 s).
     pub lock_delay: Duration,
+    /// How often a manager refreshes `last_heartbeat_at` of the open sessions it
+    /// owns, so that other instances' `recover_stale` can tell it is alive.
+    /// Pick `recover_stale`'s `stale_after` several times longer.
+    pub heartbeat_interval: Duration,
     /// Pool size for file databases and servers. An in-memory SQLite database
     /// always uses one connection, since each connection would be its own database.
     pub max_connections: u32,
@@ -36,6 +40,7 @@ impl Default for Config {
             busy_timeout: Duration::from_secs(5),
             sweep_batch: 1000,
             lock_delay: Duration::ZERO,
+            heartbeat_interval: Duration::from_secs(10),
             max_connections: 8,
         }
     }

@@ -45,6 +45,12 @@ pub enum Error {
     /// The lock exists but is no longer held (released, swept or expired).
     #[error("lock {lock_id} is no longer held ({reason}); acquire the resource again")]
     LockNotHeld { lock_id: Uuid, reason: String },
+    /// The session is still open (active or paused); end it first.
+    #[error("session {session_id} is still {status}; end it or let recovery interrupt it first")]
+    SessionStillOpen { session_id: Uuid, status: String },
+    /// An id prefix matched no session, or more than one.
+    #[error("id prefix {prefix:?} matches {matches} sessions; give more characters")]
+    AmbiguousId { prefix: String, matches: usize },
     /// The operation did not finish within its budget; it was rolled back and
     /// nothing changed. Retrying later is safe.
     #[error("timed out after {elapsed_ms} ms; nothing was changed, retry later")]
@@ -70,6 +76,9 @@ pub enum Error {
     /// A stored row does not have the form this library writes (edited by hand?).
     #[error("stored row is malformed: {0}")]
     CorruptRow(String),
+    /// Waiting for a shutdown signal failed.
+    #[error("cannot listen for shutdown signals: {0}")]
+    Signal(#[from] std::io::Error),
     /// The database refused or failed; the transaction was rolled back.
     #[error("database error: {0}")]
     Database(#[from] DbErr),

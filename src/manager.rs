@@ -8,8 +8,13 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use crate::context::{ContextRegistry, ContextSource, ContextWindow};
+use crate::lifecycle::{self, Heartbeat, ShutdownReport};
 use crate::locks::{LockGrant, LockOptions, SweepReport};
 use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::query::{
+    self, AgentInfo, AuditFilter, AuditRecord, LockFilter, SessionFilter, SessionInfo,
+};
+use crate::session::recovery::RecoveryReport;
 use crate::session::EndSessionReport;
 use crate::{db, locks, session, Config, Result};
 
@@ -21,6 +26,8 @@ pub struct SessionManager {
     contexts: Arc<ContextRegistry>,
     source: Arc<dyn ContextSource>,
     metrics: Arc<Metrics>,
+    instance_id: Uuid,
+    heartbeat: Arc<Heartbeat>,
 }
 
 impl std::fmt::Debug for SessionManager {
@@ -68,6 +75,8 @@ impl SessionManager {
             source: contexts.clone(),
             contexts,
             metrics: Arc::default(),
+            instance_id: Uuid::new_v4(),
+            heartbeat: Arc::default(),
         }
     }
 
@@ -98,6 +107,20 @@ impl SessionManager {
         self.source.as_ref()
     }
 
+    /// This manager's instance id: the owner recorded on the sessions it starts.
+    pub fn instance_id(&self) -> Uuid {
+        self.instance_id
+    }
+
+    pub(crate) fn heartbeat(&self) -> &Heartbeat {
+        &self.heartbeat
+    }
+
+    pub(crate) fn start_heartbeat(&self) {
+        self.heartbeat
+            .ensure_started(&self.db, self.instance_id, self.config.heartbeat_interval);
+    }
+
     pub(crate) fn metrics_recorder(&self) -> &Metrics {
         &self.metrics
     }
@@ -114,7 +137,9 @@ impl SessionManager {
     /// [`Error::Database`](crate::Error::Database) when the write fails.
     #[instrument(skip(self), err)]
     pub async fn start_session(&self) -> Result<Uuid> {
-        session::start::start_session(&self.db).await
+        let id = session::start::start_session(&self.db, self.instance_id).await?;
+        self.start_heartbeat();
+        Ok(id)
     }
 
     /// Registers a `running` agent execution in an active session.
@@ -262,5 +287,126 @@ impl SessionManager {
     #[instrument(skip(self), err)]
     pub async fn session_context(&self, session_id: Uuid) -> Result<Vec<ContextWindow>> {
         session::recovery::session_context(self, session_id).await
+    }
+
+    /// Interrupts open sessions whose owner has not heartbeated for
+    /// `stale_after` (a crashed process): each, in its own transaction, becomes
+    /// `interrupted`, its held locks are released (reason `orphaned`), its
+    /// running agents cancelled, and a `session_interrupted` audit row written.
+    /// Sessions this manager owns, or whose owner is alive, are never touched.
+    ///
+    /// # Errors
+    /// [`Error::Database`](crate::Error::Database); sessions already recovered stay so.
+    #[instrument(skip(self), err)]
+    pub async fn recover_stale(&self, stale_after: std::time::Duration) -> Result<RecoveryReport> {
+        session::recovery::recover_stale(self, stale_after).await
+    }
+
+    /// Starts a new active session from an interrupted or completed one: the
+    /// registry is refilled from its saved context, and a `session_resumed`
+    /// audit row names both ids.
+    ///
+    /// # Errors
+    /// [`Error::SessionNotFound`](crate::Error::SessionNotFound),
+    /// [`Error::SessionStillOpen`](crate::Error::SessionStillOpen),
+    /// [`Error::CorruptContext`](crate::Error::CorruptContext).
+    #[instrument(skip(self), err)]
+    pub async fn resume_session(&self, from: Uuid) -> Result<Uuid> {
+        session::recovery::resume_session(self, from).await
+    }
+
+    /// Sessions, newest first, without their saved context.
+    ///
+    /// # Errors
+    /// [`Error::Database`](crate::Error::Database).
+    pub async fn list_sessions(&self, filter: SessionFilter) -> Result<Vec<SessionInfo>> {
+        query::list_sessions(&self.db, &filter).await
+    }
+
+    /// One session, without its saved context.
+    ///
+    /// # Errors
+    /// [`Error::SessionNotFound`](crate::Error::SessionNotFound).
+    pub async fn session(&self, session_id: Uuid) -> Result<SessionInfo> {
+        query::session(&self.db, session_id).await
+    }
+
+    /// The session whose id is `prefix` or starts with it (8 or more hex digits).
+    ///
+    /// # Errors
+    /// [`Error::AmbiguousId`](crate::Error::AmbiguousId) when none or several
+    /// match; [`Error::InvalidInput`](crate::Error::InvalidInput) for a short
+    /// or non-hex prefix.
+    pub async fn find_session(&self, prefix: &str) -> Result<Uuid> {
+        query::session_by_prefix(&self.db, prefix).await
+    }
+
+    /// The agents of a session, oldest first.
+    ///
+    /// # Errors
+    /// [`Error::Database`](crate::Error::Database).
+    pub async fn agents(&self, session_id: Uuid) -> Result<Vec<AgentInfo>> {
+        query::agents(&self.db, session_id).await
+    }
+
+    /// Locks, newest grant first.
+    ///
+    /// # Errors
+    /// [`Error::Database`](crate::Error::Database).
+    pub async fn locks(
+        &self,
+        filter: LockFilter,
+    ) -> Result<Vec<crate::entity::resource_locks::Model>> {
+        query::locks(&self.db, &filter).await
+    }
+
+    /// Audit rows, newest first, by session, event type and time range.
+    ///
+    /// # Errors
+    /// [`Error::Database`](crate::Error::Database).
+    pub async fn audit_events(&self, filter: AuditFilter) -> Result<Vec<AuditRecord>> {
+        query::audit_events(&self.db, &filter).await
+    }
+
+    /// Ends, concurrently and within `deadline`, every open session this
+    /// instance owns, after stopping its heartbeat. What it cannot end stays
+    /// open, never half-ended, for another instance's `recover_stale`.
+    /// Calling it again is harmless.
+    ///
+    /// # Errors
+    /// [`Error::Database`](crate::Error::Database) when the open sessions
+    /// cannot be listed.
+    #[instrument(skip(self), err)]
+    pub async fn shutdown(&self, deadline: std::time::Duration) -> Result<ShutdownReport> {
+        lifecycle::shutdown(self, deadline).await
+    }
+
+    /// Waits for Ctrl-C or SIGTERM, then [`shutdown`](Self::shutdown)s within
+    /// `deadline`. Wire it into the app's main:
+    ///
+    /// ```no_run
+    /// # #[tokio::main]
+    /// # async fn main() -> demiarch_sessions::Result<()> {
+    /// use std::time::Duration;
+    /// let manager = demiarch_sessions::SessionManager::connect("sqlite://app.db").await?;
+    /// // Sessions a crashed earlier run left open, unheard from for a minute.
+    /// manager.recover_stale(Duration::from_secs(60)).await?;
+    /// let app = manager.clone();
+    /// tokio::spawn(async move { /* the app's work with `app` */ });
+    /// let report = manager.shutdown_on_signal(Duration::from_secs(5)).await?;
+    /// eprintln!("ended {} sessions", report.ended.len());
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Signal`](crate::Error::Signal) when signals cannot be
+    /// listened for; otherwise as `shutdown`.
+    pub async fn shutdown_on_signal(
+        &self,
+        deadline: std::time::Duration,
+    ) -> Result<ShutdownReport> {
+        lifecycle::shutdown_signal().await?;
+        self.shutdown(deadline).await
     }
 }

@@ -13,6 +13,8 @@ pub struct Model {
     pub completed_at: Option<DateTimeUtc>,
     #[sea_orm(column_type = "JsonBinary", nullable)]
     pub context_data: Option<Json>,
+    pub owner_instance: Option<String>,
+    pub last_heartbeat_at: Option<DateTimeUtc>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -5,12 +5,16 @@
 pub use sea_orm_migration::prelude::*;
 
 mod m20261124_000001_core_schema;
+mod m20261124_000002_session_ownership;
 
 pub struct Migrator;
 
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261124_000001_core_schema::Migration)]
+        vec![
+            Box::new(m20261124_000001_core_schema::Migration),
+            Box::new(m20261124_000002_session_ownership::Migration),
+        ]
     }
 }

@@ -171,6 +171,8 @@ async fn cleanup_in(
         updated_at: Set(now),
         completed_at: Set(Some(now)),
         context_data: Set(Some(context.value.clone())),
+        owner_instance: NotSet,
+        last_heartbeat_at: NotSet,
     };
     let update = global_sessions::Entity::update(session)
         .validate()?

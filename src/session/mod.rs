@@ -5,3 +5,4 @@ pub(crate) mod recovery;
 pub(crate) mod start;
 
 pub use end::EndSessionReport;
+pub use recovery::RecoveryReport;

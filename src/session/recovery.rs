@@ -1,12 +1,19 @@
-//! Reading back what a session saved.
+//! Recovering what crashed processes left behind, and reading back what a
+//! session saved.
+use std::time::Duration;
+
 use sea_orm::entity::prelude::TextUuid;
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QuerySelect};
+use sea_orm::sea_query::Expr;
+use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QuerySelect};
+use serde::Serialize;
 use uuid::Uuid;
 
-use entity::global_sessions;
+use entity::{agent_executions, global_sessions, resource_locks};
 
+use crate::audit::{self, AuditEvent};
 use crate::context::{self, ContextWindow};
-use crate::{validate, Error, Result, SessionManager};
+use crate::status::{AgentStatus, ReleaseReason, SessionStatus};
+use crate::{db, validate, Error, Result, SessionManager};
 
 pub(crate) async fn session_context(
     manager: &SessionManager,
@@ -33,4 +40,157 @@ pub(crate) async fn session_context(
         Some(Some(saved)) => context::decode(session_id, saved),
         Some(None) => Ok(manager.context_source().windows(session_id)),
     }
+}
+
+/// What `recover_stale` did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RecoveryReport {
+    /// Sessions marked `interrupted`, each in its own transaction.
+    pub interrupted: Vec<Uuid>,
+    /// Their held locks, released with reason `orphaned`.
+    pub locks_released: u64,
+    /// Their running agents, now `cancelled`.
+    pub agents_cancelled: u64,
+}
+
+fn open_statuses() -> [&'static str; 2] {
+    [
+        SessionStatus::Active.as_str(),
+        SessionStatus::Paused.as_str(),
+    ]
+}
+
+/// Open sessions whose owner has not heartbeated since `cutoff`. Sessions
+/// owned by this instance are alive by definition and never match.
+fn stale(cutoff: chrono::DateTime<chrono::Utc>, me: Uuid) -> Condition {
+    Condition::all()
+        .add(global_sessions::Column::Status.is_in(open_statuses()))
+        .add(
+            Condition::any()
+                .add(global_sessions::Column::LastHeartbeatAt.lt(cutoff))
+                .add(
+                    Condition::all()
+                        .add(global_sessions::Column::LastHeartbeatAt.is_null())
+                        .add(global_sessions::Column::UpdatedAt.lt(cutoff)),
+                ),
+        )
+        .add(
+            Condition::any()
+                .add(global_sessions::Column::OwnerInstance.is_null())
+                .add(global_sessions::Column::OwnerInstance.ne(me.to_string())),
+        )
+}
+
+pub(crate) async fn recover_stale(
+    manager: &SessionManager,
+    stale_after: Duration,
+) -> Result<RecoveryReport> {
+    let stale_after = chrono::Duration::from_std(stale_after).map_err(|_| Error::InvalidInput {
+        field: "stale_after",
+        reason: format!("{stale_after:?} is too long"),
+    })?;
+    let me = manager.instance_id();
+    let candidates: Vec<TextUuid> = global_sessions::Entity::find()
+        .select_only()
+        .column(global_sessions::Column::Id)
+        .filter(stale(db::now() - stale_after, me))
+        .into_tuple()
+        .all(manager.connection())
+        .await?;
+    let mut report = RecoveryReport::default();
+    for id in candidates {
+        let txn = db::begin_write(manager.connection()).await?;
+        let now = db::now();
+        // Re-checked under the row lock: an owner that heartbeated or ended
+        // the session meanwhile keeps it.
+        let interrupted = global_sessions::Entity::update_many()
+            .col_expr(
+                global_sessions::Column::Status,
+                Expr::value(SessionStatus::Interrupted.as_str()),
+            )
+            .col_expr(global_sessions::Column::UpdatedAt, Expr::value(now))
+            .filter(global_sessions::Column::Id.eq(id))
+            .filter(stale(now - stale_after, me))
+            .exec(&txn)
+            .await?
+            .rows_affected;
+        if interrupted == 0 {
+            txn.rollback().await?;
+            continue;
+        }
+        let locks_released = resource_locks::Entity::update_many()
+            .col_expr(resource_locks::Column::ReleasedAt, Expr::value(now))
+            .col_expr(
+                resource_locks::Column::ReleaseReason,
+                Expr::value(ReleaseReason::Orphaned.as_str()),
+            )
+            .filter(resource_locks::Column::SessionId.eq(id))
+            .filter(resource_locks::Column::ReleasedAt.is_null())
+            .exec(&txn)
+            .await?
+            .rows_affected;
+        let agents_cancelled = agent_executions::Entity::update_many()
+            .col_expr(
+                agent_executions::Column::Status,
+                Expr::value(AgentStatus::Cancelled.as_str()),
+            )
+            .col_expr(agent_executions::Column::CompletedAt, Expr::value(now))
+            .filter(agent_executions::Column::SessionId.eq(id))
+            .filter(agent_executions::Column::Status.eq(AgentStatus::Running.as_str()))
+            .exec(&txn)
+            .await?
+            .rows_affected;
+        let details = serde_json::json!({
+            "session_id": id.0,
+            "locks_released": locks_released,
+            "agents_cancelled": agents_cancelled,
+        });
+        audit::append(
+            &txn,
+            AuditEvent::SessionInterrupted,
+            Some(id.0),
+            details,
+            now,
+        )
+        .await?;
+        txn.commit().await?;
+        report.interrupted.push(id.0);
+        report.locks_released += locks_released;
+        report.agents_cancelled += agents_cancelled;
+    }
+    Ok(report)
+}
+
+pub(crate) async fn resume_session(manager: &SessionManager, from: Uuid) -> Result<Uuid> {
+    validate::id("session_id", from)?;
+    let row: Option<(String, Option<serde_json::Value>)> = global_sessions::Entity::find()
+        .select_only()
+        .column(global_sessions::Column::Status)
+        .column(global_sessions::Column::ContextData)
+        .filter(global_sessions::Column::Id.eq(TextUuid(from)))
+        .into_tuple()
+        .one(manager.connection())
+        .await?;
+    let (status, saved) = row.ok_or(Error::SessionNotFound(from))?;
+    if open_statuses().contains(&status.as_str()) {
+        return Err(Error::SessionStillOpen {
+            session_id: from,
+            status,
+        });
+    }
+    let windows = match saved {
+        Some(saved) => context::decode(from, saved)?,
+        None => Vec::new(),
+    };
+    let count = windows.len();
+    let to = crate::session::start::insert_session(
+        manager.connection(),
+        manager.instance_id(),
+        AuditEvent::SessionResumed,
+        |to| serde_json::json!({ "session_id": to, "resumed_from": from, "context_windows": count }),
+    )
+    .await?;
+    manager.contexts().replace(to, windows);
+    manager.start_heartbeat();
+    Ok(to)
 }

@@ -12,7 +12,24 @@ use crate::audit::{self, AuditEvent};
 use crate::status::{AgentStatus, SessionStatus};
 use crate::{db, validate, Error, Result};
 
-pub(crate) async fn start_session(conn: &DatabaseConnection) -> Result<Uuid> {
+pub(crate) async fn start_session(conn: &DatabaseConnection, owner: Uuid) -> Result<Uuid> {
+    insert_session(
+        conn,
+        owner,
+        AuditEvent::SessionStart,
+        |id| serde_json::json!({ "session_id": id }),
+    )
+    .await
+}
+
+/// Inserts an active session owned by `owner` and its audit row, in one
+/// transaction; `details` gets the new id.
+pub(crate) async fn insert_session(
+    conn: &DatabaseConnection,
+    owner: Uuid,
+    event: AuditEvent,
+    details: impl FnOnce(Uuid) -> serde_json::Value,
+) -> Result<Uuid> {
     let id = Uuid::new_v4();
     let now = db::now();
     let txn = db::begin_write(conn).await?;
@@ -23,18 +40,13 @@ pub(crate) async fn start_session(conn: &DatabaseConnection) -> Result<Uuid> {
         updated_at: Set(now),
         completed_at: Set(None),
         context_data: Set(None),
+        owner_instance: Set(Some(owner.to_string())),
+        last_heartbeat_at: Set(Some(now)),
     };
     global_sessions::Entity::insert(row)
         .exec_without_returning(&txn)
         .await?;
-    audit::append(
-        &txn,
-        AuditEvent::SessionStart,
-        Some(id),
-        serde_json::json!({ "session_id": id }),
-        now,
-    )
-    .await?;
+    audit::append(&txn, event, Some(id), details(id), now).await?;
     txn.commit().await?;
     Ok(id)
 }

@@ -1,0 +1,185 @@
+//! A manager's life around its sessions: the heartbeat that tells other
+//! instances it is alive, graceful shutdown, and waiting for a stop signal.
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use sea_orm::entity::prelude::TextUuid;
+use sea_orm::sea_query::Expr;
+use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QuerySelect};
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+use tracing::warn;
+use uuid::Uuid;
+
+use entity::global_sessions;
+
+use crate::status::SessionStatus;
+use crate::{db, Error, Result, SessionManager};
+
+const OPEN: [SessionStatus; 2] = [SessionStatus::Active, SessionStatus::Paused];
+
+fn open_statuses() -> [&'static str; 2] {
+    OPEN.map(SessionStatus::as_str)
+}
+
+/// The background task refreshing `last_heartbeat_at`. Started by the first
+/// session this manager opens; stopped by `shutdown`, or when every clone of
+/// the manager is gone (the task holds only a weak reference). Nothing runs
+/// in `Drop`.
+#[derive(Debug, Default)]
+pub(crate) struct Heartbeat {
+    state: Mutex<HeartbeatState>,
+}
+
+#[derive(Debug, Default)]
+struct HeartbeatState {
+    task: Option<(JoinHandle<()>, watch::Sender<bool>)>,
+    stopped: bool,
+}
+
+impl Heartbeat {
+    pub fn ensure_started(self: &Arc<Self>, db: &DatabaseConnection, owner: Uuid, every: Duration) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.stopped || state.task.is_some() || every.is_zero() {
+            return;
+        }
+        // Outside a runtime (a manager built with `new` in sync code) there is
+        // nothing to run it on; sessions then just never look alive to others.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (stop, mut stopping) = watch::channel(false);
+        let alive = Arc::downgrade(self);
+        let db = db.clone();
+        let task = runtime.spawn(async move {
+            let mut ticker = tokio::time::interval(every);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticker.tick().await;
+            loop {
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    _ = stopping.changed() => break,
+                }
+                if alive.upgrade().is_none() {
+                    break;
+                }
+                if let Err(e) = beat(&db, owner).await {
+                    warn!(error = %e, "session heartbeat failed; will retry");
+                }
+            }
+        });
+        state.task = Some((task, stop));
+    }
+
+    /// Stops the task after its current beat, if any. Idempotent.
+    pub async fn stop(&self) {
+        let task = {
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            state.stopped = true;
+            state.task.take()
+        };
+        if let Some((task, stop)) = task {
+            let _ = stop.send(true);
+            let _ = task.await;
+        }
+    }
+}
+
+/// Marks this instance's open sessions alive.
+async fn beat(db: &DatabaseConnection, owner: Uuid) -> Result<u64> {
+    Ok(global_sessions::Entity::update_many()
+        .col_expr(
+            global_sessions::Column::LastHeartbeatAt,
+            Expr::value(db::now()),
+        )
+        .filter(global_sessions::Column::OwnerInstance.eq(owner.to_string()))
+        .filter(global_sessions::Column::Status.is_in(open_statuses()))
+        .exec(db)
+        .await?
+        .rows_affected)
+}
+
+/// What `shutdown` did with the open sessions this instance owned.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ShutdownReport {
+    /// Ended cleanly now.
+    pub ended: Vec<Uuid>,
+    /// Found already ended (by another call or instance).
+    pub already_ended: Vec<Uuid>,
+    /// Not ended within the deadline: still open, not half-ended; another
+    /// instance's `recover_stale` will interrupt them.
+    pub timed_out: Vec<Uuid>,
+    /// Ending failed for another reason: still open.
+    pub failed: Vec<ShutdownFailure>,
+}
+
+/// One session `shutdown` could not end.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ShutdownFailure {
+    pub session_id: Uuid,
+    pub error: String,
+}
+
+pub(crate) async fn shutdown(
+    manager: &SessionManager,
+    deadline: Duration,
+) -> Result<ShutdownReport> {
+    manager.heartbeat().stop().await;
+    let open: Vec<TextUuid> = global_sessions::Entity::find()
+        .select_only()
+        .column(global_sessions::Column::Id)
+        .filter(global_sessions::Column::OwnerInstance.eq(manager.instance_id().to_string()))
+        .filter(global_sessions::Column::Status.is_in(open_statuses()))
+        .into_tuple()
+        .all(manager.connection())
+        .await?;
+    let mut ends = JoinSet::new();
+    for id in open {
+        let manager = manager.clone();
+        ends.spawn(async move {
+            (
+                id.0,
+                tokio::time::timeout(deadline, manager.end_session(id.0)).await,
+            )
+        });
+    }
+    let mut report = ShutdownReport::default();
+    while let Some(joined) = ends.join_next().await {
+        let Ok((session_id, outcome)) = joined else {
+            continue;
+        };
+        match outcome {
+            Ok(Ok(end)) if end.already_ended => report.already_ended.push(session_id),
+            Ok(Ok(_)) => report.ended.push(session_id),
+            Ok(Err(Error::Timeout { .. })) | Err(_) => report.timed_out.push(session_id),
+            Ok(Err(e)) => report.failed.push(ShutdownFailure {
+                session_id,
+                error: e.to_string(),
+            }),
+        }
+    }
+    for list in [
+        &mut report.ended,
+        &mut report.already_ended,
+        &mut report.timed_out,
+    ] {
+        list.sort();
+    }
+    Ok(report)
+}
+
+/// Resolves on Ctrl-C, or on SIGTERM on Unix.
+pub(crate) async fn shutdown_signal() -> Result<()> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r?,
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}

@@ -1,0 +1,253 @@
+//! Read-only views of the store for apps and the operator CLI: sessions,
+//! agents, locks and the audit log, newest first and paged.
+use chrono::{DateTime, Utc};
+use sea_orm::entity::prelude::TextUuid;
+use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use serde::Serialize;
+use uuid::Uuid;
+
+use entity::{agent_executions, audit_log, global_sessions, resource_locks};
+
+use crate::status::{AgentStatus, SessionStatus};
+use crate::{validate, Error, Result};
+
+/// The page size when a filter gives none.
+pub const DEFAULT_PAGE: u64 = 50;
+
+/// Which sessions `list_sessions` returns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionFilter {
+    pub status: Option<SessionStatus>,
+    /// Page size (default 50).
+    pub limit: Option<u64>,
+    /// Rows to skip, for the next page.
+    pub offset: u64,
+}
+
+/// A session without its (possibly large) saved context.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SessionInfo {
+    pub id: Uuid,
+    pub status: SessionStatus,
+    pub started_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+    /// The manager instance that owns it (heartbeats for it).
+    pub owner_instance: Option<String>,
+    pub last_heartbeat_at: Option<DateTime<Utc>>,
+}
+
+type SessionRow = (
+    TextUuid,
+    String,
+    DateTime<Utc>,
+    DateTime<Utc>,
+    Option<DateTime<Utc>>,
+    Option<String>,
+    Option<DateTime<Utc>>,
+);
+
+fn session_info(row: SessionRow) -> Result<SessionInfo> {
+    Ok(SessionInfo {
+        id: row.0 .0,
+        status: row.1.parse()?,
+        started_at: row.2,
+        updated_at: row.3,
+        completed_at: row.4,
+        owner_instance: row.5,
+        last_heartbeat_at: row.6,
+    })
+}
+
+fn session_columns() -> sea_orm::Select<global_sessions::Entity> {
+    use global_sessions::Column as C;
+    global_sessions::Entity::find().select_only().columns([
+        C::Id,
+        C::Status,
+        C::StartedAt,
+        C::UpdatedAt,
+        C::CompletedAt,
+        C::OwnerInstance,
+        C::LastHeartbeatAt,
+    ])
+}
+
+pub(crate) async fn list_sessions(
+    db: &DatabaseConnection,
+    filter: &SessionFilter,
+) -> Result<Vec<SessionInfo>> {
+    let mut query = session_columns();
+    if let Some(status) = filter.status {
+        query = query.filter(global_sessions::Column::Status.eq(status.as_str()));
+    }
+    let rows: Vec<SessionRow> = query
+        .order_by_desc(global_sessions::Column::StartedAt)
+        .order_by_desc(global_sessions::Column::Id)
+        .limit(filter.limit.unwrap_or(DEFAULT_PAGE))
+        .offset(filter.offset)
+        .into_tuple()
+        .all(db)
+        .await?;
+    rows.into_iter().map(session_info).collect()
+}
+
+pub(crate) async fn session(db: &DatabaseConnection, id: Uuid) -> Result<SessionInfo> {
+    validate::id("session_id", id)?;
+    let row: Option<SessionRow> = session_columns()
+        .filter(global_sessions::Column::Id.eq(TextUuid(id)))
+        .into_tuple()
+        .one(db)
+        .await?;
+    session_info(row.ok_or(Error::SessionNotFound(id))?)
+}
+
+/// The one session whose id starts with `prefix` (at least 8 hex characters,
+/// as git accepts abbreviated hashes).
+pub(crate) async fn session_by_prefix(db: &DatabaseConnection, prefix: &str) -> Result<Uuid> {
+    let prefix = prefix.trim().to_ascii_lowercase();
+    if let Ok(id) = Uuid::parse_str(&prefix) {
+        return session(db, id).await.map(|s| s.id);
+    }
+    if prefix.len() < 8 || !prefix.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+        return Err(Error::InvalidInput {
+            field: "session id",
+            reason: format!("{prefix:?} is neither a UUID nor a prefix of 8 or more hex digits"),
+        });
+    }
+    // Only hex digits and hyphens reach LIKE, so no wildcard can sneak in.
+    let matches: Vec<TextUuid> = global_sessions::Entity::find()
+        .select_only()
+        .column(global_sessions::Column::Id)
+        .filter(global_sessions::Column::Id.like(format!("{prefix}%")))
+        .limit(2)
+        .into_tuple()
+        .all(db)
+        .await?;
+    match matches.as_slice() {
+        [one] => Ok(one.0),
+        _ => Err(Error::AmbiguousId {
+            prefix,
+            matches: matches.len(),
+        }),
+    }
+}
+
+/// An agent execution.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AgentInfo {
+    pub id: Uuid,
+    pub session_id: Uuid,
+    pub agent_type: String,
+    pub status: AgentStatus,
+    pub started_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+pub(crate) async fn agents(db: &DatabaseConnection, session_id: Uuid) -> Result<Vec<AgentInfo>> {
+    validate::id("session_id", session_id)?;
+    agent_executions::Entity::find()
+        .filter(agent_executions::Column::SessionId.eq(TextUuid(session_id)))
+        .order_by_asc(agent_executions::Column::StartedAt)
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|a| {
+            Ok(AgentInfo {
+                id: a.id.0,
+                session_id: a.session_id.0,
+                agent_type: a.agent_type,
+                status: a.status.parse()?,
+                started_at: a.started_at,
+                completed_at: a.completed_at,
+            })
+        })
+        .collect()
+}
+
+/// Which locks `locks` returns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LockFilter {
+    pub session_id: Option<Uuid>,
+    /// Only locks still held.
+    pub held_only: bool,
+    pub limit: Option<u64>,
+    pub offset: u64,
+}
+
+pub(crate) async fn locks(
+    db: &DatabaseConnection,
+    filter: &LockFilter,
+) -> Result<Vec<resource_locks::Model>> {
+    let mut query = resource_locks::Entity::find();
+    if let Some(session) = filter.session_id {
+        query = query.filter(resource_locks::Column::SessionId.eq(TextUuid(session)));
+    }
+    if filter.held_only {
+        query = query.filter(resource_locks::Column::ReleasedAt.is_null());
+    }
+    Ok(query
+        .order_by_desc(resource_locks::Column::FencingToken)
+        .limit(filter.limit.unwrap_or(DEFAULT_PAGE))
+        .offset(filter.offset)
+        .all(db)
+        .await?)
+}
+
+/// Which audit rows `audit_events` returns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    pub session_id: Option<Uuid>,
+    /// An `event_type` such as `session_end`.
+    pub event_type: Option<String>,
+    /// Events at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// Events before this time.
+    pub until: Option<DateTime<Utc>>,
+    pub limit: Option<u64>,
+    pub offset: u64,
+}
+
+/// One audit row.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AuditRecord {
+    pub id: Uuid,
+    pub event_type: String,
+    pub event_time: DateTime<Utc>,
+    pub session_id: Option<String>,
+    pub details: serde_json::Value,
+}
+
+pub(crate) async fn audit_events(
+    db: &DatabaseConnection,
+    filter: &AuditFilter,
+) -> Result<Vec<AuditRecord>> {
+    let mut query = audit_log::Entity::find();
+    if let Some(session) = filter.session_id {
+        query = query.filter(audit_log::Column::SessionId.eq(session.to_string()));
+    }
+    if let Some(event) = &filter.event_type {
+        query = query.filter(audit_log::Column::EventType.eq(event.as_str()));
+    }
+    if let Some(since) = filter.since {
+        query = query.filter(audit_log::Column::EventTime.gte(since));
+    }
+    if let Some(until) = filter.until {
+        query = query.filter(audit_log::Column::EventTime.lt(until));
+    }
+    Ok(query
+        .order_by_desc(audit_log::Column::EventTime)
+        .order_by_desc(audit_log::Column::Id)
+        .limit(filter.limit.unwrap_or(DEFAULT_PAGE))
+        .offset(filter.offset)
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|r| AuditRecord {
+            id: r.id.0,
+            event_type: r.event_type,
+            event_time: r.event_time,
+            session_id: r.session_id,
+            details: r.details,
+        })
+        .collect())
+}
