@@ -1,0 +1,2 @@
+//! Placeholder: the operator CLI is being written.
+fn main() {}
