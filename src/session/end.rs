@@ -187,29 +187,8 @@ async fn cleanup_in(
     }
 
     // AC3: every held lock of the session, through the partial index on held locks.
-    let locks_released = resource_locks::Entity::update_many()
-        .col_expr(resource_locks::Column::ReleasedAt, Expr::value(now))
-        .col_expr(
-            resource_locks::Column::ReleaseReason,
-            Expr::value(ReleaseReason::SessionEnd.as_str()),
-        )
-        .filter(resource_locks::Column::SessionId.eq(id))
-        .filter(resource_locks::Column::ReleasedAt.is_null())
-        .exec(txn)
-        .await?
-        .rows_affected;
-
-    let agents_cancelled = agent_executions::Entity::update_many()
-        .col_expr(
-            agent_executions::Column::Status,
-            Expr::value(AgentStatus::Cancelled.as_str()),
-        )
-        .col_expr(agent_executions::Column::CompletedAt, Expr::value(now))
-        .filter(agent_executions::Column::SessionId.eq(id))
-        .filter(agent_executions::Column::Status.eq(AgentStatus::Running.as_str()))
-        .exec(txn)
-        .await?
-        .rows_affected;
+    let locks_released = release_session_locks(txn, id, ReleaseReason::SessionEnd, now).await?;
+    let agents_cancelled = cancel_running_agents(txn, id, now).await?;
 
     // AC5: the one audit row. Its cleanup_ms is the time up to this write; the
     // report's adds the commit.
@@ -229,6 +208,46 @@ async fn cleanup_in(
         locks_released,
         agents_cancelled,
     })
+}
+
+/// Releases every held lock of the session, through the partial index on
+/// held locks. Shared by the end and by crash recovery.
+pub(crate) async fn release_session_locks(
+    txn: &DatabaseTransaction,
+    session_id: TextUuid,
+    reason: ReleaseReason,
+    now: DateTime<Utc>,
+) -> Result<u64> {
+    Ok(resource_locks::Entity::update_many()
+        .col_expr(resource_locks::Column::ReleasedAt, Expr::value(now))
+        .col_expr(
+            resource_locks::Column::ReleaseReason,
+            Expr::value(reason.as_str()),
+        )
+        .filter(resource_locks::Column::SessionId.eq(session_id))
+        .filter(resource_locks::Column::ReleasedAt.is_null())
+        .exec(txn)
+        .await?
+        .rows_affected)
+}
+
+/// Marks the session's still-running agents `cancelled`.
+pub(crate) async fn cancel_running_agents(
+    txn: &DatabaseTransaction,
+    session_id: TextUuid,
+    now: DateTime<Utc>,
+) -> Result<u64> {
+    Ok(agent_executions::Entity::update_many()
+        .col_expr(
+            agent_executions::Column::Status,
+            Expr::value(AgentStatus::Cancelled.as_str()),
+        )
+        .col_expr(agent_executions::Column::CompletedAt, Expr::value(now))
+        .filter(agent_executions::Column::SessionId.eq(session_id))
+        .filter(agent_executions::Column::Status.eq(AgentStatus::Running.as_str()))
+        .exec(txn)
+        .await?
+        .rows_affected)
 }
 
 /// The conditional update touched nothing: the session is unknown or was

@@ -8,11 +8,12 @@ use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QuerySelect};
 use serde::Serialize;
 use uuid::Uuid;
 
-use entity::{agent_executions, global_sessions, resource_locks};
+use entity::global_sessions;
 
 use crate::audit::{self, AuditEvent};
 use crate::context::{self, ContextWindow};
-use crate::status::{AgentStatus, ReleaseReason, SessionStatus};
+use crate::session::end::{cancel_running_agents, release_session_locks};
+use crate::status::{ReleaseReason, SessionStatus};
 use crate::{db, validate, Error, Result, SessionManager};
 
 pub(crate) async fn session_context(
@@ -118,28 +119,8 @@ pub(crate) async fn recover_stale(
             txn.rollback().await?;
             continue;
         }
-        let locks_released = resource_locks::Entity::update_many()
-            .col_expr(resource_locks::Column::ReleasedAt, Expr::value(now))
-            .col_expr(
-                resource_locks::Column::ReleaseReason,
-                Expr::value(ReleaseReason::Orphaned.as_str()),
-            )
-            .filter(resource_locks::Column::SessionId.eq(id))
-            .filter(resource_locks::Column::ReleasedAt.is_null())
-            .exec(&txn)
-            .await?
-            .rows_affected;
-        let agents_cancelled = agent_executions::Entity::update_many()
-            .col_expr(
-                agent_executions::Column::Status,
-                Expr::value(AgentStatus::Cancelled.as_str()),
-            )
-            .col_expr(agent_executions::Column::CompletedAt, Expr::value(now))
-            .filter(agent_executions::Column::SessionId.eq(id))
-            .filter(agent_executions::Column::Status.eq(AgentStatus::Running.as_str()))
-            .exec(&txn)
-            .await?
-            .rows_affected;
+        let locks_released = release_session_locks(&txn, id, ReleaseReason::Orphaned, now).await?;
+        let agents_cancelled = cancel_running_agents(&txn, id, now).await?;
         let details = serde_json::json!({
             "session_id": id.0,
             "locks_released": locks_released,
