@@ -11,7 +11,7 @@
 //! - on SQLite, audit rows cannot be updated or deleted (triggers).
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::schema::*;
-use sea_orm_migration::sea_orm::{ConnectionTrait, DatabaseBackend};
+use sea_orm_migration::sea_orm::{ConnectionTrait, DatabaseBackend, Statement};
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;
@@ -24,6 +24,8 @@ const UUID_TEXT_LEN: u32 = 36;
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         let backend = manager.get_database_backend();
+        let collation = binary_collation(manager).await?;
+        let table_for = |backend| table_for(backend, collation);
         let ts = |col| timestamp_col(backend, col, false);
         let ts_null = |col| timestamp_col(backend, col, true);
         manager
@@ -301,12 +303,36 @@ impl MigrationTrait for Migration {
 
 /// A `CREATE TABLE` with the backend's table options: on MySQL/MariaDB, a
 /// binary collation so keys are matched byte for byte, as on the other backends.
-fn table_for(backend: DatabaseBackend) -> TableCreateStatement {
+fn table_for(backend: DatabaseBackend, collation: &str) -> TableCreateStatement {
     let mut table = Table::create();
     if backend == DatabaseBackend::MySql {
-        table.character_set("utf8mb4").collate("utf8mb4_bin");
+        table.character_set("utf8mb4").collate(collation);
     }
     table
+}
+
+/// A binary, NO PAD collation: `utf8mb4_bin` is PAD SPACE, so `=` would find
+/// `"key"` when asked for `"key "`. MariaDB calls the no-pad one
+/// `utf8mb4_nopad_bin`; MySQL 8's `utf8mb4_0900_bin` is already no-pad.
+async fn binary_collation(manager: &SchemaManager<'_>) -> Result<&'static str, DbErr> {
+    if manager.get_database_backend() != DatabaseBackend::MySql {
+        return Ok("");
+    }
+    let version = manager
+        .get_connection()
+        .query_one_raw(Statement::from_string(
+            DatabaseBackend::MySql,
+            "SELECT VERSION()",
+        ))
+        .await?
+        .map(|row| row.try_get_by_index::<String>(0))
+        .transpose()?
+        .unwrap_or_default();
+    Ok(if version.contains("MariaDB") {
+        "utf8mb4_nopad_bin"
+    } else {
+        "utf8mb4_0900_bin"
+    })
 }
 
 /// Timestamps in UTC with microseconds: `timestamptz` on PostgreSQL, RFC 3339
