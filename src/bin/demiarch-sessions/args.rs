@@ -1,0 +1,265 @@
+//! The command line, as clap derive types, and the database URL it resolves to.
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use demiarch_sessions::SessionStatus;
+
+/// The database used when neither `--database-url` nor `DATABASE_URL` is given.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://demiarch-sessions.db";
+
+/// The help heading of the options every command takes.
+const GLOBAL: &str = "Global options";
+
+/// Shown at the end of `--help`: what scripts can rely on.
+const AFTER_LONG_HELP: &str = "\
+Database:
+  --database-url, else DATABASE_URL, else ./demiarch-sessions.db (SQLite, created
+  and migrated on first use). A plain path such as `data/sessions.db` is a SQLite
+  file; postgres:// and mysql:// URLs need a build with those features.
+
+Ids:
+  A session id may be given in full or as a unique prefix of 8 or more hex
+  digits, like a git hash.
+
+Output:
+  Aligned tables for people; --json prints one JSON document on stdout (an
+  array for lists, an object otherwise). Errors are one line on stderr.
+
+Exit codes:
+  0  success
+  1  internal error: an unexpected database failure or a malformed stored row
+  2  invalid input: bad arguments, a malformed id, an ambiguous id prefix
+  3  not found: no session has that id or id prefix
+  4  timeout: the database stayed busy past the budget; nothing changed, retry
+  5  database unreachable: cannot open or connect, not a database, schema too new
+  6  conflict: the session's state forbids it (e.g. its owner is still alive)";
+
+/// The operator CLI of the demiarch session store.
+#[derive(Debug, Parser)]
+#[command(
+    name = "demiarch-sessions",
+    version,
+    about = "Inspect and operate the demiarch session store: sessions, agents, locks, audit log.",
+    long_about = "Inspect and operate the demiarch session store: sessions, the agents in \
+                  them, the resource locks they hold and the append-only audit log.\n\n\
+                  New here? Run `demiarch-sessions demo`, then `demiarch-sessions sessions list`.",
+    after_long_help = AFTER_LONG_HELP,
+    propagate_version = true
+)]
+pub struct Cli {
+    /// Database URL (sqlite://path.db, postgres://…, mysql://…) or a SQLite file path.
+    #[arg(
+        long,
+        global = true,
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        value_name = "URL",
+        help_heading = GLOBAL
+    )]
+    pub database_url: Option<String>,
+
+    /// Print one JSON document on stdout instead of tables.
+    #[arg(long, global = true, help_heading = GLOBAL)]
+    pub json: bool,
+
+    /// Budget for ending a session, whole transaction included; past it
+    /// nothing changes and the exit code is 4.
+    #[arg(long, global = true, help_heading = GLOBAL, value_name = "DURATION", default_value = "2s", value_parser = positive_duration)]
+    pub cleanup_timeout: Duration,
+
+    /// How long a SQLite statement waits for another writer before giving up.
+    #[arg(long, global = true, help_heading = GLOBAL, value_name = "DURATION", default_value = "5s", value_parser = positive_duration)]
+    pub busy_timeout: Duration,
+
+    /// How long to wait for the database to open (and migrate) before giving up
+    /// with exit code 5.
+    #[arg(long, global = true, help_heading = GLOBAL, value_name = "DURATION", default_value = "10s", value_parser = positive_duration)]
+    pub connect_timeout: Duration,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run one session end to end (agents, locks, context), end it and show
+    /// the report. Start here.
+    Demo,
+    /// List, inspect and end sessions.
+    #[command(subcommand)]
+    Sessions(SessionsCommand),
+    /// List resource locks and release stale ones.
+    #[command(subcommand)]
+    Locks(LocksCommand),
+    /// Interrupt open sessions whose owning process stopped heartbeating
+    /// (it crashed): their locks are released and running agents cancelled.
+    Recover {
+        /// How long without a heartbeat makes a session stale. Keep it several
+        /// times the owners' heartbeat interval (10s by default).
+        #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = positive_duration)]
+        stale_after: Duration,
+    },
+    /// Read the append-only audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SessionsCommand {
+    /// Sessions, newest first.
+    List {
+        /// Only sessions with this status.
+        #[arg(long, value_enum)]
+        status: Option<StatusArg>,
+        /// At most this many sessions.
+        #[arg(long, default_value_t = 50, value_parser = positive_count)]
+        limit: u64,
+    },
+    /// One session: its agents, locks, saved context and audit trail.
+    Show {
+        /// Session id, or a unique prefix of 8 or more hex digits.
+        id: String,
+    },
+    /// End a session with cleanup: save its context, release its locks,
+    /// cancel its agents, write the audit record.
+    End {
+        /// Session id, or a unique prefix of 8 or more hex digits.
+        id: String,
+        /// End it even though its owning process still heartbeats (that
+        /// process's live context windows are then not saved).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LocksCommand {
+    /// Locks, newest grant first.
+    List {
+        /// Only locks still held.
+        #[arg(long)]
+        held: bool,
+        /// Only the locks of this session (id or unique prefix).
+        #[arg(long, value_name = "ID")]
+        session: Option<String>,
+        /// At most this many locks.
+        #[arg(long, default_value_t = 50, value_parser = positive_count)]
+        limit: u64,
+    },
+    /// Release expired locks and the locks of ended or interrupted sessions.
+    Sweep,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// The newest audit events, printed oldest first like tail(1).
+    Tail {
+        /// How many events.
+        #[arg(short = 'n', long = "lines", value_name = "N", default_value_t = 20, value_parser = positive_count)]
+        lines: u64,
+        /// Only the events of this session (id or unique prefix).
+        #[arg(long, value_name = "ID")]
+        session: Option<String>,
+        /// Only events of this type (session_start, session_end,
+        /// session_interrupted, session_resumed, locks_swept).
+        #[arg(long, value_name = "EVENT")]
+        event: Option<String>,
+    },
+}
+
+/// `--status` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum StatusArg {
+    Active,
+    Paused,
+    Interrupted,
+    Completed,
+}
+
+impl From<StatusArg> for SessionStatus {
+    fn from(status: StatusArg) -> Self {
+        match status {
+            StatusArg::Active => SessionStatus::Active,
+            StatusArg::Paused => SessionStatus::Paused,
+            StatusArg::Interrupted => SessionStatus::Interrupted,
+            StatusArg::Completed => SessionStatus::Completed,
+        }
+    }
+}
+
+/// A count of at least one.
+fn positive_count(text: &str) -> Result<u64, String> {
+    match text.trim().parse::<u64>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{text:?} is not a whole number")),
+    }
+}
+
+/// A humantime duration (`200ms`, `5m`, `1h 30m`) greater than zero.
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text)
+        .map_err(|e| format!("{e} (write a duration such as 500ms, 30s or 5m)"))?;
+    if duration.is_zero() {
+        return Err("must be longer than zero".to_owned());
+    }
+    Ok(duration)
+}
+
+const SCHEMES: [&str; 5] = ["sqlite:", "postgres:", "postgresql:", "mysql:", "mariadb:"];
+
+/// The URL to connect to: the given one, a plain path as a SQLite file, or
+/// the default.
+pub fn database_url(given: Option<&str>) -> String {
+    match given.map(str::trim).filter(|u| !u.is_empty()) {
+        None => DEFAULT_DATABASE_URL.to_owned(),
+        Some(url) if SCHEMES.iter().any(|s| url.starts_with(s)) || url.contains("://") => {
+            url.to_owned()
+        }
+        Some(path) => format!("sqlite://{path}"),
+    }
+}
+
+/// The URL with any password replaced, fit for messages.
+pub fn redacted(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        if !scheme.starts_with("sqlite") {
+            if let Some((auth, host)) = rest.split_once('@') {
+                if let Some((user, _password)) = auth.split_once(':') {
+                    return format!("{scheme}://{user}:***@{host}");
+                }
+            }
+        }
+    }
+    url.to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(database_url(None), DEFAULT_DATABASE_URL);
+        assert_eq!(database_url(Some("")), DEFAULT_DATABASE_URL);
+        assert_eq!(database_url(Some("foo.db")), "sqlite://foo.db");
+        assert_eq!(database_url(Some("/tmp/x.db")), "sqlite:///tmp/x.db");
+        assert_eq!(database_url(Some("sqlite::memory:")), "sqlite::memory:");
+        assert_eq!(database_url(Some("postgres://u@h/d")), "postgres://u@h/d");
+        assert_eq!(redacted("postgres://u:secret@h/d"), "postgres://u:***@h/d");
+        assert_eq!(redacted("sqlite://a.db"), "sqlite://a.db");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(positive_duration("200ms"), Ok(Duration::from_millis(200)));
+        assert!(positive_duration("0s").is_err());
+        assert!(positive_duration("soon").is_err());
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,764 @@
+//! The commands: each reads or changes the store through `SessionManager`
+//! and returns what to print on stdout.
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use demiarch_sessions::entity::{agent_executions, resource_locks};
+use demiarch_sessions::{
+    AuditFilter, Config, Error, LockFilter, SessionFilter, SessionInfo, SessionManager,
+    SessionStatus, CONTEXT_FORMAT_VERSION,
+};
+use sea_orm::entity::prelude::TextUuid;
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+use serde::Serialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::args::{self, AuditCommand, Cli, Command, LocksCommand, SessionsCommand};
+use crate::exit::{Failure, CONFLICT, INVALID_INPUT, UNREACHABLE};
+use crate::output::{self, count, short, Spinner};
+
+/// An open session whose owner heartbeated this recently is taken to be
+/// alive: three of the default heartbeat intervals (10 s).
+pub const ALIVE_WITHIN: Duration = Duration::from_secs(30);
+
+/// The most rows `sessions show` lists per section.
+const SHOW_LIMIT: u64 = 1000;
+
+/// The event types the library writes, for hints.
+const KNOWN_EVENTS: [&str; 5] = [
+    "session_start",
+    "session_end",
+    "session_interrupted",
+    "session_resumed",
+    "locks_swept",
+];
+
+/// Opens the database and runs the command; the result is stdout's text.
+pub async fn run(cli: Cli) -> Result<String, Failure> {
+    let url = args::database_url(cli.database_url.as_deref());
+    let shown = args::redacted(&url);
+    backend_compiled_in(&url, &shown)?;
+    let config = Config {
+        cleanup_timeout: cli.cleanup_timeout,
+        busy_timeout: cli.busy_timeout,
+        ..Config::default()
+    };
+    let connect = SessionManager::connect_with(&url, config);
+    let manager = match tokio::time::timeout(cli.connect_timeout, connect).await {
+        Ok(Ok(manager)) => manager,
+        Ok(Err(e)) => return Err(Failure::connect(&shown, e)),
+        Err(_) => {
+            return Err(Failure::new(
+                UNREACHABLE,
+                format!(
+                    "the database {shown} did not answer within {}; check that it is up \
+                     or raise --connect-timeout",
+                    output::span(cli.connect_timeout)
+                ),
+            ))
+        }
+    };
+    let ctx = Ctx {
+        manager,
+        json: cli.json,
+        now: Utc::now(),
+        url: shown,
+    };
+    match cli.command {
+        Command::Demo => crate::demo::run(&ctx).await,
+        Command::Sessions(SessionsCommand::List { status, limit }) => {
+            ctx.sessions_list(status.map(Into::into), limit).await
+        }
+        Command::Sessions(SessionsCommand::Show { id }) => ctx.sessions_show(&id).await,
+        Command::Sessions(SessionsCommand::End { id, force }) => ctx.sessions_end(&id, force).await,
+        Command::Locks(LocksCommand::List {
+            held,
+            session,
+            limit,
+        }) => ctx.locks_list(held, session.as_deref(), limit).await,
+        Command::Locks(LocksCommand::Sweep) => ctx.locks_sweep().await,
+        Command::Recover { stale_after } => ctx.recover(stale_after).await,
+        Command::Audit(AuditCommand::Tail {
+            lines,
+            session,
+            event,
+        }) => {
+            ctx.audit_tail(lines, session.as_deref(), event.as_deref())
+                .await
+        }
+    }
+}
+
+/// Refuses a URL whose backend this build cannot open, before connecting.
+fn backend_compiled_in(url: &str, shown: &str) -> Result<(), Failure> {
+    let missing = if url.starts_with("postgres") {
+        (!cfg!(feature = "postgres")).then_some(("PostgreSQL", "postgres"))
+    } else if url.starts_with("mysql") || url.starts_with("mariadb") {
+        (!cfg!(feature = "mysql")).then_some(("MySQL/MariaDB", "mysql"))
+    } else if url.starts_with("sqlite") {
+        (!cfg!(feature = "sqlite")).then_some(("SQLite", "sqlite"))
+    } else {
+        None
+    };
+    match missing {
+        Some((name, feature)) => Err(Failure::new(
+            INVALID_INPUT,
+            format!(
+                "this build cannot open {name} databases ({shown}); rebuild with \
+                 `--features {feature}`"
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// What every command works with.
+pub struct Ctx {
+    pub manager: SessionManager,
+    pub json: bool,
+    /// The time relative ages are measured from.
+    pub now: DateTime<Utc>,
+    /// The database URL, password redacted.
+    pub url: String,
+}
+
+/// A lock for JSON output: the stored row plus its agent's type.
+#[derive(Serialize)]
+pub struct LockView<'a> {
+    pub id: Uuid,
+    pub session_id: Uuid,
+    pub agent_id: Uuid,
+    pub agent_type: Option<&'a str>,
+    pub resource_type: &'a str,
+    pub resource_key: &'a str,
+    pub fencing_token: i64,
+    pub acquired_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub released_at: Option<DateTime<Utc>>,
+    pub release_reason: Option<&'a str>,
+    pub held: bool,
+}
+
+/// What `sessions show` says about a session's context.
+#[derive(Serialize)]
+struct ContextSummary {
+    /// Whether the session saved its context (it was ended).
+    saved: bool,
+    windows: usize,
+    keys: Vec<String>,
+    /// Size of the saved `context_data` JSON.
+    bytes: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+impl Ctx {
+    /// The session named by a full id or a unique prefix of 8+ hex digits.
+    pub async fn resolve(&self, id: &str) -> Result<Uuid, Failure> {
+        self.manager
+            .find_session(id)
+            .await
+            .map_err(|e| Failure::during(&format!("looking up session {id}"), e))
+    }
+
+    async fn session(&self, id: Uuid) -> Result<SessionInfo, Failure> {
+        self.manager
+            .session(id)
+            .await
+            .map_err(|e| Failure::during(&format!("reading session {id}"), e))
+    }
+
+    async fn sessions_list(
+        &self,
+        status: Option<SessionStatus>,
+        limit: u64,
+    ) -> Result<String, Failure> {
+        let filter = SessionFilter {
+            status,
+            limit: Some(limit),
+            offset: 0,
+        };
+        let sessions = self
+            .manager
+            .list_sessions(filter)
+            .await
+            .map_err(|e| Failure::during("listing sessions", e))?;
+        if self.json {
+            return output::json(&sessions);
+        }
+        if sessions.is_empty() {
+            let which = status.map(|s| format!(" {s}")).unwrap_or_default();
+            return Ok(format!(
+                "No{which} sessions in {}. Run `demiarch-sessions demo` to create one.\n",
+                self.url
+            ));
+        }
+        let mut table = output::table(["ID", "STATUS", "STARTED", "TOOK", "HEARTBEAT"]);
+        for s in &sessions {
+            table.add_row(vec![
+                s.id.to_string(),
+                s.status.to_string(),
+                output::time_ago(s.started_at, self.now),
+                s.completed_at
+                    .map(|at| output::between(s.started_at, at))
+                    .unwrap_or_else(|| "-".into()),
+                self.heartbeat(s),
+            ]);
+        }
+        let mut text = output::render(&table);
+        text.push('\n');
+        if sessions.len() as u64 == limit {
+            text.push_str(&format!("(the newest {limit} shown; --limit shows more)\n"));
+        }
+        Ok(text)
+    }
+
+    /// `4s ago` for an open session, `-` once it is closed.
+    fn heartbeat(&self, s: &SessionInfo) -> String {
+        match (open(s.status), s.last_heartbeat_at) {
+            (true, Some(at)) => output::ago(at, self.now),
+            (true, None) => "never".into(),
+            (false, _) => "-".into(),
+        }
+    }
+
+    async fn sessions_show(&self, id: &str) -> Result<String, Failure> {
+        let id = self.resolve(id).await?;
+        let info = self.session(id).await?;
+        let doing = format!("reading session {id}");
+        let agents = self
+            .manager
+            .agents(id)
+            .await
+            .map_err(|e| Failure::during(&doing, e))?;
+        let locks = self
+            .manager
+            .locks(LockFilter {
+                session_id: Some(id),
+                limit: Some(SHOW_LIMIT),
+                ..LockFilter::default()
+            })
+            .await
+            .map_err(|e| Failure::during(&doing, e))?;
+        let mut audit = self
+            .manager
+            .audit_events(AuditFilter {
+                session_id: Some(id),
+                limit: Some(SHOW_LIMIT),
+                ..AuditFilter::default()
+            })
+            .await
+            .map_err(|e| Failure::during(&doing, e))?;
+        audit.reverse();
+        let context = self.context_summary(&info).await?;
+        let agent_types: HashMap<Uuid, String> = agents
+            .iter()
+            .map(|a| (a.id, a.agent_type.clone()))
+            .collect();
+
+        if self.json {
+            let locks: Vec<LockView> = locks.iter().map(|l| lock_view(l, &agent_types)).collect();
+            return output::json(&json!({
+                "session": info,
+                "agents": agents,
+                "locks": locks,
+                "context": context,
+                "audit": audit,
+            }));
+        }
+
+        let mut rows = vec![
+            ("Session", info.id.to_string()),
+            ("Status", info.status.to_string()),
+            ("Started", output::time_ago(info.started_at, self.now)),
+        ];
+        if let Some(at) = info.completed_at {
+            rows.push(("Ended", output::time_ago(at, self.now)));
+            rows.push(("Took", output::between(info.started_at, at)));
+        } else if info.status == SessionStatus::Interrupted {
+            rows.push(("Interrupted", output::time_ago(info.updated_at, self.now)));
+        } else {
+            rows.push(("Updated", output::time_ago(info.updated_at, self.now)));
+        }
+        if let Some(owner) = &info.owner_instance {
+            rows.push(("Owner", owner.clone()));
+        }
+        if open(info.status) {
+            rows.push(("Last heartbeat", self.liveness(&info)));
+        }
+        rows.push(("Context", context_line(&info, &context)));
+        let mut text = output::fields(rows);
+        text.push_str("\n\n");
+
+        text.push_str(&format!("Agents ({})\n", agents.len()));
+        if !agents.is_empty() {
+            let mut table = output::table(["AGENT", "TYPE", "STATUS", "STARTED", "ENDED"]);
+            for a in &agents {
+                table.add_row(vec![
+                    short(a.id),
+                    a.agent_type.clone(),
+                    a.status.to_string(),
+                    output::time_ago(a.started_at, self.now),
+                    a.completed_at
+                        .map(|at| output::time_ago(at, self.now))
+                        .unwrap_or_else(|| "-".into()),
+                ]);
+            }
+            text.push_str(&output::render(&table));
+            text.push('\n');
+        }
+
+        text.push_str(&format!("\nLocks ({})\n", shown_count(locks.len())));
+        if !locks.is_empty() {
+            text.push_str(&output::render(&self.lock_table(
+                &locks,
+                &agent_types,
+                false,
+            )));
+            text.push('\n');
+        }
+
+        text.push_str(&format!("\nAudit trail ({})\n", shown_count(audit.len())));
+        if !audit.is_empty() {
+            let mut table = output::table(["TIME", "EVENT", "DETAILS"]);
+            for event in &audit {
+                table.add_row(vec![
+                    output::time_ago(event.event_time, self.now),
+                    event.event_type.clone(),
+                    output::details(&event.details),
+                ]);
+            }
+            text.push_str(&output::render(&table));
+            text.push('\n');
+        }
+        Ok(text)
+    }
+
+    /// `4s ago (alive)` or `10m ago (stale: recover will interrupt it)`.
+    fn liveness(&self, info: &SessionInfo) -> String {
+        match info.last_heartbeat_at {
+            Some(at) if alive(info, self.now) => {
+                format!("{} (owner alive)", output::ago(at, self.now))
+            }
+            Some(at) => format!(
+                "{} (owner silent: `demiarch-sessions recover` interrupts it)",
+                output::ago(at, self.now)
+            ),
+            None => "never".into(),
+        }
+    }
+
+    async fn context_summary(&self, info: &SessionInfo) -> Result<ContextSummary, Failure> {
+        let saved = info.status == SessionStatus::Completed;
+        match self.manager.session_context(info.id).await {
+            Ok(windows) => {
+                let keys: Vec<String> = windows.iter().map(|w| w.key.clone()).collect();
+                let bytes = if saved {
+                    // Measured as the library measures context_bytes.
+                    serde_json::to_vec(&json!({
+                        "version": CONTEXT_FORMAT_VERSION,
+                        "windows": windows,
+                    }))
+                    .map(|v| v.len())
+                    .unwrap_or(0)
+                } else {
+                    0
+                };
+                Ok(ContextSummary {
+                    saved,
+                    windows: keys.len(),
+                    keys,
+                    bytes,
+                    error: None,
+                })
+            }
+            // An unreadable context is reported, not fatal to the rest of `show`.
+            Err(e @ Error::CorruptContext { .. }) => Ok(ContextSummary {
+                saved,
+                windows: 0,
+                keys: Vec::new(),
+                bytes: 0,
+                error: Some(e.to_string()),
+            }),
+            Err(e) => Err(Failure::during(&format!("reading session {}", info.id), e)),
+        }
+    }
+
+    async fn sessions_end(&self, id: &str, force: bool) -> Result<String, Failure> {
+        let id = self.resolve(id).await?;
+        let info = self.session(id).await?;
+        if !force && alive(&info, self.now) {
+            let beat = info
+                .last_heartbeat_at
+                .map(|at| output::ago(at, self.now))
+                .unwrap_or_default();
+            return Err(Failure::new(
+                CONFLICT,
+                format!(
+                    "session {id} is {} and its owning process heartbeated {beat}: its live \
+                     context windows are there and would not be saved; let that process end \
+                     it, or pass --force",
+                    info.status
+                ),
+            ));
+        }
+        let report = self
+            .manager
+            .end_session(id)
+            .await
+            .map_err(|e| Failure::during(&format!("ending session {id}"), e))?;
+        if self.json {
+            return output::json(&report);
+        }
+        if report.already_ended {
+            return Ok(format!(
+                "Session {id} was already ended at {}; nothing changed.\n",
+                output::time(report.completed_at)
+            ));
+        }
+        let mut text = format!(
+            "Ended session {id} in {}.\n",
+            output::millis(report.cleanup_ms)
+        );
+        text.push_str(&output::fields([
+            ("Completed at", output::time(report.completed_at)),
+            ("Locks released", report.locks_released.to_string()),
+            ("Agents cancelled", report.agents_cancelled.to_string()),
+            (
+                "Context saved",
+                format!(
+                    "{}, {} bytes",
+                    count(report.context_windows, "window"),
+                    report.context_bytes
+                ),
+            ),
+        ]));
+        text.push('\n');
+        Ok(text)
+    }
+
+    async fn locks_list(
+        &self,
+        held: bool,
+        session: Option<&str>,
+        limit: u64,
+    ) -> Result<String, Failure> {
+        let session_id = match session {
+            Some(id) => Some(self.resolve(id).await?),
+            None => None,
+        };
+        let locks = self
+            .manager
+            .locks(LockFilter {
+                session_id,
+                held_only: held,
+                limit: Some(limit),
+                offset: 0,
+            })
+            .await
+            .map_err(|e| Failure::during("listing locks", e))?;
+        let agent_types = self.agent_types(&locks).await?;
+        if self.json {
+            let locks: Vec<LockView> = locks.iter().map(|l| lock_view(l, &agent_types)).collect();
+            return output::json(&locks);
+        }
+        if locks.is_empty() {
+            let which = if held { " held" } else { "" };
+            let whose = session_id
+                .map(|id| format!(" by session {}", short(id)))
+                .unwrap_or_default();
+            return Ok(format!("No locks{which}{whose}.\n"));
+        }
+        let mut text = output::render(&self.lock_table(&locks, &agent_types, true));
+        text.push('\n');
+        if locks.len() as u64 == limit {
+            text.push_str(&format!("(the newest {limit} shown; --limit shows more)\n"));
+        }
+        Ok(text)
+    }
+
+    /// The agent type of each lock's holder, in one query.
+    async fn agent_types(
+        &self,
+        locks: &[resource_locks::Model],
+    ) -> Result<HashMap<Uuid, String>, Failure> {
+        let ids: BTreeSet<Uuid> = locks.iter().map(|l| l.agent_id.0).collect();
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let agents = agent_executions::Entity::find()
+            .filter(agent_executions::Column::Id.is_in(ids.into_iter().map(TextUuid)))
+            .all(self.manager.connection())
+            .await
+            .map_err(|e| Failure::during("reading agents", Error::Database(e)))?;
+        Ok(agents.into_iter().map(|a| (a.id.0, a.agent_type)).collect())
+    }
+
+    pub fn lock_table(
+        &self,
+        locks: &[resource_locks::Model],
+        agent_types: &HashMap<Uuid, String>,
+        with_session: bool,
+    ) -> comfy_table::Table {
+        let mut header = vec!["TOKEN", "RESOURCE"];
+        if with_session {
+            header.push("SESSION");
+        }
+        header.extend(["AGENT", "ACQUIRED", "STATE"]);
+        let mut table = output::table(header);
+        for l in locks {
+            let agent = match agent_types.get(&l.agent_id.0) {
+                Some(kind) => format!("{kind} {}", short(l.agent_id.0)),
+                None => short(l.agent_id.0),
+            };
+            let mut row = vec![
+                l.fencing_token.to_string(),
+                format!("{}/{}", l.resource_type, l.resource_key),
+            ];
+            if with_session {
+                row.push(short(l.session_id.0));
+            }
+            row.extend([
+                agent,
+                output::time_ago(l.acquired_at, self.now),
+                self.lock_state(l),
+            ]);
+            table.add_row(row);
+        }
+        table
+    }
+
+    fn lock_state(&self, l: &resource_locks::Model) -> String {
+        match (l.released_at, l.expires_at) {
+            (Some(at), _) => format!(
+                "released {} ({})",
+                output::ago(at, self.now),
+                l.release_reason.as_deref().unwrap_or("unknown reason")
+            ),
+            (None, Some(exp)) if exp <= self.now => {
+                format!(
+                    "held, expired {} (sweep releases it)",
+                    output::ago(exp, self.now)
+                )
+            }
+            (None, Some(exp)) => format!("held, expires {}", output::ago(exp, self.now)),
+            (None, None) => "held".into(),
+        }
+    }
+
+    async fn locks_sweep(&self) -> Result<String, Failure> {
+        let report = {
+            let _spinner = Spinner::start("sweeping stale locks");
+            self.manager
+                .sweep_locks()
+                .await
+                .map_err(|e| Failure::during("sweeping locks", e))?
+        };
+        if self.json {
+            return output::json(&report);
+        }
+        let released = report.expired + report.orphaned;
+        if released == 0 {
+            return Ok(
+                "Nothing to sweep: no held lock has expired or outlived its session.\n".into(),
+            );
+        }
+        let mut text = format!(
+            "Released {}: {} expired, {} orphaned, in {} (each wrote a locks_swept audit row).\n",
+            count(released, "lock"),
+            report.expired,
+            report.orphaned,
+            count(report.batches, "transaction"),
+        );
+        text.push_str("See them: demiarch-sessions audit tail --event locks_swept\n");
+        Ok(text)
+    }
+
+    async fn recover(&self, stale_after: Duration) -> Result<String, Failure> {
+        if stale_after < ALIVE_WITHIN {
+            warn(&format!(
+                "--stale-after {} is short: sessions of live processes that heartbeat less \
+                 often are interrupted too",
+                output::span(stale_after)
+            ));
+        }
+        let report = {
+            let _spinner = Spinner::start("recovering stale sessions");
+            self.manager
+                .recover_stale(stale_after)
+                .await
+                .map_err(|e| Failure::during("recovering stale sessions", e))?
+        };
+        if self.json {
+            return output::json(&report);
+        }
+        let silent = output::span(stale_after);
+        if report.interrupted.is_empty() {
+            return Ok(format!(
+                "No stale sessions: every open session heartbeated within the last {silent}.\n"
+            ));
+        }
+        let mut text = format!(
+            "Interrupted {} silent for over {silent}: {} released, {} cancelled.\n",
+            count(report.interrupted.len() as u64, "session"),
+            count(report.locks_released, "lock"),
+            count(report.agents_cancelled, "agent"),
+        );
+        let mut table = output::table(["SESSION", "STARTED", "LAST HEARTBEAT"]);
+        for id in &report.interrupted {
+            let info = self.session(*id).await?;
+            table.add_row(vec![
+                id.to_string(),
+                output::time_ago(info.started_at, self.now),
+                info.last_heartbeat_at
+                    .map(|at| output::time_ago(at, self.now))
+                    .unwrap_or_else(|| "never".into()),
+            ]);
+        }
+        text.push_str(&output::render(&table));
+        text.push('\n');
+        Ok(text)
+    }
+
+    async fn audit_tail(
+        &self,
+        lines: u64,
+        session: Option<&str>,
+        event: Option<&str>,
+    ) -> Result<String, Failure> {
+        let session_id = match session {
+            Some(id) => Some(self.resolve(id).await?),
+            None => None,
+        };
+        let event = event.map(str::trim);
+        if event.is_some_and(str::is_empty) {
+            return Err(Failure::new(
+                INVALID_INPUT,
+                format!(
+                    "invalid --event: must not be empty; one of {}",
+                    KNOWN_EVENTS.join(", ")
+                ),
+            ));
+        }
+        let mut events = self
+            .manager
+            .audit_events(AuditFilter {
+                session_id,
+                event_type: event.map(str::to_owned),
+                limit: Some(lines),
+                ..AuditFilter::default()
+            })
+            .await
+            .map_err(|e| Failure::during("reading the audit log", e))?;
+        events.reverse();
+        if self.json {
+            return output::json(&events);
+        }
+        if events.is_empty() {
+            let hint = match event {
+                Some(e) if !KNOWN_EVENTS.contains(&e) => {
+                    format!(" (known events: {})", KNOWN_EVENTS.join(", "))
+                }
+                _ => String::new(),
+            };
+            return Ok(format!("No audit events match.{hint}\n"));
+        }
+        let mut table = output::table(["TIME", "EVENT", "SESSION", "DETAILS"]);
+        for e in &events {
+            table.add_row(vec![
+                output::time_ago(e.event_time, self.now),
+                e.event_type.clone(),
+                e.session_id
+                    .as_deref()
+                    .map(output::short_text)
+                    .unwrap_or_else(|| "-".into()),
+                output::details(&e.details),
+            ]);
+        }
+        let mut text = output::render(&table);
+        text.push('\n');
+        Ok(text)
+    }
+}
+
+pub fn lock_view<'a>(
+    l: &'a resource_locks::Model,
+    agent_types: &'a HashMap<Uuid, String>,
+) -> LockView<'a> {
+    LockView {
+        id: l.id.0,
+        session_id: l.session_id.0,
+        agent_id: l.agent_id.0,
+        agent_type: agent_types.get(&l.agent_id.0).map(String::as_str),
+        resource_type: &l.resource_type,
+        resource_key: &l.resource_key,
+        fencing_token: l.fencing_token,
+        acquired_at: l.acquired_at,
+        expires_at: l.expires_at,
+        released_at: l.released_at,
+        release_reason: l.release_reason.as_deref(),
+        held: l.released_at.is_none(),
+    }
+}
+
+/// A warning line on stderr; stdout stays the command's output.
+fn warn(message: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "warning: {message}");
+}
+
+/// `3`, or `the newest 1000` when `sessions show` hit its limit.
+fn shown_count(n: usize) -> String {
+    if n as u64 >= SHOW_LIMIT {
+        format!("the newest {n}")
+    } else {
+        n.to_string()
+    }
+}
+
+fn open(status: SessionStatus) -> bool {
+    matches!(status, SessionStatus::Active | SessionStatus::Paused)
+}
+
+/// An open session whose owner heartbeated within `ALIVE_WITHIN`.
+fn alive(info: &SessionInfo, now: DateTime<Utc>) -> bool {
+    let Some(at) = info.last_heartbeat_at else {
+        return false;
+    };
+    let recent = (now - at)
+        .to_std()
+        .map(|d| d < ALIVE_WITHIN)
+        // A heartbeat in the future (clock skew) counts as recent.
+        .unwrap_or(true);
+    open(info.status) && info.owner_instance.is_some() && recent
+}
+
+fn context_line(info: &SessionInfo, context: &ContextSummary) -> String {
+    if let Some(error) = &context.error {
+        return format!("unreadable: {error}");
+    }
+    if !context.saved {
+        return match info.status {
+            SessionStatus::Interrupted => {
+                "none saved (interrupted before it could save its context)".into()
+            }
+            _ => "not saved yet (its live windows are with the process that owns it)".into(),
+        };
+    }
+    if context.windows == 0 {
+        return "saved, no windows".into();
+    }
+    format!(
+        "saved, {} ({}), {} bytes",
+        count(context.windows as u64, "window"),
+        context.keys.join(", "),
+        context.bytes
+    )
+}
+
+/// A value as JSON, for embedding in a larger document (null if it cannot be).
+pub fn value<T: Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}

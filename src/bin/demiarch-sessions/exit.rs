@@ -1,0 +1,222 @@
+//! Failures: one line for stderr and an exit code per class (see `--help`).
+use demiarch_sessions::Error;
+use sea_orm::{DbErr, RuntimeErr};
+
+/// An unexpected failure: a bug, a database error of no known class, a
+/// malformed stored row.
+pub const INTERNAL: u8 = 1;
+/// Bad arguments (clap also exits with 2), a malformed or ambiguous id.
+pub const INVALID_INPUT: u8 = 2;
+/// No session has that id or prefix.
+pub const NOT_FOUND: u8 = 3;
+/// The database stayed busy past the budget; nothing changed.
+pub const TIMEOUT: u8 = 4;
+/// The database cannot be opened or reached, is not a database, or was
+/// migrated by a newer version.
+pub const UNREACHABLE: u8 = 5;
+/// The state of the session forbids the operation.
+pub const CONFLICT: u8 = 6;
+
+const LIST_HINT: &str = "`demiarch-sessions sessions list` shows the sessions there are";
+
+/// Why the command failed: printed as `error: {message}` and exited with `code`.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(code: u8, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The line printed on stderr: always exactly one line.
+    pub fn line(&self) -> String {
+        let one_line: Vec<&str> = self.message.split_whitespace().collect();
+        format!("error: {}", one_line.join(" "))
+    }
+
+    /// Classifies a library error met while `doing` something ("ending
+    /// session …"), which prefixes messages that would not say it themselves.
+    pub fn during(doing: &str, err: Error) -> Self {
+        match err {
+            Error::SessionNotFound(id) => {
+                Self::new(NOT_FOUND, format!("session {id} not found; {LIST_HINT}"))
+            }
+            Error::AgentNotFound(_) | Error::LockNotFound(_) => {
+                Self::new(NOT_FOUND, err.to_string())
+            }
+            Error::AmbiguousId { prefix, matches: 0 } => Self::new(
+                NOT_FOUND,
+                format!("no session id starts with {prefix:?}; {LIST_HINT}"),
+            ),
+            Error::AmbiguousId { prefix, .. } => Self::new(
+                INVALID_INPUT,
+                format!(
+                    "session id prefix {prefix:?} matches more than one session; \
+                     give more characters"
+                ),
+            ),
+            Error::InvalidInput { .. } => Self::new(INVALID_INPUT, err.to_string()),
+            Error::Timeout { elapsed_ms } => Self::new(
+                TIMEOUT,
+                format!(
+                    "{doing} timed out after {elapsed_ms} ms: another writer holds the \
+                     database; nothing was changed, retry later or raise --cleanup-timeout"
+                ),
+            ),
+            Error::NotADatabase { .. } | Error::SchemaTooNew { .. } => {
+                Self::new(UNREACHABLE, err.to_string())
+            }
+            Error::CorruptContext { .. } | Error::CorruptRow(_) => Self::new(
+                INTERNAL,
+                format!("{err}; was the store edited by hand or by another program?"),
+            ),
+            Error::Database(db) => Self::database(doing, &db),
+            Error::SessionNotActive { .. }
+            | Error::AgentNotRunning { .. }
+            | Error::LockHeld { .. }
+            | Error::LockDelay { .. }
+            | Error::LockNotHeld { .. }
+            | Error::SessionStillOpen { .. }
+            | Error::ContextTooLarge { .. } => Self::new(CONFLICT, err.to_string()),
+            other => Self::new(INTERNAL, format!("{doing}: {other}")),
+        }
+    }
+
+    fn database(doing: &str, err: &DbErr) -> Self {
+        if is_busy(err) {
+            Self::new(
+                TIMEOUT,
+                format!(
+                    "{doing} timed out: another writer holds the database ({err}); \
+                     retry later or raise --busy-timeout"
+                ),
+            )
+        } else if matches!(err, DbErr::Conn(_) | DbErr::ConnectionAcquire(_)) {
+            Self::new(
+                UNREACHABLE,
+                format!(
+                    "{doing}: cannot reach the database ({err}); check --database-url \
+                     or DATABASE_URL and that the database is up"
+                ),
+            )
+        } else {
+            Self::new(INTERNAL, format!("{doing}: database error: {err}"))
+        }
+    }
+
+    /// Classifies a failure to open the database at `url` (already redacted).
+    pub fn connect(url: &str, err: Error) -> Self {
+        match err {
+            Error::NotADatabase { .. } | Error::SchemaTooNew { .. } => {
+                Self::new(UNREACHABLE, format!("{err} ({url})"))
+            }
+            // The library reports a file it cannot create as invalid input.
+            Error::InvalidInput { reason, .. } if reason.starts_with("cannot create") => Self::new(
+                UNREACHABLE,
+                format!(
+                    "cannot open the database {url}: {reason}; check --database-url \
+                         or DATABASE_URL"
+                ),
+            ),
+            Error::InvalidInput { reason, .. } => Self::new(
+                INVALID_INPUT,
+                format!("invalid database URL {url}: {reason}"),
+            ),
+            Error::Database(db) if is_busy(&db) => Self::new(
+                TIMEOUT,
+                format!(
+                    "opening the database {url} timed out: another process holds it \
+                     ({db}); retry later or raise --busy-timeout"
+                ),
+            ),
+            Error::Database(db) => Self::new(
+                UNREACHABLE,
+                format!(
+                    "cannot open the database {url}: {db}; check --database-url or \
+                     DATABASE_URL and that the database is up"
+                ),
+            ),
+            other => Self::during(&format!("opening the database {url}"), other),
+        }
+    }
+
+    /// A clap parse error as one line, with the exit code clap would use.
+    pub fn usage(err: &clap::Error) -> Self {
+        let text = err.render().to_string();
+        let mut parts = Vec::new();
+        for line in text.lines() {
+            let line = line.trim();
+            if line.starts_with("Usage:") || line.starts_with("For more information") {
+                break;
+            }
+            if !line.is_empty() {
+                parts.push(line.trim_start_matches("error:").trim().to_owned());
+            }
+        }
+        let code = u8::try_from(err.exit_code()).unwrap_or(INVALID_INPUT);
+        Self::new(code, format!("{}; see --help", parts.join(" ")))
+    }
+}
+
+/// SQLite busy or locked, a PostgreSQL lock or statement timeout, a MariaDB
+/// lock-wait timeout: the database gave up waiting for another writer.
+fn is_busy(err: &DbErr) -> bool {
+    let sqlx_err = match err {
+        DbErr::Exec(RuntimeErr::SqlxError(e))
+        | DbErr::Query(RuntimeErr::SqlxError(e))
+        | DbErr::Conn(RuntimeErr::SqlxError(e)) => e,
+        _ => return false,
+    };
+    let Some(db_err) = sqlx_err.as_database_error() else {
+        return false;
+    };
+    let code = db_err.code();
+    matches!(
+        code.as_deref(),
+        // SQLITE_BUSY, SQLITE_LOCKED and their extended codes.
+        Some("5" | "6" | "261" | "262" | "517" | "773")
+            // lock_not_available, query_canceled (statement_timeout).
+            | Some("55P03" | "57014")
+    ) || db_err.message().contains("Lock wait timeout exceeded")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    #[test]
+    fn classes() {
+        let id = Uuid::new_v4();
+        assert_eq!(
+            Failure::during("x", Error::SessionNotFound(id)).code,
+            NOT_FOUND
+        );
+        let none = Error::AmbiguousId {
+            prefix: "12345678".into(),
+            matches: 0,
+        };
+        assert_eq!(Failure::during("x", none).code, NOT_FOUND);
+        let many = Error::AmbiguousId {
+            prefix: "12345678".into(),
+            matches: 2,
+        };
+        assert_eq!(Failure::during("x", many).code, INVALID_INPUT);
+        let timeout = Error::Timeout { elapsed_ms: 5 };
+        assert_eq!(Failure::during("x", timeout).code, TIMEOUT);
+        let conn = Error::Database(DbErr::Conn(RuntimeErr::Internal("refused".into())));
+        assert_eq!(Failure::during("x", conn).code, UNREACHABLE);
+    }
+
+    #[test]
+    fn one_line() {
+        let failure = Failure::new(INTERNAL, "a\nb\n  c");
+        assert_eq!(failure.line(), "error: a b c");
+    }
+}

@@ -1,0 +1,957 @@
+//! The `demiarch-sessions` binary, driven as an operator would: every
+//! command in its human and JSON forms, each error path and its exit code,
+//! on a temporary SQLite database. Where it matters the rows are read back
+//! through the library.
+#![cfg(feature = "cli")]
+
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::Duration;
+
+use assert_cmd::Command;
+use chrono::{TimeZone, Utc};
+use demiarch_sessions::entity::{global_sessions, resource_locks};
+use demiarch_sessions::{
+    AuditFilter, Config, LockFilter, LockOptions, SessionManager, SessionStatus,
+};
+use sea_orm::entity::prelude::TextUuid;
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, Database, EntityTrait, QueryFilter,
+    SqliteTransactionMode, TransactionOptions, TransactionTrait,
+};
+use serde_json::Value;
+use tempfile::TempDir;
+use uuid::Uuid;
+
+const BIN: &str = env!("CARGO_BIN_EXE_demiarch-sessions");
+
+/// A temporary SQLite file the binary and the test share.
+struct Db {
+    dir: TempDir,
+    url: String,
+}
+
+impl Db {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        Self { dir, url }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("t.db")
+    }
+
+    /// The binary on this database, with a clean environment.
+    fn cli(&self) -> Command {
+        let mut cmd = bare();
+        cmd.arg("--database-url").arg(&self.url);
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cli().args(args).output().expect("run the binary")
+    }
+
+    /// Runs successfully and returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert_success(&out, args);
+        String::from_utf8(out.stdout).expect("utf-8 stdout")
+    }
+
+    /// Runs with `--json` successfully and parses stdout.
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let text = self.ok(&all);
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: bad JSON ({e}): {text}"))
+    }
+
+    /// A manager on the same file, for setting up and reading back rows. Its
+    /// heartbeat is slow so it never races the test's own updates.
+    async fn manager(&self) -> SessionManager {
+        let config = Config {
+            heartbeat_interval: Duration::from_secs(3600),
+            ..Config::default()
+        };
+        SessionManager::connect_with(&self.url, config)
+            .await
+            .expect("connect")
+    }
+}
+
+/// The binary without `DATABASE_URL` or `RUST_LOG` from the test's environment,
+/// and with backtraces asked for (none may appear).
+fn bare() -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env_remove("DATABASE_URL")
+        .env_remove("RUST_LOG")
+        .env("RUST_BACKTRACE", "1");
+    cmd
+}
+
+fn assert_success(out: &Output, args: &[&str]) {
+    assert!(
+        out.status.success(),
+        "{args:?} failed with {:?}: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "{args:?} wrote to stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A failure: the exit code, nothing on stdout, and exactly one `error:`
+/// line on stderr that contains `needle` and no panic or backtrace.
+fn assert_error(out: &Output, code: i32, needle: &str) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(code), "stderr: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "not one line: {stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert!(stderr.contains(needle), "{needle:?} not in {stderr}");
+    for bad in ["panicked", "backtrace", "RUST_BACKTRACE", "stack"] {
+        assert!(!stderr.contains(bad), "{bad:?} in {stderr}");
+    }
+    assert!(
+        out.stdout.is_empty(),
+        "stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    stderr
+}
+
+fn short(id: Uuid) -> String {
+    id.to_string()[..8].to_owned()
+}
+
+fn id_of(value: &Value) -> Uuid {
+    value
+        .as_str()
+        .and_then(|s| Uuid::parse_str(s).ok())
+        .unwrap_or_else(|| panic!("not a UUID: {value}"))
+}
+
+/// Runs `demo --json` and returns the session id and the report.
+fn demo(db: &Db) -> (Uuid, Value) {
+    let out = db.json(&["demo"]);
+    (id_of(&out["session_id"]), out["report"].clone())
+}
+
+/// Makes a session look abandoned: owned by a process that no longer
+/// heartbeats (a random owner, so the test manager's heartbeat leaves it).
+async fn make_stale(manager: &SessionManager, session: Uuid) {
+    let long_ago = Utc.with_ymd_and_hms(2020, 1, 1, 0, 0, 0).unwrap();
+    global_sessions::Entity::update_many()
+        .col_expr(
+            global_sessions::Column::LastHeartbeatAt,
+            Expr::value(long_ago),
+        )
+        .col_expr(
+            global_sessions::Column::OwnerInstance,
+            Expr::value(Uuid::new_v4().to_string()),
+        )
+        .filter(global_sessions::Column::Id.eq(TextUuid(session)))
+        .exec(manager.connection())
+        .await
+        .expect("age the heartbeat");
+}
+
+/// An active session with one agent holding one lock.
+async fn session_with_lock(manager: &SessionManager, key: &str) -> (Uuid, Uuid) {
+    let session = manager.start_session().await.expect("start");
+    let agent = manager
+        .register_agent(session, "coder")
+        .await
+        .expect("agent");
+    let grant = manager
+        .acquire_lock(agent, "file", key)
+        .await
+        .expect("lock");
+    (session, grant.lock_id)
+}
+
+async fn status_of(manager: &SessionManager, session: Uuid) -> SessionStatus {
+    manager.session(session).await.expect("session").status
+}
+
+// --- help and usage ---------------------------------------------------------
+
+#[test]
+fn help_documents_commands_and_exit_codes() {
+    let out = bare().arg("--help").output().expect("run");
+    assert_success(&out, &["--help"]);
+    let help = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "demo",
+        "sessions",
+        "locks",
+        "recover",
+        "audit",
+        "--database-url",
+        "--json",
+        "Exit codes",
+        "3  not found",
+        "4  timeout",
+        "5  database unreachable",
+    ] {
+        assert!(help.contains(needle), "{needle:?} missing from --help");
+    }
+    let out = bare().arg("--version").output().expect("run");
+    assert_success(&out, &["--version"]);
+}
+
+#[test]
+fn no_subcommand_prints_help_and_exits_2() {
+    let out = bare().output().expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Usage"));
+}
+
+#[test]
+fn usage_errors_exit_2_with_one_line() {
+    let db = Db::new();
+    let cases: [(&[&str], &str); 7] = [
+        (&["sessions", "list", "--status", "finished"], "--status"),
+        (&["sessions", "list", "--limit", "0"], "at least 1"),
+        (&["audit", "tail", "-n", "many"], "not a whole number"),
+        (&["recover", "--stale-after", "soon"], "--stale-after"),
+        (&["recover", "--stale-after", "0s"], "longer than zero"),
+        (
+            &["--cleanup-timeout", "fast", "locks", "sweep"],
+            "--cleanup-timeout",
+        ),
+        (&["frobnicate"], "frobnicate"),
+    ];
+    for (args, needle) in cases {
+        assert_error(&db.run(args), 2, needle);
+    }
+    // Nothing was connected to for a usage error.
+    assert!(!db.path().exists());
+}
+
+// --- database selection -----------------------------------------------------
+
+#[test]
+fn default_database_is_created_in_the_current_directory() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = bare()
+        .current_dir(dir.path())
+        .args(["sessions", "list"])
+        .output()
+        .expect("run");
+    assert_success(&out, &["sessions", "list"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("No sessions"));
+    let file = dir.path().join("demiarch-sessions.db");
+    assert!(file.exists(), "default database not created");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file)
+            .expect("metadata")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}
+
+#[test]
+fn database_url_comes_from_the_environment_and_the_flag_wins() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let from_env = dir.path().join("env.db");
+    let from_flag = dir.path().join("flag.db");
+    let out = bare()
+        .env("DATABASE_URL", format!("sqlite://{}", from_env.display()))
+        .args(["--json", "demo"])
+        .output()
+        .expect("run");
+    assert_success(&out, &["demo"]);
+    assert!(from_env.exists());
+
+    // A plain path is a SQLite file, and --database-url beats DATABASE_URL.
+    let out = bare()
+        .env("DATABASE_URL", format!("sqlite://{}", from_env.display()))
+        .arg("--database-url")
+        .arg(&from_flag)
+        .args(["--json", "sessions", "list"])
+        .output()
+        .expect("run");
+    assert_success(&out, &["sessions", "list"]);
+    assert!(from_flag.exists());
+    let listed: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(listed, Value::Array(vec![]), "the flag's database is new");
+}
+
+// --- demo -------------------------------------------------------------------
+
+#[test]
+fn demo_human_output_walks_through_a_session() {
+    let db = Db::new();
+    let text = db.ok(&["demo"]);
+    for needle in [
+        "Started session",
+        "Registered agents coder",
+        "fencing token 1",
+        "was refused",
+        "Put context windows plan and notes",
+        "3 locks released, 2 agents cancelled, 2 context windows",
+        "released just now (session_end)",
+        "sessions show",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
+    }
+    // A table, drawn by the table crate.
+    assert!(text.contains("┆ RESOURCE"), "{text}");
+}
+
+#[tokio::test]
+async fn demo_json_reports_the_end_and_the_store_agrees() {
+    let db = Db::new();
+    let (session, report) = demo(&db);
+    assert!(report["locks_released"].as_u64().unwrap() > 0);
+    assert_eq!(report["locks_released"], 3);
+    assert_eq!(report["agents_cancelled"], 2);
+    assert_eq!(report["context_windows"], 2);
+    assert_eq!(report["already_ended"], false);
+
+    let listed = db.json(&["sessions", "list"]);
+    let row = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| id_of(&s["id"]) == session)
+        .expect("demo session listed");
+    assert_eq!(row["status"], "completed");
+
+    let manager = db.manager().await;
+    assert_eq!(status_of(&manager, session).await, SessionStatus::Completed);
+    let locks = manager
+        .locks(LockFilter {
+            session_id: Some(session),
+            ..LockFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(locks.len(), 3);
+    assert!(locks
+        .iter()
+        .all(|l| l.release_reason.as_deref() == Some("session_end")));
+    let ends = manager
+        .audit_events(AuditFilter {
+            session_id: Some(session),
+            event_type: Some("session_end".into()),
+            ..AuditFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(ends.len(), 1);
+    let saved = manager.session_context(session).await.unwrap();
+    let keys: Vec<&str> = saved.iter().map(|w| w.key.as_str()).collect();
+    assert_eq!(keys, ["plan", "notes"]);
+    // Nothing of the demo stays open.
+    assert!(manager
+        .locks(LockFilter {
+            held_only: true,
+            ..LockFilter::default()
+        })
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+// --- sessions list / show ---------------------------------------------------
+
+#[tokio::test]
+async fn sessions_list_shows_filters_and_limits() {
+    let db = Db::new();
+    assert!(db.ok(&["sessions", "list"]).contains("No sessions"));
+    assert_eq!(db.json(&["sessions", "list"]), Value::Array(vec![]));
+
+    let (done, _) = demo(&db);
+    let manager = db.manager().await;
+    let open = manager.start_session().await.unwrap();
+
+    let text = db.ok(&["sessions", "list"]);
+    assert!(text.contains(&done.to_string()) && text.contains(&open.to_string()));
+    assert!(text.contains("completed") && text.contains("active"));
+    assert!(text.contains(" UTC (just now)"), "{text}");
+
+    let active = db.json(&["sessions", "list", "--status", "active"]);
+    let ids: Vec<Uuid> = active
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| id_of(&s["id"]))
+        .collect();
+    assert_eq!(ids, [open]);
+
+    let newest = db.json(&["sessions", "list", "--limit", "1"]);
+    assert_eq!(newest.as_array().unwrap().len(), 1);
+    assert_eq!(id_of(&newest[0]["id"]), open, "newest first");
+    assert!(db
+        .ok(&["sessions", "list", "--limit", "1"])
+        .contains("--limit shows more"));
+    assert!(db
+        .ok(&["sessions", "list", "--status", "interrupted"])
+        .contains("No interrupted sessions"));
+}
+
+#[test]
+fn sessions_show_by_full_id_and_by_prefix() {
+    let db = Db::new();
+    let (session, report) = demo(&db);
+
+    let text = db.ok(&["sessions", "show", &short(session)]);
+    for needle in [
+        session.to_string().as_str(),
+        "completed",
+        "Agents (2)",
+        "coder",
+        "reviewer",
+        "cancelled",
+        "Locks (3)",
+        "session_end",
+        "saved, 2 windows (plan, notes)",
+        "Audit trail (2)",
+        "session_start",
+        "locks_released=3",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
+    }
+
+    for id in [
+        session.to_string(),
+        short(session),
+        session.to_string().to_uppercase(),
+    ] {
+        let shown = db.json(&["sessions", "show", &id]);
+        assert_eq!(id_of(&shown["session"]["id"]), session);
+        assert_eq!(shown["session"]["status"], "completed");
+        assert_eq!(shown["agents"].as_array().unwrap().len(), 2);
+        let locks = shown["locks"].as_array().unwrap();
+        assert_eq!(locks.len(), 3);
+        assert!(locks.iter().all(|l| l["held"] == false));
+        assert!(locks.iter().all(|l| l["agent_type"].is_string()));
+        assert_eq!(shown["context"]["saved"], true);
+        assert_eq!(shown["context"]["windows"], 2);
+        assert_eq!(
+            shown["context"]["keys"],
+            serde_json::json!(["plan", "notes"])
+        );
+        assert_eq!(shown["context"]["bytes"], report["context_bytes"]);
+        let events: Vec<&str> = shown["audit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["event_type"].as_str().unwrap())
+            .collect();
+        assert_eq!(events, ["session_start", "session_end"], "oldest first");
+    }
+}
+
+#[tokio::test]
+async fn sessions_show_of_an_open_session_says_where_its_context_is() {
+    let db = Db::new();
+    let manager = db.manager().await;
+    let (session, _) = session_with_lock(&manager, "src/open.rs").await;
+    let text = db.ok(&["sessions", "show", &short(session)]);
+    assert!(text.contains("active"), "{text}");
+    assert!(text.contains("not saved yet"), "{text}");
+    assert!(text.contains("owner alive"), "{text}");
+    assert!(text.contains("held"), "{text}");
+    let shown = db.json(&["sessions", "show", &short(session)]);
+    assert_eq!(shown["context"]["saved"], false);
+    assert_eq!(shown["locks"][0]["held"], true);
+}
+
+#[tokio::test]
+async fn sessions_show_reports_unreadable_context_without_failing() {
+    let db = Db::new();
+    let (session, _) = demo(&db);
+    let manager = db.manager().await;
+    global_sessions::Entity::update_many()
+        .col_expr(
+            global_sessions::Column::ContextData,
+            Expr::value(serde_json::json!({"version": 99, "windows": []})),
+        )
+        .filter(global_sessions::Column::Id.eq(TextUuid(session)))
+        .exec(manager.connection())
+        .await
+        .unwrap();
+    let text = db.ok(&["sessions", "show", &short(session)]);
+    assert!(text.contains("unreadable"), "{text}");
+    assert!(
+        text.contains("Agents (2)"),
+        "the rest is still shown:\n{text}"
+    );
+    let shown = db.json(&["sessions", "show", &short(session)]);
+    assert!(shown["context"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("version 99"));
+}
+
+#[tokio::test]
+async fn id_errors_name_the_id_and_exit_2_or_3() {
+    let db = Db::new();
+    let manager = db.manager().await;
+    // Two sessions sharing an 8-digit prefix.
+    let now = Utc::now();
+    for id in [
+        "abcdef01-0000-4000-8000-000000000001",
+        "abcdef01-0000-4000-8000-000000000002",
+    ] {
+        let row = global_sessions::ActiveModel {
+            id: Set(TextUuid(Uuid::parse_str(id).unwrap())),
+            status: Set("active".into()),
+            started_at: Set(now),
+            updated_at: Set(now),
+            completed_at: Set(None),
+            context_data: Set(None),
+            owner_instance: Set(None),
+            last_heartbeat_at: Set(None),
+        };
+        global_sessions::Entity::insert(row)
+            .exec_without_returning(manager.connection())
+            .await
+            .unwrap();
+    }
+    for command in [
+        &["sessions", "show"][..],
+        &["sessions", "end"],
+        &["locks", "list", "--session"],
+        &["audit", "tail", "--session"],
+    ] {
+        let with = |id: &str| {
+            let mut args = command.to_vec();
+            args.push(id);
+            db.run(&args)
+        };
+        assert_error(&with("abcdef01"), 2, "more than one session");
+        assert_error(&with("abc"), 2, "\"abc\"");
+        assert_error(&with("not-an-id!"), 2, "not-an-id!");
+        // No v4 UUID has version digit 0, so this prefix matches nothing.
+        assert_error(&with("00000000-0000-0"), 3, "00000000-0000-0");
+        let unknown = Uuid::new_v4().to_string();
+        assert_error(&with(&unknown), 3, &unknown);
+        // --json changes nothing about errors.
+        let mut args = vec!["--json"];
+        args.extend_from_slice(command);
+        args.push(&unknown);
+        assert_error(&db.run(&args), 3, &unknown);
+    }
+    // The longer prefix is unique.
+    let shown = db.json(&["sessions", "show", "abcdef01-0000-4000-8000-000000000002"]);
+    assert_eq!(shown["session"]["status"], "active");
+}
+
+// --- sessions end -----------------------------------------------------------
+
+#[tokio::test]
+async fn sessions_end_refuses_a_live_owner_unless_forced() {
+    let db = Db::new();
+    let manager = db.manager().await;
+    let (session, lock) = session_with_lock(&manager, "src/live.rs").await;
+
+    let stderr = assert_error(&db.run(&["sessions", "end", &short(session)]), 6, "--force");
+    assert!(stderr.contains(&session.to_string()));
+    assert_eq!(status_of(&manager, session).await, SessionStatus::Active);
+
+    let report = db.json(&["sessions", "end", &short(session), "--force"]);
+    assert_eq!(id_of(&report["session_id"]), session);
+    assert_eq!(report["locks_released"], 1);
+    assert_eq!(report["agents_cancelled"], 1);
+    assert_eq!(report["already_ended"], false);
+
+    assert_eq!(status_of(&manager, session).await, SessionStatus::Completed);
+    let row = resource_locks::Entity::find_by_id(TextUuid(lock))
+        .one(manager.connection())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.release_reason.as_deref(), Some("session_end"));
+
+    // Again: harmless, says so, writes nothing.
+    let text = db.ok(&["sessions", "end", &session.to_string()]);
+    assert!(text.contains("already ended"), "{text}");
+    let again = db.json(&["sessions", "end", &short(session)]);
+    assert_eq!(again["already_ended"], true);
+    let ends = manager
+        .audit_events(AuditFilter {
+            session_id: Some(session),
+            event_type: Some("session_end".into()),
+            ..AuditFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(ends.len(), 1);
+}
+
+#[tokio::test]
+async fn sessions_end_of_an_abandoned_session_needs_no_force() {
+    let db = Db::new();
+    let manager = db.manager().await;
+    let (session, _) = session_with_lock(&manager, "src/abandoned.rs").await;
+    make_stale(&manager, session).await;
+    let text = db.ok(&["sessions", "end", &short(session)]);
+    assert!(text.contains(&format!("Ended session {session}")), "{text}");
+    assert!(text.contains("Locks released    1"), "{text}");
+    assert!(text.contains("Agents cancelled  1"), "{text}");
+    assert_eq!(status_of(&manager, session).await, SessionStatus::Completed);
+}
+
+// --- locks ------------------------------------------------------------------
+
+#[tokio::test]
+async fn locks_list_held_and_sweep() {
+    let db = Db::new();
+    assert!(db.ok(&["locks", "list"]).contains("No locks"));
+    assert_eq!(db.json(&["locks", "list", "--held"]), Value::Array(vec![]));
+    let (done, _) = demo(&db);
+
+    let manager = db.manager().await;
+    let (open, kept) = session_with_lock(&manager, "src/kept.rs").await;
+    let agent = manager.register_agent(open, "tester").await.unwrap();
+    let ttl = LockOptions {
+        ttl: Some(Duration::from_millis(50)),
+    };
+    let expiring = manager
+        .acquire_lock_with(agent, "file", "src/expiring.rs", ttl.clone())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+
+    let all = db.json(&["locks", "list"]);
+    assert_eq!(all.as_array().unwrap().len(), 5);
+    let held = db.json(&["locks", "list", "--held"]);
+    let held_ids: Vec<Uuid> = held
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| id_of(&l["id"]))
+        .collect();
+    assert_eq!(held_ids, [expiring.lock_id, kept], "newest grant first");
+    assert_eq!(held[0]["agent_type"], "tester");
+    assert_eq!(held[0]["held"], true);
+    assert!(held[0]["expires_at"].is_string());
+
+    let text = db.ok(&["locks", "list", "--held"]);
+    assert!(text.contains("file/src/expiring.rs"), "{text}");
+    assert!(text.contains("sweep releases it"), "{text}");
+    assert!(text.contains("tester"), "{text}");
+    let of_demo = db.json(&["locks", "list", "--session", &short(done)]);
+    assert_eq!(of_demo.as_array().unwrap().len(), 3);
+    assert_eq!(
+        db.json(&["locks", "list", "--limit", "2"])
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    let text = db.ok(&["locks", "sweep"]);
+    assert!(
+        text.contains("Released 1 lock: 1 expired, 0 orphaned"),
+        "{text}"
+    );
+    let row = resource_locks::Entity::find_by_id(TextUuid(expiring.lock_id))
+        .one(manager.connection())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.release_reason.as_deref(), Some("expired"));
+    assert!(db.ok(&["locks", "sweep"]).contains("Nothing to sweep"));
+
+    // A second expired lock, swept with --json.
+    manager
+        .acquire_lock_with(agent, "file", "src/expiring-too.rs", ttl)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let report = db.json(&["locks", "sweep"]);
+    assert_eq!(report["expired"], 1);
+    assert_eq!(report["orphaned"], 0);
+    assert_eq!(report["batches"], 1);
+    let held = db.json(&["locks", "list", "--held"]);
+    assert_eq!(held.as_array().unwrap().len(), 1, "only the kept lock");
+    assert_eq!(id_of(&held[0]["id"]), kept);
+}
+
+// --- recover ----------------------------------------------------------------
+
+#[tokio::test]
+async fn recover_interrupts_only_stale_sessions() {
+    let db = Db::new();
+    let manager = db.manager().await;
+    let (alive, _) = session_with_lock(&manager, "src/alive.rs").await;
+    let (first, _) = session_with_lock(&manager, "src/first.rs").await;
+    make_stale(&manager, first).await;
+
+    let text = db.ok(&["recover", "--stale-after", "1m"]);
+    assert!(
+        text.contains(
+            "Interrupted 1 session silent for over 1m: 1 lock released, 1 agent cancelled"
+        ),
+        "{text}"
+    );
+    assert!(text.contains(&first.to_string()), "{text}");
+    assert!(db
+        .ok(&["recover", "--stale-after", "1m"])
+        .contains("No stale sessions"));
+
+    let (second, _) = session_with_lock(&manager, "src/second.rs").await;
+    make_stale(&manager, second).await;
+    let report = db.json(&["recover", "--stale-after", "1m"]);
+    assert_eq!(report["interrupted"], serde_json::json!([second]));
+    assert_eq!(report["locks_released"], 1);
+    assert_eq!(report["agents_cancelled"], 1);
+
+    for (session, status) in [
+        (first, SessionStatus::Interrupted),
+        (second, SessionStatus::Interrupted),
+        (alive, SessionStatus::Active),
+    ] {
+        assert_eq!(status_of(&manager, session).await, status);
+    }
+    let shown = db.json(&["sessions", "show", &short(second)]);
+    assert_eq!(shown["session"]["status"], "interrupted");
+    assert_eq!(shown["locks"][0]["release_reason"], "orphaned");
+    let text = db.ok(&["sessions", "show", &short(second)]);
+    assert!(text.contains("interrupted"), "{text}");
+    assert!(text.contains("session_interrupted"), "{text}");
+    assert!(text.contains("none saved"), "{text}");
+
+    // The default threshold (5m) also finds a session silent since 2020.
+    let (third, _) = session_with_lock(&manager, "src/third.rs").await;
+    make_stale(&manager, third).await;
+    let report = db.json(&["recover"]);
+    assert_eq!(report["interrupted"], serde_json::json!([third]));
+}
+
+// --- audit tail -------------------------------------------------------------
+
+#[test]
+fn audit_tail_filters_and_orders_oldest_first() {
+    let db = Db::new();
+    assert!(db.ok(&["audit", "tail"]).contains("No audit events"));
+    let (first, _) = demo(&db);
+    let (second, _) = demo(&db);
+
+    let all = db.json(&["audit", "tail"]);
+    let events: Vec<(&str, Uuid)> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["event_type"].as_str().unwrap(), id_of(&e["session_id"])))
+        .collect();
+    assert_eq!(
+        events,
+        [
+            ("session_start", first),
+            ("session_end", first),
+            ("session_start", second),
+            ("session_end", second),
+        ]
+    );
+
+    let last = db.json(&["audit", "tail", "-n", "1"]);
+    assert_eq!(last.as_array().unwrap().len(), 1);
+    assert_eq!(last[0]["event_type"], "session_end");
+    assert_eq!(id_of(&last[0]["session_id"]), second);
+    assert_eq!(
+        db.json(&["audit", "tail", "--lines", "3"])
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+
+    let ends = db.json(&["audit", "tail", "--event", "session_end"]);
+    assert_eq!(ends.as_array().unwrap().len(), 2);
+    assert!(ends
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e["event_type"] == "session_end"));
+    assert_eq!(ends[0]["details"]["locks_released"], 3);
+
+    let mine = db.json(&["audit", "tail", "--session", &short(first)]);
+    assert_eq!(mine.as_array().unwrap().len(), 2);
+    assert!(mine
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| id_of(&e["session_id"]) == first));
+    let both = db.json(&[
+        "audit",
+        "tail",
+        "--session",
+        &short(first),
+        "--event",
+        "session_start",
+    ]);
+    assert_eq!(both.as_array().unwrap().len(), 1);
+
+    let text = db.ok(&["audit", "tail", "-n", "2"]);
+    assert!(
+        text.contains("session_start") && text.contains("session_end"),
+        "{text}"
+    );
+    assert!(text.contains(&short(second)), "{text}");
+    assert!(text.contains("locks_released=3"), "{text}");
+    let text = db.ok(&["audit", "tail", "--event", "session-end"]);
+    assert!(text.contains("known events: session_start"), "{text}");
+    assert_error(&db.run(&["audit", "tail", "--event", " "]), 2, "--event");
+}
+
+// --- timeouts and unreachable databases ---------------------------------------
+
+#[tokio::test]
+async fn a_busy_database_exits_4_and_changes_nothing() {
+    let db = Db::new();
+    let manager = db.manager().await;
+    let (session, _) = session_with_lock(&manager, "src/busy.rs").await;
+
+    // Another writer holds SQLite's write lock for the whole command.
+    let blocker = Database::connect(&db.url).await.unwrap();
+    let txn = blocker
+        .begin_with_options(TransactionOptions {
+            isolation_level: None,
+            access_mode: None,
+            sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+        })
+        .await
+        .unwrap();
+
+    let out = db.run(&[
+        "--cleanup-timeout",
+        "300ms",
+        "--busy-timeout",
+        "100ms",
+        "sessions",
+        "end",
+        &short(session),
+        "--force",
+    ]);
+    let stderr = assert_error(&out, 4, "timed out");
+    assert!(stderr.contains(&session.to_string()), "{stderr}");
+    assert!(stderr.contains("nothing was changed"), "{stderr}");
+
+    let out = db.run(&["--busy-timeout", "100ms", "locks", "sweep"]);
+    assert_error(&out, 4, "timed out");
+
+    txn.rollback().await.unwrap();
+    blocker.close().await.unwrap();
+    assert_eq!(status_of(&manager, session).await, SessionStatus::Active);
+    assert_eq!(
+        manager
+            .locks(LockFilter {
+                session_id: Some(session),
+                held_only: true,
+                ..LockFilter::default()
+            })
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    // Once the writer is gone the same command succeeds.
+    let report = db.json(&["sessions", "end", &short(session), "--force"]);
+    assert_eq!(report["locks_released"], 1);
+}
+
+#[test]
+fn a_file_that_is_not_a_database_exits_5_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notes.txt");
+    let content = "these are my notes, not a database\n".repeat(50);
+    std::fs::write(&path, &content).unwrap();
+    for args in [
+        &["sessions", "list"][..],
+        &["demo"],
+        &["--json", "locks", "sweep"],
+    ] {
+        let out = bare()
+            .arg("--database-url")
+            .arg(&path)
+            .args(args)
+            .output()
+            .unwrap();
+        assert_error(&out, 5, "not a SQLite database");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(&path.display().to_string()), "{stderr}");
+    }
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), content);
+}
+
+#[test]
+fn a_missing_directory_exits_5() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("no/such/dir/t.db");
+    let out = bare()
+        .arg("--database-url")
+        .arg(format!("sqlite://{}", path.display()))
+        .args(["sessions", "list"])
+        .output()
+        .unwrap();
+    assert_error(&out, 5, "cannot open the database");
+    assert!(!path.exists());
+}
+
+#[tokio::test]
+async fn a_schema_from_a_newer_version_exits_5() {
+    let db = Db::new();
+    db.ok(&["sessions", "list"]);
+    let conn = Database::connect(&db.url).await.unwrap();
+    conn.execute_unprepared(
+        "INSERT INTO seaql_migrations (version, applied_at) \
+         VALUES ('m29990101_000000_from_the_future', 0)",
+    )
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+    assert_error(
+        &db.run(&["sessions", "list"]),
+        5,
+        "m29990101_000000_from_the_future",
+    );
+}
+
+#[cfg(not(feature = "postgres"))]
+#[test]
+fn a_backend_not_compiled_in_is_invalid_input() {
+    let out = bare()
+        .args([
+            "--database-url",
+            "postgres://u:secret@127.0.0.1:1/x",
+            "sessions",
+            "list",
+        ])
+        .output()
+        .unwrap();
+    let stderr = assert_error(&out, 2, "--features postgres");
+    assert!(!stderr.contains("secret"), "password leaked: {stderr}");
+}
+
+#[cfg(feature = "postgres")]
+#[test]
+fn an_unreachable_server_exits_5_without_its_password() {
+    // Port 1 refuses at once on loopback, so this does not wait for a timeout.
+    let out = bare()
+        .args([
+            "--connect-timeout",
+            "5s",
+            "--database-url",
+            "postgres://u:secret@127.0.0.1:1/x",
+            "sessions",
+            "list",
+        ])
+        .output()
+        .unwrap();
+    let stderr = assert_error(&out, 5, "postgres://u:***@127.0.0.1:1/x");
+    assert!(!stderr.contains("secret"), "password leaked: {stderr}");
+}
