@@ -28,18 +28,34 @@ pub(crate) async fn session_context(
         .into_tuple()
         .one(manager.connection())
         .await
-        .map_err(|e| match e {
-            sea_orm::DbErr::Conn(_) | sea_orm::DbErr::ConnectionAcquire(_) => Error::Database(e),
-            // The row was found but its context_data does not decode as JSON.
-            other => Error::CorruptContext {
-                session_id,
-                reason: other.to_string(),
-            },
+        .map_err(|e| {
+            if is_decode_error(&e) {
+                // The row was found but its context_data does not decode as JSON.
+                Error::CorruptContext {
+                    session_id,
+                    reason: e.to_string(),
+                }
+            } else {
+                Error::Database(e)
+            }
         })?;
     match row {
         None => Err(Error::SessionNotFound(session_id)),
         Some(Some(saved)) => context::decode(session_id, saved),
         Some(None) => Ok(manager.context_source().windows(session_id)),
+    }
+}
+
+/// Whether reading a value failed in decoding it, not in reaching the database.
+fn is_decode_error(e: &sea_orm::DbErr) -> bool {
+    use sea_orm::{DbErr, RuntimeErr};
+    match e {
+        DbErr::Type(_) | DbErr::Json(_) | DbErr::TryIntoErr { .. } => true,
+        DbErr::Query(RuntimeErr::SqlxError(inner)) => matches!(
+            inner.as_ref(),
+            sea_orm::sqlx::Error::ColumnDecode { .. } | sea_orm::sqlx::Error::Decode(_)
+        ),
+        _ => false,
     }
 }
 
