@@ -27,6 +27,9 @@ pub struct Config {
     /// owns, so that other instances' `recover_stale` can tell it is alive.
     /// Pick `recover_stale`'s `stale_after` several times longer.
     pub heartbeat_interval: Duration,
+    /// How long connecting, or waiting for a pooled connection, may take
+    /// before the call fails.
+    pub connect_timeout: Duration,
     /// Pool size for file databases and servers. An in-memory SQLite database
     /// always uses one connection, since each connection would be its own database.
     pub max_connections: u32,
@@ -41,6 +44,7 @@ impl Default for Config {
             sweep_batch: 1000,
             lock_delay: Duration::ZERO,
             heartbeat_interval: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
             max_connections: 8,
         }
     }

@@ -23,7 +23,10 @@ fn is_sqlite_memory(url: &str) -> bool {
 /// Connects, applies the production settings, and runs pending migrations.
 pub(crate) async fn connect(url: &str, config: &Config) -> Result<DatabaseConnection> {
     let mut options = ConnectOptions::new(url.to_owned());
-    options.sqlx_logging(false);
+    options
+        .sqlx_logging(false)
+        .connect_timeout(config.connect_timeout)
+        .acquire_timeout(config.connect_timeout);
     if url.starts_with("sqlite:") {
         let memory = is_sqlite_memory(url);
         if !memory {
@@ -218,9 +221,9 @@ fn create_private_sqlite_file(url: &str) -> Result<()> {
         Ok(_) => Ok(()),
         // Lost a race with another process creating it: fine.
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(Error::InvalidInput {
-            field: "url",
-            reason: format!("cannot create SQLite file {}: {e}", path.display()),
+        Err(e) => Err(Error::CannotOpen {
+            path: path.display().to_string(),
+            reason: e.to_string(),
         }),
     }
 }

@@ -48,9 +48,12 @@ pub enum Error {
     /// The session is still open (active or paused); end it first.
     #[error("session {session_id} is still {status}; end it or let recovery interrupt it first")]
     SessionStillOpen { session_id: Uuid, status: String },
-    /// An id prefix matched no session, or more than one.
-    #[error("id prefix {prefix:?} matches {matches} sessions; give more characters")]
-    AmbiguousId { prefix: String, matches: usize },
+    /// No session id starts with this prefix.
+    #[error("no session id starts with {prefix:?}")]
+    SessionPrefixNotFound { prefix: String },
+    /// More than one session id starts with this prefix.
+    #[error("session id prefix {prefix:?} matches more than one session; give more characters")]
+    AmbiguousId { prefix: String },
     /// The operation did not finish within its budget; it was rolled back and
     /// nothing changed. Retrying later is safe.
     #[error("timed out after {elapsed_ms} ms; nothing was changed, retry later")]
@@ -67,6 +70,10 @@ pub enum Error {
     /// The saved context of a session cannot be read back.
     #[error("saved context of session {session_id} is unreadable: {reason}")]
     CorruptContext { session_id: Uuid, reason: String },
+    /// The database file cannot be created or opened (missing directory,
+    /// permissions). Nothing was written.
+    #[error("cannot create or open the database file {path}: {reason}")]
+    CannotOpen { path: String, reason: String },
     /// The URL names a file that is not a SQLite database. Nothing was written to it.
     #[error("{path} is not a SQLite database; point the URL at a new file or an existing store")]
     NotADatabase { path: String },

@@ -125,10 +125,8 @@ pub(crate) async fn session_by_prefix(db: &DatabaseConnection, prefix: &str) -> 
         .await?;
     match matches.as_slice() {
         [one] => Ok(one.0),
-        _ => Err(Error::AmbiguousId {
-            prefix,
-            matches: matches.len(),
-        }),
+        [] => Err(Error::SessionPrefixNotFound { prefix }),
+        _ => Err(Error::AmbiguousId { prefix }),
     }
 }
 

@@ -405,7 +405,7 @@ async fn listings_are_newest_first_filtered_and_paged() {
             ));
             assert!(matches!(
                 m.find_session("ffffffff-ffff").await,
-                Err(Error::AmbiguousId { matches: 0, .. })
+                Err(Error::SessionPrefixNotFound { .. })
             ));
             assert_eq!(
                 m.find_session(&ids[1].to_string()).await.expect("full id"),

@@ -50,11 +50,11 @@ impl Failure {
             Error::AgentNotFound(_) | Error::LockNotFound(_) => {
                 Self::new(NOT_FOUND, err.to_string())
             }
-            Error::AmbiguousId { prefix, matches: 0 } => Self::new(
+            Error::SessionPrefixNotFound { prefix } => Self::new(
                 NOT_FOUND,
                 format!("no session id starts with {prefix:?}; {LIST_HINT}"),
             ),
-            Error::AmbiguousId { prefix, .. } => Self::new(
+            Error::AmbiguousId { prefix } => Self::new(
                 INVALID_INPUT,
                 format!(
                     "session id prefix {prefix:?} matches more than one session; \
@@ -116,8 +116,7 @@ impl Failure {
             Error::NotADatabase { .. } | Error::SchemaTooNew { .. } => {
                 Self::new(UNREACHABLE, format!("{err} ({url})"))
             }
-            // The library reports a file it cannot create as invalid input.
-            Error::InvalidInput { reason, .. } if reason.starts_with("cannot create") => Self::new(
+            Error::CannotOpen { reason, .. } => Self::new(
                 UNREACHABLE,
                 format!(
                     "cannot open the database {url}: {reason}; check --database-url \
@@ -198,14 +197,12 @@ mod tests {
             Failure::during("x", Error::SessionNotFound(id)).code,
             NOT_FOUND
         );
-        let none = Error::AmbiguousId {
+        let none = Error::SessionPrefixNotFound {
             prefix: "12345678".into(),
-            matches: 0,
         };
         assert_eq!(Failure::during("x", none).code, NOT_FOUND);
         let many = Error::AmbiguousId {
             prefix: "12345678".into(),
-            matches: 2,
         };
         assert_eq!(Failure::during("x", many).code, INVALID_INPUT);
         let timeout = Error::Timeout { elapsed_ms: 5 };
