@@ -75,6 +75,7 @@ pub(crate) async fn end_session(
             manager.context_source().windows(session_id),
             manager.config().max_context_bytes,
         )?;
+        let (context_windows, context_bytes) = (context.windows, context.bytes);
         let now = db::now();
 
         // AC6: everything up to the commit is bounded. The commit itself is not
@@ -82,7 +83,7 @@ pub(crate) async fn end_session(
         // whether the session ended. A dropped transaction rolls back.
         let work = async {
             let txn = db::begin_write(manager.connection()).await?;
-            let cleanup = cleanup_in(&txn, session_id, now, &context, started).await?;
+            let cleanup = cleanup_in(&txn, session_id, now, context, started).await?;
             Ok::<_, Error>((txn, cleanup))
         };
         let (txn, cleanup) = match tokio::time::timeout(budget, work).await {
@@ -124,12 +125,12 @@ pub(crate) async fn end_session(
             context_windows: if cleanup.already_ended {
                 0
             } else {
-                context.windows
+                context_windows
             },
             context_bytes: if cleanup.already_ended {
                 0
             } else {
-                context.bytes
+                context_bytes
             },
             cleanup_ms: millis(elapsed),
         };
@@ -155,7 +156,7 @@ async fn cleanup_in(
     txn: &DatabaseTransaction,
     session_id: Uuid,
     now: DateTime<Utc>,
-    context: &SavedContext,
+    context: SavedContext,
     started: Instant,
 ) -> Result<Cleanup> {
     let id = TextUuid(session_id);
@@ -170,7 +171,8 @@ async fn cleanup_in(
         started_at: NotSet,
         updated_at: Set(now),
         completed_at: Set(Some(now)),
-        context_data: Set(Some(context.value.clone())),
+        // Moved, not cloned: a context can be megabytes.
+        context_data: Set(Some(context.value)),
         owner_instance: NotSet,
         last_heartbeat_at: NotSet,
     };
