@@ -92,12 +92,7 @@ async fn every_statement_of_end_session_uses_an_index() {
             "full scan in the plan of {}\nplan: {plan:#?}",
             stmt.sql
         );
-        let verb = stmt
-            .sql
-            .trim_start()
-            .split_whitespace()
-            .next()
-            .unwrap_or("");
+        let verb = stmt.sql.split_whitespace().next().unwrap_or("");
         if matches!(verb, "UPDATE" | "DELETE" | "SELECT") {
             assert!(
                 plan.iter().any(|d| is_index_search(d)),
