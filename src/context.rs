@@ -98,14 +98,14 @@ impl SavedContext {
     /// Serializes the windows and enforces the size limit.
     pub fn capture(windows: Vec<ContextWindow>, limit: usize) -> crate::Result<Self> {
         let count = windows.len() as u64;
-        let envelope = ContextEnvelope {
-            version: CONTEXT_FORMAT_VERSION,
-            windows,
-        };
-        let value = serde_json::to_value(&envelope).map_err(|e| crate::Error::InvalidInput {
-            field: "context",
-            reason: format!("context windows cannot be serialized as JSON: {e}"),
-        })?;
+        // Built by moving the windows' data in, not by `to_value`, which would
+        // rebuild every value: a context can be megabytes. Same layout as
+        // `ContextEnvelope`, which reads it back.
+        let windows: Vec<serde_json::Value> = windows
+            .into_iter()
+            .map(|w| serde_json::json!({ "key": w.key, "data": w.data }))
+            .collect();
+        let value = serde_json::json!({ "version": CONTEXT_FORMAT_VERSION, "windows": windows });
         let bytes = json_len(&value);
         if bytes > limit {
             return Err(crate::Error::ContextTooLarge { bytes, limit });
