@@ -1,0 +1,200 @@
+//! Command-line arguments of the scale example, parsed by hand (a dozen flags).
+use std::error::Error;
+use std::path::PathBuf;
+
+use demiarch_sessions::Config;
+
+use crate::fixture::BackendKind;
+
+pub const USAGE: &str = "\
+usage: scale --backend <sqlite-memory|sqlite-wal|postgres|mysql> [options]
+
+  --impl <orm|raw-seed|both>   which end to time (both: interleaved on one database) [orm]
+  --locks N[,N...]             locks per target session, held by 4 agents round-robin [100]
+  --context-bytes N[,N...]     size of the target session's one context window [1024]
+  --background N[,N...]        sessions present before timing, 2 agents x 5 locks each [1000]
+  --iters N                    timed ends per impl and combination (after 3 warm-up ends) [50]
+  --cleanup-timeout-ms N       the library's Config::cleanup_timeout (story AC6: 2000) [2000]
+  --max-connections N          the library's Config::max_connections (pool size) [8]
+
+Every --background x --locks pair gets its own fresh database; all
+combinations (and both impls) are timed in one interleaved loop, so that
+load on the machine falls on all of them alike.
+
+modes (default: time ends, one JSON line per impl and combination):
+  --concurrency N              throughput: end --sessions sessions serially, then with N tasks
+  --sessions N                 sessions per throughput phase [1000]
+  --rounds N                   throughput rounds (serial + concurrent phase each) [3]
+  --acquire                    time acquire_lock instead of end_session
+  --explain                    print the query plan of every statement of both ends
+  --chart OUT.svg --from FILE  draw median end latency against locks from JSON lines
+
+server backends read TEST_POSTGRES_URL / TEST_MYSQL_URL and create (then drop)
+a fresh database there; build with --features postgres,mysql.";
+
+fn parse_backend(s: &str) -> Result<BackendKind, Box<dyn Error>> {
+    Ok(match s {
+        "sqlite-memory" => BackendKind::SqliteMemory,
+        "sqlite-wal" => BackendKind::SqliteWal,
+        "postgres" => BackendKind::Postgres,
+        "mysql" => BackendKind::MySql,
+        other => return Err(format!("unknown --backend {other:?}\n\n{USAGE}").into()),
+    })
+}
+
+/// Which implementation of the end is timed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Impl {
+    /// The library: `SessionManager::end_session`.
+    Orm,
+    /// The story's seed SQL run verbatim through sqlx (see raw_seed.rs).
+    RawSeed,
+}
+
+impl Impl {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Orm => "orm",
+            Self::RawSeed => "raw-seed",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum Mode {
+    End,
+    Throughput {
+        concurrency: usize,
+        sessions: usize,
+        rounds: usize,
+    },
+    Acquire,
+    Explain,
+    Chart {
+        out: PathBuf,
+        from: PathBuf,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct Args {
+    pub backend: BackendKind,
+    pub impls: Vec<Impl>,
+    pub locks: Vec<u64>,
+    pub context_bytes: Vec<usize>,
+    pub background: Vec<u64>,
+    pub iters: usize,
+    /// `Config::cleanup_timeout` for the manager under test.
+    pub cleanup_timeout_ms: u64,
+    /// `Config::max_connections` for the manager under test.
+    pub max_connections: u32,
+    pub mode: Mode,
+}
+
+fn number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, Box<dyn Error>> {
+    value
+        .replace('_', "")
+        .parse()
+        .map_err(|_| format!("{flag} expects a number, got {value:?}").into())
+}
+
+fn list<T: std::str::FromStr>(flag: &str, value: &str) -> Result<Vec<T>, Box<dyn Error>> {
+    value.split(',').map(|v| number(flag, v.trim())).collect()
+}
+
+impl Args {
+    pub fn parse(mut argv: impl Iterator<Item = String>) -> Result<Self, Box<dyn Error>> {
+        let mut backend = None;
+        let mut impls = vec![Impl::Orm];
+        let mut locks = vec![100];
+        let mut context_bytes = vec![1024];
+        let mut background = vec![1000];
+        let mut iters = 50;
+        let mut cleanup_timeout_ms = 2000;
+        let mut max_connections = Config::default().max_connections;
+        let mut concurrency = None;
+        let mut sessions = 1000;
+        let mut rounds = 3;
+        let mut acquire = false;
+        let mut explain = false;
+        let mut chart = None;
+        let mut from = None;
+        while let Some(flag) = argv.next() {
+            let mut value = || {
+                argv.next()
+                    .ok_or_else(|| format!("{flag} needs a value\n\n{USAGE}"))
+            };
+            match flag.as_str() {
+                "--backend" => backend = Some(parse_backend(&value()?)?),
+                "--impl" => {
+                    impls = match value()?.as_str() {
+                        "orm" => vec![Impl::Orm],
+                        "raw-seed" => vec![Impl::RawSeed],
+                        "both" => vec![Impl::Orm, Impl::RawSeed],
+                        other => return Err(format!("unknown --impl {other:?}\n\n{USAGE}").into()),
+                    }
+                }
+                "--locks" => locks = list("--locks", &value()?)?,
+                "--context-bytes" => context_bytes = list("--context-bytes", &value()?)?,
+                "--background" => background = list("--background", &value()?)?,
+                "--iters" => iters = number("--iters", &value()?)?,
+                "--max-connections" => max_connections = number("--max-connections", &value()?)?,
+                "--cleanup-timeout-ms" => {
+                    cleanup_timeout_ms = number("--cleanup-timeout-ms", &value()?)?
+                }
+                "--concurrency" => concurrency = Some(number("--concurrency", &value()?)?),
+                "--sessions" => sessions = number("--sessions", &value()?)?,
+                "--rounds" => rounds = number("--rounds", &value()?)?,
+                "--acquire" => acquire = true,
+                "--explain" => explain = true,
+                "--chart" => chart = Some(PathBuf::from(value()?)),
+                "--from" => from = Some(PathBuf::from(value()?)),
+                "-h" | "--help" => return Err(USAGE.into()),
+                other => return Err(format!("unknown argument {other:?}\n\n{USAGE}").into()),
+            }
+        }
+        let mode = match (chart, from, concurrency, acquire, explain) {
+            (Some(out), Some(from), None, false, false) => Mode::Chart { out, from },
+            (Some(_), None, ..) | (None, Some(_), ..) => {
+                return Err(format!("--chart and --from go together\n\n{USAGE}").into())
+            }
+            (None, None, Some(concurrency), false, false) if concurrency > 0 => Mode::Throughput {
+                concurrency,
+                sessions,
+                rounds: rounds.max(1),
+            },
+            (None, None, None, true, false) => Mode::Acquire,
+            (None, None, None, false, true) => Mode::Explain,
+            (None, None, None, false, false) => Mode::End,
+            _ => {
+                return Err(format!(
+                    "choose one mode: --concurrency N (N > 0), --acquire, --explain or --chart\n\n{USAGE}"
+                )
+                .into())
+            }
+        };
+        let backend = match (&mode, backend) {
+            (_, Some(b)) => b,
+            // A chart reads results only.
+            (Mode::Chart { .. }, None) => BackendKind::SqliteMemory,
+            (_, None) => return Err(format!("--backend is required\n\n{USAGE}").into()),
+        };
+        if iters == 0 {
+            return Err("--iters must be at least 1".into());
+        }
+        if locks.is_empty() || context_bytes.is_empty() || background.is_empty() {
+            return Err("--locks, --context-bytes and --background need a value".into());
+        }
+        Ok(Self {
+            backend,
+            impls,
+            locks,
+            context_bytes,
+            background,
+            iters,
+            cleanup_timeout_ms,
+            max_connections,
+            mode,
+        })
+    }
+}

@@ -1,0 +1,379 @@
+//! Databases for the scale example and the benches: a fresh database per run
+//! on each backend, and sessions created in bulk with exactly the rows the
+//! library writes, so a million of them can be made in minutes instead of hours.
+//!
+//! A bulk-created session has: its `global_sessions` row (active), its
+//! `session_start` audit row, its running agents and their held locks (type
+//! `file`, a key unique to the session, fencing tokens reserved from the
+//! `lock_fencing` counter, so the library keeps issuing larger ones).
+use std::error::Error;
+
+use chrono::{DateTime, SubsecRound, Utc};
+use demiarch_sessions::entity::{
+    agent_executions, audit_log, global_sessions, lock_fencing, resource_locks,
+};
+use demiarch_sessions::{Config, SessionManager};
+use sea_orm::entity::prelude::TextUuid;
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, Database, DatabaseBackend, DatabaseConnection,
+    DatabaseTransaction, EntityTrait, QueryFilter, TransactionTrait,
+};
+use tempfile::TempDir;
+use uuid::Uuid;
+
+pub type BoxResult<T> = Result<T, Box<dyn Error>>;
+
+/// Rows per multi-row INSERT: 1 000 locks bind 10 000 values, well under
+/// every backend's limit (SQLite 32 766, PostgreSQL and MySQL 65 535).
+const ROWS_PER_INSERT: usize = 1000;
+/// Rows written per transaction while bulk-creating sessions.
+const ROWS_PER_TXN: u64 = 20_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    SqliteMemory,
+    SqliteWal,
+    Postgres,
+    MySql,
+}
+
+impl BackendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::SqliteMemory => "sqlite-memory",
+            Self::SqliteWal => "sqlite-wal",
+            Self::Postgres => "postgres",
+            Self::MySql => "mysql",
+        }
+    }
+}
+
+/// A database created for one measurement, dropped by [`Fixture::close`].
+pub struct Fixture {
+    pub manager: SessionManager,
+    pub backend: BackendKind,
+    server: Option<(DatabaseConnection, String)>,
+    /// Keeps a `sqlite-wal` database's directory until the fixture is dropped.
+    _dir: Option<TempDir>,
+}
+
+impl Fixture {
+    /// A fresh, migrated database on `backend` and a manager on it with the
+    /// library's production settings (the URL goes through `connect_with`).
+    pub async fn open(backend: BackendKind, config: Config) -> BoxResult<Self> {
+        let (url, server, dir) = match backend {
+            BackendKind::SqliteMemory => ("sqlite::memory:".to_owned(), None, None),
+            BackendKind::SqliteWal => {
+                let dir = tempfile::tempdir()
+                    .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
+                let url = format!("sqlite://{}", dir.path().join("scale.db").display());
+                (url, None, Some(dir))
+            }
+            BackendKind::Postgres | BackendKind::MySql => {
+                let (server_url, name, admin) = create_server_database(backend).await?;
+                let url = with_database(&server_url, &name);
+                (url, Some((admin, name)), None)
+            }
+        };
+        let manager = match SessionManager::connect_with(&url, config).await {
+            Ok(manager) => manager,
+            Err(e) => {
+                if let Some((admin, name)) = &server {
+                    drop_server_database(backend, admin, name).await;
+                }
+                return Err(format!("cannot connect the library to {url}: {e}").into());
+            }
+        };
+        Ok(Self {
+            manager,
+            backend,
+            server,
+            _dir: dir,
+        })
+    }
+
+    pub fn connection(&self) -> &DatabaseConnection {
+        self.manager.connection()
+    }
+
+    /// Closes the pool and drops a server database.
+    pub async fn close(self) -> BoxResult<()> {
+        self.manager.connection().clone().close().await?;
+        if let Some((admin, name)) = &self.server {
+            drop_server_database(self.backend, admin, name).await;
+        }
+        Ok(())
+    }
+
+    /// Refreshes the planner statistics after a bulk load on the servers, as
+    /// autovacuum (PostgreSQL) or persistent statistics (InnoDB) would soon do;
+    /// SQLite is left as the library leaves it (no `ANALYZE`).
+    pub async fn analyze(&self) -> BoxResult<()> {
+        let sql = match self.backend {
+            BackendKind::Postgres => "ANALYZE",
+            BackendKind::MySql => {
+                "ANALYZE TABLE global_sessions, agent_executions, resource_locks, audit_log"
+            }
+            BackendKind::SqliteMemory | BackendKind::SqliteWal => return Ok(()),
+        };
+        self.connection()
+            .execute_unprepared(sql)
+            .await
+            .map_err(|e| format!("{sql}: {e}"))?;
+        Ok(())
+    }
+
+    /// Creates `count` active sessions, each with `agents` running agents that
+    /// hold `locks` held locks between them round-robin. Returns their ids.
+    pub async fn create_sessions(
+        &self,
+        count: u64,
+        agents: usize,
+        locks: u64,
+    ) -> BoxResult<Vec<Uuid>> {
+        let rows_per_session = 2 + agents as u64 + locks;
+        let per_txn = std::cmp::max(ROWS_PER_TXN / rows_per_session, 1);
+        let mut ids = Vec::with_capacity(usize::try_from(count)?);
+        let mut made = 0;
+        while made < count {
+            let n = std::cmp::min(per_txn, count - made);
+            let txn = self.connection().begin().await?;
+            ids.extend(insert_sessions(&txn, n, agents, locks).await?);
+            txn.commit().await?;
+            made += n;
+        }
+        Ok(ids)
+    }
+
+    /// The `--background` sessions: 2 agents holding 5 locks each.
+    pub async fn populate_background(&self, sessions: u64) -> BoxResult<()> {
+        self.create_sessions(sessions, 2, 10).await?;
+        self.analyze().await
+    }
+
+    /// One target session: 4 agents holding `locks` locks round-robin and one
+    /// context window of `context_bytes` in the manager's registry.
+    pub async fn target_session(&self, locks: u64, context_bytes: usize) -> BoxResult<Uuid> {
+        let ids = self.create_sessions(1, 4, locks).await?;
+        let id = *ids.first().ok_or("no target session was created")?;
+        self.manager.contexts().put(
+            id,
+            "window-0",
+            serde_json::Value::String(context_text(context_bytes)),
+        );
+        Ok(id)
+    }
+}
+
+/// `bytes` of plain ASCII prose-like text (no JSON escapes needed).
+pub fn context_text(bytes: usize) -> String {
+    const WORDS: &str = "the agent read src/main.rs and planned the next step of the refactor ";
+    WORDS.chars().cycle().take(bytes).collect()
+}
+
+fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
+}
+
+/// Reserves `n` fencing tokens from the counter; returns the first.
+async fn reserve_tokens(txn: &DatabaseTransaction, n: u64) -> BoxResult<i64> {
+    use sea_orm::ExprTrait;
+    let n = i64::try_from(n)?;
+    lock_fencing::Entity::update_many()
+        .col_expr(
+            lock_fencing::Column::LastToken,
+            Expr::col(lock_fencing::Column::LastToken).add(n),
+        )
+        .filter(lock_fencing::Column::Id.eq(1))
+        .exec(txn)
+        .await?;
+    let last = lock_fencing::Entity::find_by_id(1)
+        .one(txn)
+        .await?
+        .ok_or("lock_fencing has no counter row; were the migrations run?")?
+        .last_token;
+    Ok(last - n + 1)
+}
+
+// Columns added by later migrations keep their defaults (`..Default::default()`).
+#[allow(clippy::needless_update)]
+async fn insert_sessions(
+    txn: &DatabaseTransaction,
+    count: u64,
+    agents: usize,
+    locks: u64,
+) -> BoxResult<Vec<Uuid>> {
+    let at = now();
+    let total_locks = count * locks;
+    let mut token = if total_locks > 0 {
+        reserve_tokens(txn, total_locks).await?
+    } else {
+        0
+    };
+    let ids: Vec<Uuid> = (0..count).map(|_| Uuid::new_v4()).collect();
+
+    let sessions = ids.iter().map(|&id| global_sessions::ActiveModel {
+        id: Set(TextUuid(id)),
+        status: Set("active".to_owned()),
+        started_at: Set(at),
+        updated_at: Set(at),
+        completed_at: Set(None),
+        context_data: Set(None),
+        ..Default::default()
+    });
+    insert_chunked(sessions, |chunk| {
+        global_sessions::Entity::insert_many(chunk).exec_without_returning(txn)
+    })
+    .await?;
+
+    let audit = ids.iter().map(|&id| audit_log::ActiveModel {
+        id: Set(TextUuid(Uuid::new_v4())),
+        event_type: Set("session_start".to_owned()),
+        event_time: Set(at),
+        session_id: Set(Some(id.to_string())),
+        details: Set(serde_json::json!({ "session_id": id })),
+    });
+    insert_chunked(audit, |chunk| {
+        audit_log::Entity::insert_many(chunk).exec_without_returning(txn)
+    })
+    .await?;
+
+    let mut agent_rows = Vec::with_capacity(ids.len() * agents);
+    let mut lock_rows = Vec::new();
+    for &session in &ids {
+        let agent_ids: Vec<Uuid> = (0..agents).map(|_| Uuid::new_v4()).collect();
+        for (a, &agent) in agent_ids.iter().enumerate() {
+            agent_rows.push(agent_executions::ActiveModel {
+                id: Set(TextUuid(agent)),
+                session_id: Set(TextUuid(session)),
+                agent_type: Set(format!("agent-{a}")),
+                status: Set("running".to_owned()),
+                started_at: Set(at),
+                completed_at: Set(None),
+            });
+        }
+        for l in 0..locks {
+            let agent = agent_ids
+                .get(usize::try_from(l)? % agents.max(1))
+                .ok_or("a session with locks needs at least one agent")?;
+            lock_rows.push(resource_locks::ActiveModel {
+                id: Set(TextUuid(Uuid::new_v4())),
+                agent_id: Set(TextUuid(*agent)),
+                session_id: Set(TextUuid(session)),
+                resource_type: Set("file".to_owned()),
+                resource_key: Set(format!("{session}/{l}")),
+                fencing_token: Set(token),
+                acquired_at: Set(at),
+                expires_at: Set(None),
+                released_at: Set(None),
+                release_reason: Set(None),
+            });
+            token += 1;
+            if lock_rows.len() == ROWS_PER_INSERT {
+                flush_agents_then_locks(txn, &mut agent_rows, &mut lock_rows).await?;
+            }
+        }
+    }
+    flush_agents_then_locks(txn, &mut agent_rows, &mut lock_rows).await?;
+    Ok(ids)
+}
+
+/// Writes the pending agents (a lock's foreign key needs its agent) and locks.
+async fn flush_agents_then_locks(
+    txn: &DatabaseTransaction,
+    agents: &mut Vec<agent_executions::ActiveModel>,
+    locks: &mut Vec<resource_locks::ActiveModel>,
+) -> BoxResult<()> {
+    insert_chunked(agents.drain(..), |chunk| {
+        agent_executions::Entity::insert_many(chunk).exec_without_returning(txn)
+    })
+    .await?;
+    insert_chunked(locks.drain(..), |chunk| {
+        resource_locks::Entity::insert_many(chunk).exec_without_returning(txn)
+    })
+    .await?;
+    Ok(())
+}
+
+async fn insert_chunked<M, F, Fut, T>(rows: impl Iterator<Item = M>, mut insert: F) -> BoxResult<()>
+where
+    F: FnMut(Vec<M>) -> Fut,
+    Fut: std::future::Future<Output = Result<T, sea_orm::DbErr>>,
+{
+    let mut chunk = Vec::with_capacity(ROWS_PER_INSERT);
+    for row in rows {
+        chunk.push(row);
+        if chunk.len() == ROWS_PER_INSERT {
+            insert(std::mem::take(&mut chunk)).await?;
+        }
+    }
+    if !chunk.is_empty() {
+        insert(chunk).await?;
+    }
+    Ok(())
+}
+
+/// The server URL from `TEST_POSTGRES_URL` / `TEST_MYSQL_URL`, a fresh
+/// database created on it, and the admin connection that will drop it.
+async fn create_server_database(
+    backend: BackendKind,
+) -> BoxResult<(String, String, DatabaseConnection)> {
+    let (var, compiled, feature) = match backend {
+        BackendKind::Postgres => ("TEST_POSTGRES_URL", cfg!(feature = "postgres"), "postgres"),
+        _ => ("TEST_MYSQL_URL", cfg!(feature = "mysql"), "mysql"),
+    };
+    if !compiled {
+        return Err(format!(
+            "backend {} needs the `{feature}` feature: cargo run --release --features {feature} --example scale …",
+            backend.name()
+        )
+        .into());
+    }
+    let server_url = std::env::var(var)
+        .ok()
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| {
+            format!("{var} is not set: point it at a server the example may create databases on")
+        })?;
+    let admin = Database::connect(server_url.as_str())
+        .await
+        .map_err(|e| format!("cannot connect to {var}={server_url}: {e}"))?;
+    let name = format!("dsess_scale_{}", Uuid::new_v4().simple());
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE {name}"))
+        .await
+        .map_err(|e| format!("cannot create database {name} on {server_url}: {e}"))?;
+    Ok((server_url, name, admin))
+}
+
+async fn drop_server_database(backend: BackendKind, admin: &DatabaseConnection, name: &str) {
+    let sql = if admin.get_database_backend() == DatabaseBackend::Postgres {
+        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    } else {
+        format!("DROP DATABASE IF EXISTS {name}")
+    };
+    if let Err(e) = admin.execute_unprepared(&sql).await {
+        eprintln!(
+            "warning: could not drop {} database {name}: {e}",
+            backend.name()
+        );
+    }
+}
+
+/// `scheme://user@host:port/db?query` with `db` replaced by `name`.
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let authority_end = base[authority_start..]
+        .find('/')
+        .map_or(base.len(), |i| authority_start + i);
+    let mut out = format!("{}/{name}", &base[..authority_end]);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}

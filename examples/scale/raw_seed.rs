@@ -1,0 +1,145 @@
+//! The yardstick: the end of the story's seed ("Session End Flow" in
+//! story-6.5-session-end-and-cleanup.md), its three statements run verbatim
+//! through sqlx on the library's own pool (same pragmas, same server session
+//! settings), as prepared statements cached per connection, sqlx's default.
+//!
+//! Deviations from the seed, each forced by our schema or driver:
+//! - `release_reason = 'session_end'` is set together with `released_at`: our
+//!   CHECK constraint requires both or neither.
+//! - PostgreSQL takes `$1`, `$2` placeholders; the context is bound as JSON so
+//!   PostgreSQL accepts it for its `jsonb` column.
+//!
+//! Kept as the seed has them, although they are traps the library avoids:
+//! `CURRENT_TIMESTAMP` (on SQLite it writes `YYYY-MM-DD HH:MM:SS` text, which
+//! sorts before the RFC 3339 text the library writes for the same second and
+//! drops the sub-seconds; on MariaDB it is the session time zone's local time),
+//! the `agent_id IN (SELECT …)` subquery (it ignores our `session_id` column and
+//! walks every lock, held or released, of each agent), the audit row without
+//! `session_id` (so the one-`session_end`-per-session index does not apply),
+//! no cancelling of running agents, and sqlx's plain `BEGIN` (deferred on SQLite).
+use std::error::Error;
+use std::time::Instant;
+
+use demiarch_sessions::{ContextWindow, SessionManager, CONTEXT_FORMAT_VERSION};
+use sea_orm::sqlx;
+use sea_orm::DatabaseBackend;
+use serde::Serialize;
+use serde_json::json;
+use uuid::Uuid;
+
+/// The seed's statements with `?` placeholders (SQLite, MariaDB/MySQL).
+pub const SEED_SQL: [&str; 3] = [
+    "UPDATE global_sessions
+     SET status = 'completed',
+         completed_at = CURRENT_TIMESTAMP,
+         context_data = ?
+     WHERE id = ?",
+    "UPDATE resource_locks
+     SET released_at = CURRENT_TIMESTAMP, release_reason = 'session_end'
+     WHERE released_at IS NULL
+     AND agent_id IN (
+         SELECT id FROM agent_executions WHERE session_id = ?
+     )",
+    "INSERT INTO audit_log (id, event_type, event_time, details)
+     VALUES (?, 'session_end', CURRENT_TIMESTAMP, ?)",
+];
+
+/// The same statements with PostgreSQL's numbered placeholders.
+pub const SEED_SQL_POSTGRES: [&str; 3] = [
+    "UPDATE global_sessions
+     SET status = 'completed',
+         completed_at = CURRENT_TIMESTAMP,
+         context_data = $1
+     WHERE id = $2",
+    "UPDATE resource_locks
+     SET released_at = CURRENT_TIMESTAMP, release_reason = 'session_end'
+     WHERE released_at IS NULL
+     AND agent_id IN (
+         SELECT id FROM agent_executions WHERE session_id = $1
+     )",
+    "INSERT INTO audit_log (id, event_type, event_time, details)
+     VALUES ($1, 'session_end', CURRENT_TIMESTAMP, $2)",
+];
+
+/// What `context_data` holds, the same envelope the library writes, serialized
+/// straight into the bound parameter.
+#[derive(Serialize)]
+struct Envelope<'a> {
+    version: u32,
+    windows: &'a [ContextWindow],
+}
+
+/// The seed's end, in its order: begin, serialize the context, update the
+/// session, release the locks, append the audit row, commit. Returns the
+/// number of locks released.
+macro_rules! seed_end {
+    ($pool:expr, $sql:expr, $manager:expr, $session_id:expr, $start:expr) => {{
+        let mut tx = $pool.begin().await?;
+        // 1. Serialize context before cleanup
+        let windows = $manager.contexts().windows($session_id);
+        let context_data = sqlx::types::Json(Envelope {
+            version: CONTEXT_FORMAT_VERSION,
+            windows: &windows,
+        });
+        let session_id = $session_id.to_string();
+        // 2. Update session status
+        sqlx::query($sql[0])
+            .bind(context_data)
+            .bind(&session_id)
+            .execute(&mut *tx)
+            .await?;
+        // 3. Release all locks for this session
+        let released = sqlx::query($sql[1])
+            .bind(&session_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        // 4. Create audit log entry
+        sqlx::query($sql[2])
+            .bind(Uuid::new_v4().to_string())
+            .bind(sqlx::types::Json(json!({
+                "session_id": session_id,
+                "cleanup_ms": $start.elapsed().as_millis(),
+            })))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(released)
+    }};
+}
+
+/// Ends `session_id` the seed's way on the manager's own pool.
+pub async fn end_session(
+    manager: &SessionManager,
+    session_id: Uuid,
+) -> Result<u64, Box<dyn Error>> {
+    let start = Instant::now();
+    let conn = manager.connection();
+    match conn.get_database_backend() {
+        DatabaseBackend::Sqlite => seed_end!(
+            conn.get_sqlite_connection_pool(),
+            SEED_SQL,
+            manager,
+            session_id,
+            start
+        ),
+        #[cfg(feature = "postgres")]
+        DatabaseBackend::Postgres => seed_end!(
+            conn.get_postgres_connection_pool(),
+            SEED_SQL_POSTGRES,
+            manager,
+            session_id,
+            start
+        ),
+        #[cfg(feature = "mysql")]
+        DatabaseBackend::MySql => seed_end!(
+            conn.get_mysql_connection_pool(),
+            SEED_SQL,
+            manager,
+            session_id,
+            start
+        ),
+        #[allow(unreachable_patterns)]
+        other => Err(format!("raw-seed: backend {other:?} is not compiled in").into()),
+    }
+}
