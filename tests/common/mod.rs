@@ -10,7 +10,7 @@
 
 use std::future::Future;
 use std::io::Write;
-use std::sync::Once;
+use std::sync::{Arc, Once};
 
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
 
@@ -152,7 +152,10 @@ pub struct TestDb {
     pub backend: Backend,
     pub manager: SessionManager,
     pub url: String,
-    dir: Option<TempDir>,
+    // Shared so `each_backend` can keep the directory until the test body has
+    // finished: an `async move` body that only uses `db.manager` captures just
+    // that field, and the rest of `db` would be dropped before the body runs.
+    dir: Option<Arc<TempDir>>,
     server: Option<ServerDb>,
 }
 
@@ -169,7 +172,7 @@ impl TestDb {
             Backend::SqliteFile => {
                 let dir = tempfile::tempdir().expect("temp dir");
                 let url = format!("sqlite://{}", dir.path().join("sessions.db").display());
-                (url, Some(dir), None)
+                (url, Some(Arc::new(dir)), None)
             }
             Backend::Postgres | Backend::MySql => {
                 let server_url = backend
@@ -270,7 +273,9 @@ where
             .server
             .as_ref()
             .map(|s| (s.admin.clone(), s.name.clone(), s.backend));
+        let keep_dir = db.dir.clone();
         body(db).await;
+        drop(keep_dir);
         if let Some((admin, name, backend)) = server {
             ServerDb {
                 admin,
