@@ -190,8 +190,8 @@ pub(crate) fn is_lock_timeout(err: &sea_orm::DbErr) -> bool {
         return matches!(my.number(), 1205 | 1969 | 3024);
     }
     match db_err.code().as_deref() {
-        // SQLITE_BUSY and its extended codes (recovery, snapshot, timeout).
-        Some("5" | "261" | "517" | "773") => true,
+        // SQLITE_BUSY, SQLITE_LOCKED and their extended codes.
+        Some("5" | "6" | "261" | "262" | "517" | "773") => true,
         // lock_not_available, query_canceled (statement_timeout).
         Some("55P03" | "57014") => true,
         _ => false,

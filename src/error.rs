@@ -93,3 +93,18 @@ pub enum Error {
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Whether the call gave up waiting for another writer: a
+    /// [`Timeout`](Error::Timeout), or a database error that is SQLite's busy
+    /// or locked, a PostgreSQL lock or statement timeout, or a MariaDB/MySQL
+    /// lock-wait or statement-time limit. Such a call changed nothing and can
+    /// be retried.
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            Error::Timeout { .. } => true,
+            Error::Database(e) => crate::db::is_lock_timeout(e),
+            _ => false,
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! Failures: one line for stderr and an exit code per class (see `--help`).
 use demiarch_sessions::Error;
-use sea_orm::{DbErr, RuntimeErr};
+use sea_orm::DbErr;
 
 /// An unexpected failure: a bug, a database error of no known class, a
 /// malformed stored row.
@@ -163,31 +163,17 @@ impl Failure {
     }
 }
 
-/// SQLite busy or locked, a PostgreSQL lock or statement timeout, a MariaDB
-/// lock-wait timeout: the database gave up waiting for another writer.
+/// The database gave up waiting for another writer (the library's own test).
 fn is_busy(err: &DbErr) -> bool {
-    let sqlx_err = match err {
-        DbErr::Exec(RuntimeErr::SqlxError(e))
-        | DbErr::Query(RuntimeErr::SqlxError(e))
-        | DbErr::Conn(RuntimeErr::SqlxError(e)) => e,
-        _ => return false,
-    };
-    let Some(db_err) = sqlx_err.as_database_error() else {
-        return false;
-    };
-    let code = db_err.code();
-    matches!(
-        code.as_deref(),
-        // SQLITE_BUSY, SQLITE_LOCKED and their extended codes.
-        Some("5" | "6" | "261" | "262" | "517" | "773")
-            // lock_not_available, query_canceled (statement_timeout).
-            | Some("55P03" | "57014")
-    ) || db_err.message().contains("Lock wait timeout exceeded")
+    // Classified by the library, so the CLI and the library agree on what a
+    // busy database looks like on every backend.
+    Error::Database(err.clone()).is_timeout()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sea_orm::RuntimeErr;
     use uuid::Uuid;
 
     #[test]
