@@ -19,39 +19,6 @@ use uuid::Uuid;
 
 // ---- helpers local to this file ------------------------------------------------
 
-async fn exec_sql(
-    db: &TestDb,
-    sql: &str,
-    values: Vec<sea_orm::Value>,
-) -> Result<sea_orm::ExecResult, sea_orm::DbErr> {
-    db.manager
-        .connection()
-        .execute_raw(Statement::from_sql_and_values(
-            db.manager.connection().get_database_backend(),
-            sql,
-            values,
-        ))
-        .await
-}
-
-/// Rewrites `?` placeholders as `$1, $2, …` on PostgreSQL.
-fn placeholders(db: &TestDb, sql: &str) -> String {
-    if db.backend != Backend::Postgres {
-        return sql.to_owned();
-    }
-    let mut out = String::new();
-    let mut n = 0;
-    for ch in sql.chars() {
-        if ch == '?' {
-            n += 1;
-            out.push_str(&format!("${n}"));
-        } else {
-            out.push(ch);
-        }
-    }
-    out
-}
-
 /// The fencing counter, which `snapshot` does not cover.
 async fn fencing_counter(db: &TestDb) -> i64 {
     lock_fencing::Entity::find_by_id(1)

@@ -57,52 +57,6 @@ async fn populated_with_released(
     (session, ids, grant.lock_id)
 }
 
-async fn set_session_status(db: &TestDb, session: Uuid, status: &str) {
-    let res = global_sessions::Entity::update_many()
-        .col_expr(global_sessions::Column::Status, Expr::value(status))
-        .filter(global_sessions::Column::Id.eq(TextUuid(session)))
-        .exec(db.manager.connection())
-        .await
-        .expect("set session status");
-    assert_eq!(
-        res.rows_affected, 1,
-        "status update must hit the session row"
-    );
-}
-
-async fn exec_sql(
-    db: &TestDb,
-    sql: &str,
-    values: Vec<sea_orm::Value>,
-) -> Result<sea_orm::ExecResult, sea_orm::DbErr> {
-    db.manager
-        .connection()
-        .execute_raw(Statement::from_sql_and_values(
-            db.manager.connection().get_database_backend(),
-            sql,
-            values,
-        ))
-        .await
-}
-
-/// Rewrites `?` placeholders as `$1, $2, …` on PostgreSQL.
-fn placeholders(db: &TestDb, sql: &str) -> String {
-    if db.backend != Backend::Postgres {
-        return sql.to_owned();
-    }
-    let mut out = String::new();
-    let mut n = 0;
-    for ch in sql.chars() {
-        if ch == '?' {
-            n += 1;
-            out.push_str(&format!("${n}"));
-        } else {
-            out.push(ch);
-        }
-    }
-    out
-}
-
 /// A trigger that makes the `session_end` audit insert fail, per backend.
 async fn create_failing_audit_trigger(db: &TestDb) {
     let statements: &[&str] = match db.backend {

@@ -115,24 +115,6 @@ async fn session_with_agent(db: &TestDb, agent_type: &str) -> (Uuid, Uuid) {
     (session, agent)
 }
 
-async fn set_session_status(db: &TestDb, session: Uuid, status: &str) {
-    let sql = if db.backend == Backend::Postgres {
-        "UPDATE global_sessions SET status = $1 WHERE id = $2"
-    } else {
-        "UPDATE global_sessions SET status = ? WHERE id = ?"
-    };
-    let conn = db.manager.connection();
-    let res = conn
-        .execute_raw(Statement::from_sql_and_values(
-            conn.get_database_backend(),
-            sql,
-            [status.into(), session.to_string().into()],
-        ))
-        .await
-        .expect("set session status");
-    assert_eq!(res.rows_affected(), 1, "status update hits the session row");
-}
-
 fn ms(n: i64) -> chrono::Duration {
     chrono::Duration::milliseconds(n)
 }

@@ -400,3 +400,52 @@ pub async fn populated_session(
     }
     (session, ids)
 }
+
+/// Runs raw SQL with values on the test database (placeholders already in the
+/// backend's form: see `placeholders`).
+pub async fn exec_sql(
+    db: &TestDb,
+    sql: &str,
+    values: Vec<sea_orm::Value>,
+) -> Result<sea_orm::ExecResult, sea_orm::DbErr> {
+    let conn = db.manager.connection();
+    conn.execute_raw(sea_orm::Statement::from_sql_and_values(
+        conn.get_database_backend(),
+        sql,
+        values,
+    ))
+    .await
+}
+
+/// Rewrites `?` placeholders as `$1, $2, …` on PostgreSQL.
+pub fn placeholders(db: &TestDb, sql: &str) -> String {
+    if db.backend != Backend::Postgres {
+        return sql.to_owned();
+    }
+    let mut out = String::new();
+    let mut n = 0;
+    for ch in sql.chars() {
+        if ch == '?' {
+            n += 1;
+            out.push_str(&format!("${n}"));
+        } else {
+            out.push(ch);
+        }
+    }
+    out
+}
+
+/// Sets a session's status by hand (to make it paused, interrupted…).
+pub async fn set_session_status(db: &TestDb, session: Uuid, status: &str) {
+    use sea_orm::sea_query::Expr;
+    let res = global_sessions::Entity::update_many()
+        .col_expr(global_sessions::Column::Status, Expr::value(status))
+        .filter(global_sessions::Column::Id.eq(TextUuid(session)))
+        .exec(db.manager.connection())
+        .await
+        .expect("set session status");
+    assert_eq!(
+        res.rows_affected, 1,
+        "status update must hit the session row"
+    );
+}
