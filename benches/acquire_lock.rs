@@ -4,8 +4,6 @@
 //! ```text
 //! cargo bench --bench acquire_lock
 //! ```
-//!
-//! (`sweep_locks` has no bench yet; see docs/performance.md.)
 use std::error::Error;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};

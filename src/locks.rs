@@ -53,7 +53,7 @@ pub struct SweepReport {
 }
 
 pub(crate) async fn acquire(
-    conn: &DatabaseConnection,
+    conn: &db::Store,
     config: &Config,
     agent_id: Uuid,
     resource_type: &str,
@@ -73,7 +73,7 @@ pub(crate) async fn acquire(
             Acquired::Granted(grant) => return Ok(grant),
             Acquired::Held => {
                 let now = db::now();
-                let holder = current_holder(conn, resource_type, resource_key).await;
+                let holder = current_holder(&**conn, resource_type, resource_key).await;
                 if let Ok(Some(holder)) = &holder {
                     let expired = holder.expires_at.is_some_and(|at| at <= now);
                     if expired && attempt == 1 && expire_lock(conn, holder).await? {
@@ -98,7 +98,7 @@ enum Acquired {
 }
 
 async fn try_acquire(
-    conn: &DatabaseConnection,
+    conn: &db::Store,
     config: &Config,
     agent_id: Uuid,
     resource_type: &str,
@@ -111,7 +111,7 @@ async fn try_acquire(
     if !config.lock_delay.is_zero() {
         check_lock_delay(&txn, config.lock_delay, resource_type, resource_key, now).await?;
     }
-    let fencing_token = next_fencing_token(&txn).await?;
+    let fencing_token = next_fencing_token(&*txn).await?;
     let lock_id = Uuid::new_v4();
     let row = resource_locks::ActiveModel {
         id: Set(TextUuid(lock_id)),
@@ -126,7 +126,7 @@ async fn try_acquire(
         release_reason: Set(None),
     };
     match resource_locks::Entity::insert(row)
-        .exec_without_returning(&txn)
+        .exec_without_returning(&*txn)
         .await
     {
         Ok(_) => {}
@@ -247,7 +247,7 @@ async fn current_holder<C: ConnectionTrait>(
 
 /// Releases one held lock whose time to live ran out; false if it was
 /// renewed or released meanwhile.
-async fn expire_lock(conn: &DatabaseConnection, lock: &resource_locks::Model) -> Result<bool> {
+async fn expire_lock(conn: &db::Store, lock: &resource_locks::Model) -> Result<bool> {
     let txn = db::begin_write(conn).await?;
     let now = db::now();
     let released = resource_locks::Entity::update_many()
@@ -259,7 +259,7 @@ async fn expire_lock(conn: &DatabaseConnection, lock: &resource_locks::Model) ->
         .filter(resource_locks::Column::Id.eq(lock.id))
         .filter(resource_locks::Column::ReleasedAt.is_null())
         .filter(resource_locks::Column::ExpiresAt.lte(now))
-        .exec(&txn)
+        .exec(&*txn)
         .await?
         .rows_affected;
     if released == 0 {
@@ -267,7 +267,7 @@ async fn expire_lock(conn: &DatabaseConnection, lock: &resource_locks::Model) ->
     }
     let released = vec![SweptLock::new(lock, ReleaseReason::Expired)];
     audit::append(
-        &txn,
+        &*txn,
         AuditEvent::LocksSwept,
         None,
         swept_details(&released),
@@ -278,7 +278,7 @@ async fn expire_lock(conn: &DatabaseConnection, lock: &resource_locks::Model) ->
     Ok(true)
 }
 
-pub(crate) async fn release(conn: &DatabaseConnection, lock_id: Uuid) -> Result<()> {
+pub(crate) async fn release(conn: &db::Store, lock_id: Uuid) -> Result<()> {
     validate::id("lock_id", lock_id)?;
     let txn = db::begin_write(conn).await?;
     let released = resource_locks::Entity::update_many()
@@ -289,7 +289,7 @@ pub(crate) async fn release(conn: &DatabaseConnection, lock_id: Uuid) -> Result<
         )
         .filter(resource_locks::Column::Id.eq(TextUuid(lock_id)))
         .filter(resource_locks::Column::ReleasedAt.is_null())
-        .exec(&txn)
+        .exec(&*txn)
         .await?
         .rows_affected;
     if released == 0 {
@@ -297,7 +297,7 @@ pub(crate) async fn release(conn: &DatabaseConnection, lock_id: Uuid) -> Result<
             .select_only()
             .column(resource_locks::Column::Id)
             .into_tuple::<TextUuid>()
-            .one(&txn)
+            .one(&*txn)
             .await?;
         if exists.is_none() {
             return Err(Error::LockNotFound(lock_id));
@@ -307,7 +307,7 @@ pub(crate) async fn release(conn: &DatabaseConnection, lock_id: Uuid) -> Result<
     Ok(())
 }
 
-pub(crate) async fn renew(conn: &DatabaseConnection, lock_id: Uuid, ttl: Duration) -> Result<()> {
+pub(crate) async fn renew(conn: &db::Store, lock_id: Uuid, ttl: Duration) -> Result<()> {
     validate::id("lock_id", lock_id)?;
     let ttl = to_chrono("ttl", ttl)?;
     let txn = db::begin_write(conn).await?;
@@ -321,12 +321,12 @@ pub(crate) async fn renew(conn: &DatabaseConnection, lock_id: Uuid, ttl: Duratio
                 .add(resource_locks::Column::ExpiresAt.is_null())
                 .add(resource_locks::Column::ExpiresAt.gt(now)),
         )
-        .exec(&txn)
+        .exec(&*txn)
         .await?
         .rows_affected;
     if renewed == 0 {
         let lock = resource_locks::Entity::find_by_id(TextUuid(lock_id))
-            .one(&txn)
+            .one(&*txn)
             .await?
             .ok_or(Error::LockNotFound(lock_id))?;
         let reason = lock
@@ -397,7 +397,7 @@ fn lock_session() -> RelationDef {
         .into()
 }
 
-pub(crate) async fn sweep(conn: &DatabaseConnection, batch: u64) -> Result<SweepReport> {
+pub(crate) async fn sweep(conn: &db::Store, batch: u64) -> Result<SweepReport> {
     let batch = batch.max(1);
     let mut report = SweepReport::default();
     loop {
@@ -408,7 +408,7 @@ pub(crate) async fn sweep(conn: &DatabaseConnection, batch: u64) -> Result<Sweep
             .filter(resource_locks::Column::ExpiresAt.is_not_null())
             .filter(resource_locks::Column::ExpiresAt.lte(now))
             .limit(batch)
-            .all(&txn)
+            .all(&*txn)
             .await?;
         let room = batch - expired.len() as u64;
         let orphaned = if room == 0 {
@@ -422,7 +422,7 @@ pub(crate) async fn sweep(conn: &DatabaseConnection, batch: u64) -> Result<Sweep
                     SessionStatus::Interrupted.as_str(),
                 ]))
                 .limit(room)
-                .all(&txn)
+                .all(&*txn)
                 .await?
         };
         let found = (expired.len() + orphaned.len()) as u64;
@@ -434,7 +434,7 @@ pub(crate) async fn sweep(conn: &DatabaseConnection, batch: u64) -> Result<Sweep
         released.extend(release_batch(&txn, &orphaned, ReleaseReason::Orphaned, now).await?);
         if !released.is_empty() {
             audit::append(
-                &txn,
+                &*txn,
                 AuditEvent::LocksSwept,
                 None,
                 swept_details(&released),

@@ -21,7 +21,7 @@ use crate::{db, locks, session, Config, Result};
 /// The handle apps keep: cheap to clone, safe to share across tasks.
 #[derive(Clone)]
 pub struct SessionManager {
-    db: DatabaseConnection,
+    db: db::Store,
     config: Arc<Config>,
     contexts: Arc<ContextRegistry>,
     source: Arc<dyn ContextSource>,
@@ -70,7 +70,7 @@ impl SessionManager {
     pub fn new(db: DatabaseConnection, config: Config) -> Self {
         let contexts = Arc::new(ContextRegistry::default());
         Self {
-            db,
+            db: db::Store::new(db, config.busy_timeout),
             config: Arc::new(config),
             source: contexts.clone(),
             contexts,
@@ -101,6 +101,11 @@ impl SessionManager {
     /// The built-in in-memory registry of live context windows.
     pub fn contexts(&self) -> &ContextRegistry {
         &self.contexts
+    }
+
+    /// The pool and its write gate, for the operations that write.
+    pub(crate) fn store(&self) -> &db::Store {
+        &self.db
     }
 
     pub(crate) fn context_source(&self) -> &dyn ContextSource {

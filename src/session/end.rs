@@ -82,7 +82,7 @@ pub(crate) async fn end_session(
         // cancelled midway: a cancelled COMMIT would leave the caller unsure
         // whether the session ended. A dropped transaction rolls back.
         let work = async {
-            let txn = db::begin_write(manager.connection()).await?;
+            let txn = db::begin_write(manager.store()).await?;
             let cleanup = cleanup_in(&txn, session_id, now, context, started).await?;
             Ok::<_, Error>((txn, cleanup))
         };

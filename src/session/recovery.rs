@@ -116,7 +116,7 @@ pub(crate) async fn recover_stale(
         .await?;
     let mut report = RecoveryReport::default();
     for id in candidates {
-        let txn = db::begin_write(manager.connection()).await?;
+        let txn = db::begin_write(manager.store()).await?;
         let now = db::now();
         // Re-checked under the row lock: an owner that heartbeated or ended
         // the session meanwhile keeps it.
@@ -128,7 +128,7 @@ pub(crate) async fn recover_stale(
             .col_expr(global_sessions::Column::UpdatedAt, Expr::value(now))
             .filter(global_sessions::Column::Id.eq(id))
             .filter(stale(now - stale_after, me))
-            .exec(&txn)
+            .exec(&*txn)
             .await?
             .rows_affected;
         if interrupted == 0 {
@@ -143,7 +143,7 @@ pub(crate) async fn recover_stale(
             "agents_cancelled": agents_cancelled,
         });
         audit::append(
-            &txn,
+            &*txn,
             AuditEvent::SessionInterrupted,
             Some(id.0),
             details,
@@ -181,7 +181,7 @@ pub(crate) async fn resume_session(manager: &SessionManager, from: Uuid) -> Resu
     };
     let count = windows.len();
     let to = crate::session::start::insert_session(
-        manager.connection(),
+        manager.store(),
         manager.instance_id(),
         AuditEvent::SessionResumed,
         |to| serde_json::json!({ "session_id": to, "resumed_from": from, "context_windows": count }),

@@ -1,8 +1,7 @@
 //! Starting sessions and registering their agents.
 use sea_orm::entity::prelude::TextUuid;
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, DatabaseConnection, DatabaseTransaction, EntityTrait,
-    QueryFilter, QuerySelect,
+    ActiveValue::Set, ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QuerySelect,
 };
 use uuid::Uuid;
 
@@ -12,7 +11,7 @@ use crate::audit::{self, AuditEvent};
 use crate::status::{AgentStatus, SessionStatus};
 use crate::{db, validate, Error, Result};
 
-pub(crate) async fn start_session(conn: &DatabaseConnection, owner: Uuid) -> Result<Uuid> {
+pub(crate) async fn start_session(conn: &db::Store, owner: Uuid) -> Result<Uuid> {
     insert_session(
         conn,
         owner,
@@ -25,7 +24,7 @@ pub(crate) async fn start_session(conn: &DatabaseConnection, owner: Uuid) -> Res
 /// Inserts an active session owned by `owner` and its audit row, in one
 /// transaction; `details` gets the new id.
 pub(crate) async fn insert_session(
-    conn: &DatabaseConnection,
+    conn: &db::Store,
     owner: Uuid,
     event: AuditEvent,
     details: impl FnOnce(Uuid) -> serde_json::Value,
@@ -44,15 +43,15 @@ pub(crate) async fn insert_session(
         last_heartbeat_at: Set(Some(now)),
     };
     global_sessions::Entity::insert(row)
-        .exec_without_returning(&txn)
+        .exec_without_returning(&*txn)
         .await?;
-    audit::append(&txn, event, Some(id), details(id), now).await?;
+    audit::append(&*txn, event, Some(id), details(id), now).await?;
     txn.commit().await?;
     Ok(id)
 }
 
 pub(crate) async fn register_agent(
-    conn: &DatabaseConnection,
+    conn: &db::Store,
     session_id: Uuid,
     agent_type: &str,
 ) -> Result<Uuid> {
@@ -70,7 +69,7 @@ pub(crate) async fn register_agent(
         completed_at: Set(None),
     };
     agent_executions::Entity::insert(row)
-        .exec_without_returning(&txn)
+        .exec_without_returning(&*txn)
         .await?;
     txn.commit().await?;
     Ok(id)
