@@ -87,53 +87,45 @@ pub(crate) struct ContextEnvelope {
     pub windows: Vec<ContextWindow>,
 }
 
-/// A session's context, serialized once before the end's transaction opens.
+/// The envelope as written: borrows the windows, so they are serialized
+/// straight into the text, never copied into an intermediate JSON value.
+#[derive(Serialize)]
+struct EnvelopeRef<'a> {
+    version: u32,
+    windows: &'a [ContextWindow],
+}
+
+/// A session's context, serialized once, to JSON text, before the end's
+/// transaction opens. The text is what is bound to `context_data`.
 pub(crate) struct SavedContext {
-    pub value: serde_json::Value,
+    pub text: String,
     pub windows: u64,
     pub bytes: u64,
 }
 
 impl SavedContext {
     /// Serializes the windows and enforces the size limit.
-    pub fn capture(windows: Vec<ContextWindow>, limit: usize) -> crate::Result<Self> {
-        let count = windows.len() as u64;
-        // Built by moving the windows' data in, not by `to_value`, which would
-        // rebuild every value: a context can be megabytes. Same layout as
-        // `ContextEnvelope`, which reads it back.
-        let windows: Vec<serde_json::Value> = windows
-            .into_iter()
-            .map(|w| serde_json::json!({ "key": w.key, "data": w.data }))
-            .collect();
-        let value = serde_json::json!({ "version": CONTEXT_FORMAT_VERSION, "windows": windows });
-        let bytes = json_len(&value);
+    pub fn capture(windows: &[ContextWindow], limit: usize) -> crate::Result<Self> {
+        let envelope = EnvelopeRef {
+            version: CONTEXT_FORMAT_VERSION,
+            windows,
+        };
+        // Keys are strings and the data is already JSON, so this cannot fail;
+        // if it ever did, say so rather than save something else.
+        let text = serde_json::to_string(&envelope).map_err(|e| crate::Error::InvalidInput {
+            field: "context",
+            reason: format!("context windows do not serialize to JSON: {e}"),
+        })?;
+        let bytes = text.len();
         if bytes > limit {
             return Err(crate::Error::ContextTooLarge { bytes, limit });
         }
         Ok(Self {
-            value,
-            windows: count,
+            text,
+            windows: windows.len() as u64,
             bytes: bytes as u64,
         })
     }
-}
-
-/// Serialized length of a JSON value, without allocating the text.
-fn json_len(value: &serde_json::Value) -> usize {
-    struct Counter(usize);
-    impl std::io::Write for Counter {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut counter = Counter(0);
-    // Writing a Value into an infallible writer cannot fail.
-    let _ = serde_json::to_writer(&mut counter, value);
-    counter.0
 }
 
 /// Reads `context_data` back into windows.

@@ -299,6 +299,21 @@ impl std::ops::Deref for WriteTxn {
     }
 }
 
+/// Waits for this pool's SQLite write gate (none on the servers), at most
+/// `Config::busy_timeout`. Hold the guard for the life of the write.
+pub(crate) async fn write_gate(store: &Store) -> Result<Option<tokio::sync::OwnedMutexGuard<()>>> {
+    let Some(gate) = &store.gate else {
+        return Ok(None);
+    };
+    let started = std::time::Instant::now();
+    tokio::time::timeout(store.gate_timeout, gate.clone().lock_owned())
+        .await
+        .map(Some)
+        .map_err(|_| Error::Timeout {
+            elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        })
+}
+
 /// Opens the transaction every write goes through. On SQLite it is
 /// `BEGIN IMMEDIATE`, entered through the pool's write gate: the write lock is
 /// taken up front, so two writers that both read first can never deadlock on a
@@ -307,18 +322,7 @@ impl std::ops::Deref for WriteTxn {
 /// Waiting for the gate is bounded by `Config::busy_timeout`, as waiting for
 /// SQLite's own lock is; past it the call fails with [`Error::Timeout`].
 pub(crate) async fn begin_write(store: &Store) -> Result<WriteTxn> {
-    let gate = match &store.gate {
-        Some(gate) => {
-            let started = std::time::Instant::now();
-            let guard = tokio::time::timeout(store.gate_timeout, gate.clone().lock_owned())
-                .await
-                .map_err(|_| Error::Timeout {
-                    elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-                })?;
-            Some(guard)
-        }
-        None => None,
-    };
+    let gate = write_gate(store).await?;
     let db = &store.conn;
     let options = TransactionOptions {
         isolation_level: None,

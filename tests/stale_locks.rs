@@ -776,7 +776,14 @@ async fn only_the_current_holders_token_passes_the_fence() {
                     (second.lock_id, second.fencing_token, Some("released")),
                 ]
             );
-            assert_eq!(fencing_counter(&db).await, second.fencing_token);
+            if db.is_sqlite() {
+                // SQLite's one-statement acquire takes the next token from the
+                // locks themselves and only steps over the counter: it must
+                // never be ahead of a granted token.
+                assert!(fencing_counter(&db).await < second.fencing_token);
+            } else {
+                assert_eq!(fencing_counter(&db).await, second.fencing_token);
+            }
         },
     )
     .await;

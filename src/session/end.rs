@@ -16,8 +16,8 @@ use chrono::{DateTime, Utc};
 use sea_orm::entity::prelude::TextUuid;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveValue::{NotSet, Set, Unchanged},
-    ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QuerySelect,
+    ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseTransaction, EntityTrait, QueryFilter,
+    QuerySelect,
 };
 use serde::Serialize;
 use tracing::{field, info_span, warn, Instrument};
@@ -72,7 +72,7 @@ pub(crate) async fn end_session(
 
         // AC4: serialized before the transaction begins.
         let context = SavedContext::capture(
-            manager.context_source().windows(session_id),
+            &manager.context_source().windows(session_id),
             manager.config().max_context_bytes,
         )?;
         let (context_windows, context_bytes) = (context.windows, context.bytes);
@@ -165,27 +165,23 @@ async fn cleanup_in(
     // session row's exclusive lock (what `SELECT … FOR UPDATE` would) before
     // anything else is touched: acquires and registrations, which read the row
     // `FOR SHARE`, wait for this end to commit and then see `completed`.
-    let session = global_sessions::ActiveModel {
-        id: Unchanged(id),
-        status: Set(SessionStatus::Completed.as_str().to_owned()),
-        started_at: NotSet,
-        updated_at: Set(now),
-        completed_at: Set(Some(now)),
-        // Moved, not cloned: a context can be megabytes.
-        context_data: Set(Some(context.value)),
-        owner_instance: NotSet,
-        last_heartbeat_at: NotSet,
-    };
-    let update = global_sessions::Entity::update(session)
-        .validate()?
+    let ended = global_sessions::Entity::update_many()
+        .col_expr(
+            global_sessions::Column::Status,
+            Expr::value(SessionStatus::Completed.as_str()),
+        )
+        .col_expr(global_sessions::Column::UpdatedAt, Expr::value(now))
+        .col_expr(global_sessions::Column::CompletedAt, Expr::value(now))
+        .col_expr(
+            global_sessions::Column::ContextData,
+            json_text(txn.get_database_backend(), context.text),
+        )
+        .filter(global_sessions::Column::Id.eq(id))
         .filter(global_sessions::Column::Status.ne(SessionStatus::Completed.as_str()))
-        .exec_without_returning(txn)
-        .await;
-    match update {
-        Ok(_) => {}
-        // UpdateOne reports "no row matched" as this error, never as 0 rows.
-        Err(sea_orm::DbErr::RecordNotUpdated) => return already_ended(txn, session_id).await,
-        Err(e) => return Err(e.into()),
+        .exec(txn)
+        .await?;
+    if ended.rows_affected == 0 {
+        return already_ended(txn, session_id).await;
     }
 
     // AC3: every held lock of the session, through the partial index on held locks.
@@ -210,6 +206,21 @@ async fn cleanup_in(
         locks_released,
         agents_cancelled,
     })
+}
+
+/// JSON text bound for a JSON column. PostgreSQL's `jsonb` takes it through a
+/// cast; SQLite stores the text as is and MariaDB's JSON column is text.
+/// Binding the text the context was serialized to once, rather than a
+/// `serde_json::Value` that the driver would serialize again, keeps a
+/// megabyte context to one pass.
+fn json_text(backend: DatabaseBackend, text: String) -> sea_orm::sea_query::SimpleExpr {
+    use sea_orm::ExprTrait;
+    let value = Expr::value(text);
+    if backend == DatabaseBackend::Postgres {
+        value.cast_as("jsonb")
+    } else {
+        value
+    }
 }
 
 /// Releases every held lock of the session, through the partial index on
