@@ -68,35 +68,50 @@ async fn main() -> Result<(), Box<dyn Error>> {
         Mode::Acquire => time_acquires(&args).await,
         Mode::Explain => {
             let locks = args.locks[0];
-            with_fixture(&args, |fx| async move { explain::run(&fx, locks).await }).await
+            with_fixture(&args, Impl::Orm, |fx| async move {
+                explain::run(&fx, locks).await
+            })
+            .await
         }
         Mode::Chart { out, from } => chart::draw(&out, &from),
     }
 }
 
-/// A fresh database holding `background` sessions.
-async fn open_populated(args: &Args, background: u64) -> BoxResult<Fixture> {
+/// A fresh database holding `background` sessions, with the schema
+/// `implementation` runs on (see [`raw_seed::prepare`]).
+async fn open_populated(args: &Args, background: u64, implementation: Impl) -> BoxResult<Fixture> {
     let config = Config {
         cleanup_timeout: Duration::from_millis(args.cleanup_timeout_ms),
         max_connections: args.max_connections,
         ..Config::default()
     };
     let fx = Fixture::open(args.backend, config).await?;
-    if let Err(e) = fx.populate_background(background).await {
+    let prepared = match implementation {
+        Impl::Orm => Ok(()),
+        Impl::RawSeed => raw_seed::prepare(&fx).await,
+    };
+    let populated = match prepared {
+        Ok(()) => fx
+            .populate_background(background)
+            .await
+            .map_err(|e| format!("populating {background} background sessions: {e}").into()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = populated {
         fx.close().await?;
-        return Err(format!("populating {background} background sessions: {e}").into());
+        return Err(e);
     }
     Ok(fx)
 }
 
 /// Opens a fresh database with the first `--background` count, runs `body`,
 /// and drops the database whether or not `body` succeeded.
-async fn with_fixture<F, Fut>(args: &Args, body: F) -> BoxResult<()>
+async fn with_fixture<F, Fut>(args: &Args, implementation: Impl, body: F) -> BoxResult<()>
 where
     F: FnOnce(Arc<Fixture>) -> Fut,
     Fut: std::future::Future<Output = BoxResult<()>>,
 {
-    let fx = Arc::new(open_populated(args, args.background[0]).await?);
+    let fx = Arc::new(open_populated(args, args.background[0], implementation).await?);
     // The body owns its clone and drops it when it finishes.
     let outcome = body(fx.clone()).await;
     match Arc::into_inner(fx) {
@@ -152,7 +167,8 @@ async fn time_one_end(
 
 /// One timed configuration and its samples per implementation.
 struct Cell {
-    fixture: usize,
+    /// Per implementation: its own database (each has the schema it runs on).
+    fixtures: Vec<usize>,
     background: u64,
     locks: u64,
     context_bytes: usize,
@@ -175,10 +191,14 @@ async fn time_ends_with(args: &Args, fixtures: &mut Vec<Fixture>) -> BoxResult<V
     let mut cells = Vec::new();
     for &background in &args.background {
         for &locks in &args.locks {
-            fixtures.push(open_populated(args, background).await?);
+            let mut per_impl = Vec::with_capacity(args.impls.len());
+            for &implementation in &args.impls {
+                fixtures.push(open_populated(args, background, implementation).await?);
+                per_impl.push(fixtures.len() - 1);
+            }
             for &context_bytes in &args.context_bytes {
                 cells.push(Cell {
-                    fixture: fixtures.len() - 1,
+                    fixtures: per_impl.clone(),
                     background,
                     locks,
                     context_bytes,
@@ -196,7 +216,7 @@ async fn time_ends_with(args: &Args, fixtures: &mut Vec<Fixture>) -> BoxResult<V
             let slot = (round + step) % slots;
             let cell = &mut cells[slot / args.impls.len()];
             let k = slot % args.impls.len();
-            let fx = &fixtures[cell.fixture];
+            let fx = &fixtures[cell.fixtures[k]];
             let session = fx.target_session(cell.locks, cell.context_bytes).await?;
             let elapsed = time_one_end(fx, args.impls[k], session, cell.locks)
                 .await
@@ -332,7 +352,7 @@ async fn throughput(
     for &implementation in &args.impls {
         let line: Arc<Mutex<Option<ThroughputLine>>> = Arc::default();
         let out = line.clone();
-        with_fixture(args, |fx| async move {
+        with_fixture(args, implementation, |fx| async move {
             let serial_errors = Arc::new(Errors::default());
             let concurrent_errors = Arc::new(Errors::default());
             let (mut serial, mut concurrent) = (Vec::new(), Vec::new());
@@ -408,7 +428,7 @@ async fn throughput(
 async fn time_acquires(args: &Args) -> BoxResult<()> {
     let line: Arc<Mutex<Option<AcquireLine>>> = Arc::default();
     let out = line.clone();
-    with_fixture(args, |fx| async move {
+    with_fixture(args, Impl::Orm, |fx| async move {
         let manager = &fx.manager;
         let session = manager.start_session().await?;
         let agent = manager.register_agent(session, "bench").await?;

@@ -119,7 +119,7 @@ async fn try_acquire(
     if !config.lock_delay.is_zero() {
         check_lock_delay(&txn, config.lock_delay, resource_type, resource_key, now).await?;
     }
-    let fencing_token = next_fencing_token(&*txn).await?;
+    let fencing_token = next_fencing_token(&txn).await?;
     let lock_id = Uuid::new_v4();
     let row = resource_locks::ActiveModel {
         id: Set(TextUuid(lock_id)),

@@ -5,7 +5,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{SubsecRound, Utc};
 use common::*;
 use demiarch_sessions::{Config, ContextWindow, Error};
 use entity::{agent_executions, audit_log, global_sessions, resource_locks};
@@ -468,7 +468,13 @@ async fn ending_twice_is_a_no_op_and_paused_or_interrupted_sessions_end() {
                 Some(first.completed_at)
             );
 
-            for status in ["paused", "interrupted"] {
+            // Interrupting a session (here by hand, as an operator might)
+            // already released its locks and cancelled its agents, in the
+            // database: the end finds nothing left to release.
+            for (status, released, cancelled, reason) in [
+                ("paused", 2, 1, "session_end"),
+                ("interrupted", 0, 0, "orphaned"),
+            ] {
                 let (s, _) = populated_session(&db, 1, 2).await;
                 set_session_status(&db, s, status).await;
                 assert_eq!(session_row(&db, s).await.status, status);
@@ -479,8 +485,8 @@ async fn ending_twice_is_a_no_op_and_paused_or_interrupted_sessions_end() {
                     .await
                     .unwrap_or_else(|e| panic!("end {status}: {e}"));
                 assert!(!report.already_ended);
-                assert_eq!(report.locks_released, 2, "{status}");
-                assert_eq!(report.agents_cancelled, 1, "{status}");
+                assert_eq!(report.locks_released, released, "{status}");
+                assert_eq!(report.agents_cancelled, cancelled, "{status}");
 
                 let row = session_row(&db, s).await;
                 assert_eq!(row.status, "completed", "{status} session completed");
@@ -489,7 +495,7 @@ async fn ending_twice_is_a_no_op_and_paused_or_interrupted_sessions_end() {
                 assert!(lock_rows(&db, s)
                     .await
                     .iter()
-                    .all(|l| l.release_reason.as_deref() == Some("session_end")));
+                    .all(|l| l.release_reason.as_deref() == Some(reason)));
                 assert!(agent_rows(&db, s)
                     .await
                     .iter()
@@ -999,6 +1005,79 @@ async fn database_refuses_a_second_held_lock_on_a_resource() {
             let held = held_on(&db, "file", "shared.txt").await;
             assert_eq!(held.len(), 1);
             assert_eq!(held[0].id.0, grant.lock_id);
+        },
+    )
+    .await;
+}
+
+// ---- 6. The database itself releases an ended session's locks ---------------------
+
+/// The status trigger (migration 000003): whoever completes or interrupts a
+/// session, even by a hand-written UPDATE that bypasses the library, its held
+/// locks are released and its running agents cancelled in that statement, at
+/// the session's end time; other sessions are untouched.
+#[tokio::test]
+async fn hand_written_status_change_releases_locks_and_cancels_agents() {
+    each_backend(
+        "hand_written_status_change_releases_locks_and_cancels_agents",
+        |db| async move {
+            let (bystander, _) = populated_session(&db, 1, 2).await;
+            let bystander_before = (
+                lock_rows(&db, bystander).await,
+                agent_rows(&db, bystander).await,
+            );
+            let ended_at = Utc::now().trunc_subsecs(6);
+            for (status, reason) in [("completed", "session_end"), ("interrupted", "orphaned")] {
+                let (s, _) = populated_session(&db, 2, 3).await;
+                let sql = placeholders(
+                    &db,
+                    "UPDATE global_sessions SET status = ?, updated_at = ?, completed_at = ?, \
+                     context_data = ? WHERE id = ?",
+                );
+                let completed_at = (status == "completed").then_some(ended_at);
+                let context = (status == "completed").then(|| json!({"version": 1, "windows": []}));
+                let res = exec_sql(
+                    &db,
+                    &sql,
+                    vec![
+                        status.into(),
+                        ended_at.into(),
+                        completed_at.into(),
+                        context.into(),
+                        s.to_string().into(),
+                    ],
+                )
+                .await
+                .unwrap_or_else(|e| panic!("hand-written {status}: {e}"));
+                assert_eq!(res.rows_affected(), 1);
+
+                let locks = lock_rows(&db, s).await;
+                assert_eq!(locks.len(), 6);
+                for lock in &locks {
+                    assert_eq!(lock.released_at, Some(ended_at), "{status}");
+                    assert_eq!(lock.release_reason.as_deref(), Some(reason), "{status}");
+                }
+                let agents = agent_rows(&db, s).await;
+                assert_eq!(agents.len(), 2);
+                for agent in &agents {
+                    assert_eq!(agent.status, "cancelled", "{status}");
+                    assert_eq!(agent.completed_at, Some(ended_at), "{status}");
+                }
+                // The resources are free again at once.
+                let (_, agents) = populated_session(&db, 1, 0).await;
+                db.manager
+                    .acquire_lock(agents[0], &locks[0].resource_type, &locks[0].resource_key)
+                    .await
+                    .unwrap_or_else(|e| panic!("re-acquire after {status}: {e}"));
+            }
+            assert_eq!(
+                (
+                    lock_rows(&db, bystander).await,
+                    agent_rows(&db, bystander).await
+                ),
+                bystander_before,
+                "another session's locks and agents are untouched"
+            );
         },
     )
     .await;

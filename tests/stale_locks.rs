@@ -394,9 +394,18 @@ async fn held_locks_of_interrupted_sessions_are_swept_as_orphaned() {
             let (active, _) = populated_session(&db, 1, 3).await;
             let (paused, _) = populated_session(&db, 1, 1).await;
             set_session_status(&db, interrupted, "interrupted").await;
+            assert!(
+                lock_rows(&db, interrupted)
+                    .await
+                    .iter()
+                    .all(|l| l.release_reason.as_deref() == Some("orphaned")),
+                "interrupting released them already"
+            );
+            rehold_locks(&db, interrupted).await;
             set_session_status(&db, paused, "paused").await;
             let orphans = lock_rows(&db, interrupted).await;
             assert_eq!(orphans.len(), 4);
+            assert!(orphans.iter().all(|l| l.released_at.is_none()));
             let interrupted_before = rows_of(&db, interrupted).await;
             let active_before = rows_of(&db, active).await;
             let paused_before = rows_of(&db, paused).await;
@@ -691,6 +700,7 @@ async fn lock_delay_holds_back_involuntarily_released_resources_only() {
                 .await
                 .expect("acquire");
             set_session_status(&db, s3, "interrupted").await;
+            rehold_locks(&db, s3).await;
             assert_eq!(m.sweep_locks().await.expect("sweep").orphaned, 1);
             let before = (all_locks(&db).await, fencing_counter(&db).await);
             assert!(

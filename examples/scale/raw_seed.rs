@@ -27,6 +27,8 @@ use serde::Serialize;
 use serde_json::json;
 use uuid::Uuid;
 
+use crate::fixture::Fixture;
+
 /// The seed's statements with `?` placeholders (SQLite, MariaDB/MySQL).
 pub const SEED_SQL: [&str; 3] = [
     "UPDATE global_sessions
@@ -60,6 +62,26 @@ pub const SEED_SQL_POSTGRES: [&str; 3] = [
     "INSERT INTO audit_log (id, event_type, event_time, details)
      VALUES ($1, 'session_end', CURRENT_TIMESTAMP, $2)",
 ];
+
+/// Gives the seed the schema it was written for: the library's, without the
+/// session-end trigger (migration 000003). With the trigger, the seed's first
+/// UPDATE would release the locks and cancel the agents for it, and its own
+/// release would find nothing: the yardstick would be measuring the library's
+/// design. Its database is its own, made the same way as the library's.
+pub async fn prepare(fx: &Fixture) -> Result<(), Box<dyn Error>> {
+    use sea_orm::ConnectionTrait;
+    let conn = fx.connection();
+    let drop = match conn.get_database_backend() {
+        DatabaseBackend::Postgres => {
+            "DROP TRIGGER global_sessions_release_on_end ON global_sessions"
+        }
+        _ => "DROP TRIGGER global_sessions_release_on_end",
+    };
+    conn.execute_unprepared(drop)
+        .await
+        .map_err(|e| format!("raw-seed: dropping the session-end trigger: {e}"))?;
+    Ok(())
+}
 
 /// What `context_data` holds, the same envelope the library writes, serialized
 /// straight into the bound parameter.

@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use sea_orm::entity::prelude::TextUuid;
 use sea_orm::sea_query::Expr;
+use sea_orm::sea_query::{Query, QueryStatementBuilder};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseTransaction, EntityTrait, QueryFilter,
-    QuerySelect,
+    ColumnTrait, Condition, ConnectionTrait, DatabaseBackend, DatabaseTransaction, EntityTrait,
+    QueryFilter, QuerySelect, QueryTrait, Statement, UpdateMany,
 };
 use serde::Serialize;
 use tracing::{field, info_span, warn, Instrument};
@@ -27,7 +28,7 @@ use entity::{agent_executions, global_sessions, resource_locks};
 
 use crate::audit::{self, AuditEvent};
 use crate::context::SavedContext;
-use crate::status::{AgentStatus, ReleaseReason, SessionStatus};
+use crate::status::{AgentStatus, SessionStatus};
 use crate::{db, validate, Error, Result, SessionManager};
 
 /// What `end_session` did.
@@ -165,6 +166,9 @@ async fn cleanup_in(
     // session row's exclusive lock (what `SELECT … FOR UPDATE` would) before
     // anything else is touched: acquires and registrations, which read the row
     // `FOR SHARE`, wait for this end to commit and then see `completed`.
+    // AC3: the same statement releases every held lock of the session and
+    // cancels its running agents: the status trigger (migration 000003) does
+    // both as the row changes to `completed`.
     let ended = global_sessions::Entity::update_many()
         .col_expr(
             global_sessions::Column::Status,
@@ -177,16 +181,14 @@ async fn cleanup_in(
             json_text(txn.get_database_backend(), context.text),
         )
         .filter(global_sessions::Column::Id.eq(id))
-        .filter(global_sessions::Column::Status.ne(SessionStatus::Completed.as_str()))
-        .exec(txn)
-        .await?;
-    if ended.rows_affected == 0 {
+        .filter(global_sessions::Column::Status.ne(SessionStatus::Completed.as_str()));
+    let Some(Closed {
+        locks_released,
+        agents_cancelled,
+    }) = close_session(txn, ended, id).await?
+    else {
         return already_ended(txn, session_id).await;
-    }
-
-    // AC3: every held lock of the session, through the partial index on held locks.
-    let locks_released = release_session_locks(txn, id, ReleaseReason::SessionEnd, now).await?;
-    let agents_cancelled = cancel_running_agents(txn, id, now).await?;
+    };
 
     // AC5: the one audit row. Its cleanup_ms is the time up to this write; the
     // report's adds the commit.
@@ -223,44 +225,87 @@ fn json_text(backend: DatabaseBackend, text: String) -> sea_orm::sea_query::Simp
     }
 }
 
-/// Releases every held lock of the session, through the partial index on
-/// held locks. Shared by the end and by crash recovery.
-pub(crate) async fn release_session_locks(
-    txn: &DatabaseTransaction,
-    session_id: TextUuid,
-    reason: ReleaseReason,
-    now: DateTime<Utc>,
-) -> Result<u64> {
-    Ok(resource_locks::Entity::update_many()
-        .col_expr(resource_locks::Column::ReleasedAt, Expr::value(now))
-        .col_expr(
-            resource_locks::Column::ReleaseReason,
-            Expr::value(reason.as_str()),
-        )
-        .filter(resource_locks::Column::SessionId.eq(session_id))
-        .filter(resource_locks::Column::ReleasedAt.is_null())
-        .exec(txn)
-        .await?
-        .rows_affected)
+/// What the status trigger released as a session row was closed.
+pub(crate) struct Closed {
+    pub locks_released: u64,
+    pub agents_cancelled: u64,
 }
 
-/// Marks the session's still-running agents `cancelled`.
-pub(crate) async fn cancel_running_agents(
+/// Runs `update`, an UPDATE of one session row to `completed` or
+/// `interrupted`. The status trigger of migration 000003 releases the
+/// session's held locks and cancels its running agents within that statement.
+/// Returns how many, or `None` when the update matched no row.
+///
+/// How the counts come back depends on the backend: on SQLite the UPDATE
+/// itself counts the held locks and running agents in its `RETURNING` clause
+/// (computed as the row changes, before the trigger runs; SQLite has one
+/// writer at a time, so the trigger changes exactly those rows); on
+/// PostgreSQL and MariaDB the trigger leaves its row counts in a
+/// transaction-local setting / session variable, read right after. (On the
+/// servers `RETURNING` would count from the statement's snapshot, which can
+/// predate a lock committed while the UPDATE waited for the session row.)
+pub(crate) async fn close_session(
     txn: &DatabaseTransaction,
+    update: UpdateMany<global_sessions::Entity>,
     session_id: TextUuid,
-    now: DateTime<Utc>,
-) -> Result<u64> {
-    Ok(agent_executions::Entity::update_many()
-        .col_expr(
-            agent_executions::Column::Status,
-            Expr::value(AgentStatus::Cancelled.as_str()),
-        )
-        .col_expr(agent_executions::Column::CompletedAt, Expr::value(now))
-        .filter(agent_executions::Column::SessionId.eq(session_id))
-        .filter(agent_executions::Column::Status.eq(AgentStatus::Running.as_str()))
-        .exec(txn)
-        .await?
-        .rows_affected)
+) -> Result<Option<Closed>> {
+    let backend = txn.get_database_backend();
+    let row = if backend == DatabaseBackend::Sqlite {
+        let mut update = update.into_query();
+        update.returning(
+            Query::returning().exprs([
+                count_where(
+                    resource_locks::Entity,
+                    Condition::all()
+                        .add(resource_locks::Column::SessionId.eq(session_id))
+                        .add(resource_locks::Column::ReleasedAt.is_null()),
+                ),
+                count_where(
+                    agent_executions::Entity,
+                    Condition::all()
+                        .add(agent_executions::Column::SessionId.eq(session_id))
+                        .add(agent_executions::Column::Status.eq(AgentStatus::Running.as_str())),
+                ),
+            ]),
+        );
+        match txn.query_one_raw(backend.build(&update)).await? {
+            Some(row) => row,
+            None => return Ok(None),
+        }
+    } else {
+        if update.exec(txn).await?.rows_affected == 0 {
+            return Ok(None);
+        }
+        let read = if backend == DatabaseBackend::Postgres {
+            "SELECT CAST(current_setting('demiarch.locks_released') AS BIGINT), \
+                    CAST(current_setting('demiarch.agents_cancelled') AS BIGINT)"
+        } else {
+            "SELECT CAST(@demiarch_locks_released AS SIGNED), \
+                    CAST(@demiarch_agents_cancelled AS SIGNED)"
+        };
+        txn.query_one_raw(Statement::from_string(backend, read))
+            .await?
+            .ok_or_else(|| Error::CorruptRow("the session-end trigger left no counts".into()))?
+    };
+    let count = |index: usize| -> Result<u64> {
+        let n: i64 = row.try_get_by_index(index)?;
+        u64::try_from(n).map_err(|_| Error::CorruptRow(format!("negative row count {n}")))
+    };
+    Ok(Some(Closed {
+        locks_released: count(0)?,
+        agents_cancelled: count(1)?,
+    }))
+}
+
+/// `(SELECT COUNT(*) FROM table WHERE condition)`.
+fn count_where<E: EntityTrait>(table: E, condition: Condition) -> sea_orm::sea_query::SimpleExpr {
+    Query::select()
+        .expr(Expr::cust("COUNT(*)"))
+        .from(table)
+        .cond_where(condition)
+        .to_owned()
+        .into_sub_query_statement()
+        .into()
 }
 
 /// The conditional update touched nothing: the session is unknown or was

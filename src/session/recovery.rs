@@ -12,8 +12,8 @@ use entity::global_sessions;
 
 use crate::audit::{self, AuditEvent};
 use crate::context::{self, ContextWindow};
-use crate::session::end::{cancel_running_agents, release_session_locks};
-use crate::status::{ReleaseReason, SessionStatus};
+use crate::session::end::{close_session, Closed};
+use crate::status::SessionStatus;
 use crate::{db, validate, Error, Result, SessionManager};
 
 pub(crate) async fn session_context(
@@ -119,24 +119,25 @@ pub(crate) async fn recover_stale(
         let txn = db::begin_write(manager.store()).await?;
         let now = db::now();
         // Re-checked under the row lock: an owner that heartbeated or ended
-        // the session meanwhile keeps it.
-        let interrupted = global_sessions::Entity::update_many()
+        // the session meanwhile keeps it. The status trigger releases the
+        // session's held locks (reason `orphaned`) and cancels its running
+        // agents in the same statement.
+        let interrupt = global_sessions::Entity::update_many()
             .col_expr(
                 global_sessions::Column::Status,
                 Expr::value(SessionStatus::Interrupted.as_str()),
             )
             .col_expr(global_sessions::Column::UpdatedAt, Expr::value(now))
             .filter(global_sessions::Column::Id.eq(id))
-            .filter(stale(now - stale_after, me))
-            .exec(&*txn)
-            .await?
-            .rows_affected;
-        if interrupted == 0 {
+            .filter(stale(now - stale_after, me));
+        let Some(Closed {
+            locks_released,
+            agents_cancelled,
+        }) = close_session(&txn, interrupt, id).await?
+        else {
             txn.rollback().await?;
             continue;
-        }
-        let locks_released = release_session_locks(&txn, id, ReleaseReason::Orphaned, now).await?;
-        let agents_cancelled = cancel_running_agents(&txn, id, now).await?;
+        };
         let details = serde_json::json!({
             "session_id": id.0,
             "locks_released": locks_released,

@@ -449,3 +449,24 @@ pub async fn set_session_status(db: &TestDb, session: Uuid, status: &str) {
         "status update must hit the session row"
     );
 }
+
+/// Puts a session's released locks back to held. Since migration 000003 the
+/// database releases a session's locks as it is completed or interrupted, so
+/// this is the only way to make the orphans the sweep exists for: what data
+/// written before that trigger, or a writer that bypassed the library, leaves.
+pub async fn rehold_locks(db: &TestDb, session: Uuid) {
+    use sea_orm::sea_query::Expr;
+    resource_locks::Entity::update_many()
+        .col_expr(
+            resource_locks::Column::ReleasedAt,
+            Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
+        )
+        .col_expr(
+            resource_locks::Column::ReleaseReason,
+            Expr::value(Option::<String>::None),
+        )
+        .filter(resource_locks::Column::SessionId.eq(TextUuid(session)))
+        .exec(db.manager.connection())
+        .await
+        .expect("re-hold locks");
+}
