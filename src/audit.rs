@@ -3,7 +3,10 @@
 //! The log is append-only: nothing in this library updates or deletes an
 //! audit row (and on SQLite, triggers refuse it).
 use chrono::{DateTime, Utc};
-use sea_orm::{entity::prelude::TextUuid, ActiveValue::Set, ConnectionTrait, EntityTrait};
+use sea_orm::{
+    entity::prelude::TextUuid, ActiveValue::Set, ConnectionTrait, DatabaseBackend, EntityTrait,
+    QueryTrait, Statement,
+};
 use uuid::Uuid;
 
 use entity::audit_log;
@@ -53,15 +56,58 @@ pub(crate) async fn append<C: ConnectionTrait>(
     details: serde_json::Value,
     at: DateTime<Utc>,
 ) -> crate::Result<()> {
-    let row = audit_log::ActiveModel {
-        id: Set(TextUuid(Uuid::new_v4())),
-        event_type: Set(event.as_str().to_owned()),
-        event_time: Set(at),
-        session_id: Set(session_id.map(|id| id.to_string())),
-        details: Set(details),
-    };
-    audit_log::Entity::insert(row)
-        .exec_without_returning(txn)
+    let backend = txn.get_database_backend();
+    txn.execute_raw(Row::new(event, session_id, details, at).insert(backend))
         .await?;
     Ok(())
+}
+
+/// One audit row, with a fresh id.
+#[derive(Clone, Debug)]
+pub(crate) struct Row {
+    id: Uuid,
+    event: AuditEvent,
+    session_id: Option<Uuid>,
+    details: serde_json::Value,
+    at: DateTime<Utc>,
+}
+
+impl Row {
+    pub(crate) fn new(
+        event: AuditEvent,
+        session_id: Option<Uuid>,
+        details: serde_json::Value,
+        at: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            id: Uuid::new_v4(),
+            event,
+            session_id,
+            details,
+            at,
+        }
+    }
+
+    /// Its INSERT, built from the entity.
+    pub(crate) fn insert(self, backend: DatabaseBackend) -> Statement {
+        let row = audit_log::ActiveModel {
+            id: Set(TextUuid(self.id)),
+            event_type: Set(self.event.as_str().to_owned()),
+            event_time: Set(self.at),
+            session_id: Set(self.session_id.map(|id| id.to_string())),
+            details: Set(self.details),
+        };
+        audit_log::Entity::insert(row).build(backend)
+    }
+
+    /// The values [`insert`](Self::insert) binds, in its order.
+    pub(crate) fn into_values(self) -> Vec<sea_orm::Value> {
+        vec![
+            TextUuid(self.id).into(),
+            self.event.as_str().into(),
+            self.at.into(),
+            self.session_id.map(|id| id.to_string()).into(),
+            self.details.into(),
+        ]
+    }
 }

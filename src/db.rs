@@ -1,12 +1,12 @@
 //! Connecting per backend, SQLite pragmas, and the one transaction helper.
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound, Utc};
 use sea_orm::{
     ConnectOptions, Database, DatabaseBackend, DatabaseConnection, DatabaseTransaction,
-    SqliteTransactionMode, TransactionOptions, TransactionTrait,
+    SqliteTransactionMode, Statement, TransactionOptions, TransactionTrait,
 };
 use sea_orm_migration::MigratorTrait;
 
@@ -332,4 +332,33 @@ pub(crate) async fn begin_write(store: &Store) -> Result<WriteTxn> {
     };
     let txn = db.begin_with_options(options).await?;
     Ok(WriteTxn { txn, _gate: gate })
+}
+
+/// SQL text built once per backend and process, for the statements on hot
+/// paths: callers bind their own values to it (see `session::end`).
+pub(crate) struct SqlCache([OnceLock<String>; 3]);
+
+impl SqlCache {
+    pub(crate) const fn new() -> Self {
+        Self([OnceLock::new(), OnceLock::new(), OnceLock::new()])
+    }
+
+    fn slot(&self, backend: DatabaseBackend) -> &OnceLock<String> {
+        &self.0[match backend {
+            DatabaseBackend::Sqlite => 0,
+            DatabaseBackend::Postgres => 1,
+            _ => 2,
+        }]
+    }
+
+    /// The SQL remembered for `backend`, if any.
+    pub(crate) fn get(&self, backend: DatabaseBackend) -> Option<&str> {
+        self.slot(backend).get().map(String::as_str)
+    }
+
+    /// Remembers `statement`'s SQL for `backend` and hands the statement back.
+    pub(crate) fn remember(&self, backend: DatabaseBackend, statement: Statement) -> Statement {
+        let _ = self.slot(backend).set(statement.sql.clone());
+        statement
+    }
 }

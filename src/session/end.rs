@@ -160,7 +160,6 @@ async fn cleanup_in(
     context: SavedContext,
     started: Instant,
 ) -> Result<Cleanup> {
-    let id = TextUuid(session_id);
     // AC1, AC2, AC4: one conditional update both checks and ends the session.
     // It is the first statement, so on PostgreSQL and MariaDB it takes the
     // session row's exclusive lock (what `SELECT … FOR UPDATE` would) before
@@ -169,23 +168,22 @@ async fn cleanup_in(
     // AC3: the same statement releases every held lock of the session and
     // cancels its running agents: the status trigger (migration 000003) does
     // both as the row changes to `completed`.
-    let ended = global_sessions::Entity::update_many()
-        .col_expr(
-            global_sessions::Column::Status,
-            Expr::value(SessionStatus::Completed.as_str()),
-        )
-        .col_expr(global_sessions::Column::UpdatedAt, Expr::value(now))
-        .col_expr(global_sessions::Column::CompletedAt, Expr::value(now))
-        .col_expr(
-            global_sessions::Column::ContextData,
-            json_text(txn.get_database_backend(), context.text),
-        )
-        .filter(global_sessions::Column::Id.eq(id))
-        .filter(global_sessions::Column::Status.ne(SessionStatus::Completed.as_str()));
+    let backend = txn.get_database_backend();
+    let values = EndValues {
+        id: TextUuid(session_id),
+        now,
+        context: context.text,
+    };
+    let statement = match END_UPDATE.get(backend) {
+        Some(sql) => {
+            Statement::from_sql_and_values(backend, sql, values.into_update_values(backend))
+        }
+        None => END_UPDATE.remember(backend, values.build_update(backend)),
+    };
     let Some(Closed {
         locks_released,
         agents_cancelled,
-    }) = close_session(txn, ended, id).await?
+    }) = close_session_with(txn, statement).await?
     else {
         return already_ended(txn, session_id).await;
     };
@@ -200,7 +198,12 @@ async fn cleanup_in(
         "context_windows": context.windows,
         "context_bytes": context.bytes,
     });
-    audit::append(txn, AuditEvent::SessionEnd, Some(session_id), details, now).await?;
+    let row = audit::Row::new(AuditEvent::SessionEnd, Some(session_id), details, now);
+    let insert = match END_AUDIT.get(backend) {
+        Some(sql) => Statement::from_sql_and_values(backend, sql, row.into_values()),
+        None => END_AUDIT.remember(backend, row.insert(backend)),
+    };
+    txn.execute_raw(insert).await?;
 
     Ok(Cleanup {
         completed_at: now,
@@ -250,30 +253,27 @@ pub(crate) async fn close_session(
     session_id: TextUuid,
 ) -> Result<Option<Closed>> {
     let backend = txn.get_database_backend();
+    let mut update = update.into_query();
+    if backend == DatabaseBackend::Sqlite {
+        update.returning(counts_returning(session_id));
+    }
+    close_session_with(txn, backend.build(&update)).await
+}
+
+/// [`close_session`] with the UPDATE already built (on SQLite, with
+/// [`counts_returning`]).
+async fn close_session_with(
+    txn: &DatabaseTransaction,
+    update: Statement,
+) -> Result<Option<Closed>> {
+    let backend = txn.get_database_backend();
     let row = if backend == DatabaseBackend::Sqlite {
-        let mut update = update.into_query();
-        update.returning(
-            Query::returning().exprs([
-                count_where(
-                    resource_locks::Entity,
-                    Condition::all()
-                        .add(resource_locks::Column::SessionId.eq(session_id))
-                        .add(resource_locks::Column::ReleasedAt.is_null()),
-                ),
-                count_where(
-                    agent_executions::Entity,
-                    Condition::all()
-                        .add(agent_executions::Column::SessionId.eq(session_id))
-                        .add(agent_executions::Column::Status.eq(AgentStatus::Running.as_str())),
-                ),
-            ]),
-        );
-        match txn.query_one_raw(backend.build(&update)).await? {
+        match txn.query_one_raw(update).await? {
             Some(row) => row,
             None => return Ok(None),
         }
     } else {
-        if update.exec(txn).await?.rows_affected == 0 {
+        if txn.execute_raw(update).await?.rows_affected() == 0 {
             return Ok(None);
         }
         let read = if backend == DatabaseBackend::Postgres {
@@ -295,6 +295,87 @@ pub(crate) async fn close_session(
         locks_released: count(0)?,
         agents_cancelled: count(1)?,
     }))
+}
+
+/// SQLite's `RETURNING` for a session UPDATE that ends it: the session's held
+/// locks and running agents, counted as the row changes, before the status
+/// trigger releases and cancels exactly those.
+fn counts_returning(session_id: TextUuid) -> sea_orm::sea_query::ReturningClause {
+    Query::returning().exprs([
+        count_where(
+            resource_locks::Entity,
+            Condition::all()
+                .add(resource_locks::Column::SessionId.eq(session_id))
+                .add(resource_locks::Column::ReleasedAt.is_null()),
+        ),
+        count_where(
+            agent_executions::Entity,
+            Condition::all()
+                .add(agent_executions::Column::SessionId.eq(session_id))
+                .add(agent_executions::Column::Status.eq(AgentStatus::Running.as_str())),
+        ),
+    ])
+}
+
+/// The SQL text of the end's UPDATE and audit INSERT, built by sea-query once
+/// per backend and process; every end binds its own values to it (and sqlx
+/// reuses the prepared statement). Building them afresh cost more than a
+/// round trip to in-memory SQLite. `end_statements_bind_what_the_builder_binds`
+/// checks the values are the builder's, in its order, on every backend.
+static END_UPDATE: db::SqlCache = db::SqlCache::new();
+static END_AUDIT: db::SqlCache = db::SqlCache::new();
+
+/// What one end binds to its UPDATE.
+struct EndValues {
+    id: TextUuid,
+    now: DateTime<Utc>,
+    context: String,
+}
+
+impl EndValues {
+    /// The conditional UPDATE that both checks and ends the session, built by
+    /// sea-query (on SQLite with [`counts_returning`]).
+    fn build_update(self, backend: DatabaseBackend) -> Statement {
+        let mut update = global_sessions::Entity::update_many()
+            .col_expr(
+                global_sessions::Column::Status,
+                Expr::value(SessionStatus::Completed.as_str()),
+            )
+            .col_expr(global_sessions::Column::UpdatedAt, Expr::value(self.now))
+            .col_expr(global_sessions::Column::CompletedAt, Expr::value(self.now))
+            .col_expr(
+                global_sessions::Column::ContextData,
+                json_text(backend, self.context),
+            )
+            .filter(global_sessions::Column::Id.eq(self.id))
+            .filter(global_sessions::Column::Status.ne(SessionStatus::Completed.as_str()))
+            .into_query();
+        if backend == DatabaseBackend::Sqlite {
+            update.returning(counts_returning(self.id));
+        }
+        backend.build(&update)
+    }
+
+    /// The values [`build_update`](Self::build_update) binds on `backend`, in
+    /// its order.
+    fn into_update_values(self, backend: DatabaseBackend) -> Vec<sea_orm::Value> {
+        let mut values: Vec<sea_orm::Value> = vec![
+            SessionStatus::Completed.as_str().into(),
+            self.now.into(),
+            self.now.into(),
+            self.context.into(),
+            self.id.into(),
+            SessionStatus::Completed.as_str().into(),
+        ];
+        if backend == DatabaseBackend::Sqlite {
+            values.extend([
+                self.id.into(),
+                self.id.into(),
+                AgentStatus::Running.as_str().into(),
+            ]);
+        }
+        values
+    }
 }
 
 /// `(SELECT COUNT(*) FROM table WHERE condition)`.
@@ -335,4 +416,56 @@ async fn already_ended(txn: &DatabaseTransaction, session_id: Uuid) -> Result<Cl
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BACKENDS: [DatabaseBackend; 3] = [
+        DatabaseBackend::Sqlite,
+        DatabaseBackend::Postgres,
+        DatabaseBackend::MySql,
+    ];
+
+    fn values() -> EndValues {
+        EndValues {
+            id: TextUuid(Uuid::new_v4()),
+            now: db::now(),
+            context: r#"{"version":1,"windows":[]}"#.to_owned(),
+        }
+    }
+
+    /// The cached SQL is only right if each end binds exactly what the
+    /// builder would have bound, in the same order.
+    #[test]
+    fn end_statements_bind_what_the_builder_binds() {
+        for backend in BACKENDS {
+            let v = values();
+            let same = EndValues {
+                id: v.id,
+                now: v.now,
+                context: v.context.clone(),
+            };
+            let built = v.build_update(backend);
+            let bound = same.into_update_values(backend);
+            assert_eq!(built.values.map(|v| v.0), Some(bound), "{backend:?} UPDATE");
+
+            let row = || {
+                audit::Row::new(
+                    AuditEvent::SessionEnd,
+                    Some(Uuid::new_v4()),
+                    serde_json::json!({"locks_released": 3}),
+                    db::now(),
+                )
+            };
+            let row = row();
+            let copy = row.clone();
+            assert_eq!(
+                row.insert(backend).values.map(|v| v.0),
+                Some(copy.into_values()),
+                "{backend:?} audit INSERT"
+            );
+        }
+    }
 }
