@@ -15,10 +15,12 @@
 //! only the ends are timed, one at a time.
 //!
 //! `--impl both` times the library (`orm`) and the seed's SQL (`raw-seed`, see
-//! scale/raw_seed.rs) on the same database. Lists (`--locks 0,100,10000`,
-//! `--background 1000,100000`, `--context-bytes 1024,1048576`) are timed in
-//! one interleaved loop: every `--background` x `--locks` pair has its own
-//! fresh database, and each round ends one session of every combination and
+//! scale/raw_seed.rs), each on a database of its own made the same way (the
+//! seed's without the session-end trigger, which would do its release for
+//! it). Lists (`--locks 0,100,10000`, `--background 1000,100000`,
+//! `--context-bytes 1024,1048576`) are timed in one interleaved loop: every
+//! `--background` x `--locks` pair and implementation has its own fresh
+//! database, and each round ends one session of every combination and
 //! implementation, in rotating order, so load from elsewhere on the machine
 //! falls on all of them alike and their ratios can be trusted.
 //!

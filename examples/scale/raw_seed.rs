@@ -3,6 +3,10 @@
 //! through sqlx on the library's own pool (same pragmas, same server session
 //! settings), as prepared statements cached per connection, sqlx's default.
 //!
+//! It runs on a database of its own, made like the library's but without the
+//! session-end trigger (see [`prepare`]), so it does its own release; with
+//! `--impl both` the two databases are timed in one interleaved loop.
+//!
 //! Deviations from the seed, each forced by our schema or driver:
 //! - `release_reason = 'session_end'` is set together with `released_at`: our
 //!   CHECK constraint requires both or neither.
