@@ -5,10 +5,11 @@
 //! 2. In one transaction (SQLite: `BEGIN IMMEDIATE`), bounded by
 //!    `Config::cleanup_timeout`:
 //!    a. mark the session `completed` with `completed_at` and `context_data`
-//!    — one conditional UPDATE that both checks and changes it;
-//!    b. release every held lock of the session (reason `session_end`);
-//!    c. cancel its agents that are still running;
-//!    d. append the `session_end` audit row.
+//!    — one conditional UPDATE that both checks and changes it; in that same
+//!    statement the status trigger (migration 000003) releases every held
+//!    lock of the session (reason `session_end`) and cancels its running
+//!    agents;
+//!    b. append the `session_end` audit row with what was released.
 //! 3. Commit, then drop the session's live windows from the registry.
 use std::time::{Duration, Instant};
 
