@@ -181,6 +181,10 @@ async fn cleanup_in(
         }
         None => END_UPDATE.remember(backend, values.build_update(backend)),
     };
+    if backend == DatabaseBackend::Postgres {
+        let (windows, bytes) = (context.windows, context.bytes);
+        return end_on_postgres(txn, statement, session_id, now, (windows, bytes), started).await;
+    }
     let Some(Closed {
         locks_released,
         agents_cancelled,
@@ -213,6 +217,58 @@ async fn cleanup_in(
         agents_cancelled,
     })
 }
+
+/// PostgreSQL's end after the session UPDATE: the audit INSERT itself adds the
+/// counts the status trigger left in its transaction-local settings to the
+/// row's details and returns them, so the end is `BEGIN`, UPDATE, INSERT,
+/// `COMMIT` there too (reading the settings in a SELECT of their own would be
+/// one more round trip).
+async fn end_on_postgres(
+    txn: &DatabaseTransaction,
+    update: Statement,
+    session_id: Uuid,
+    now: DateTime<Utc>,
+    (context_windows, context_bytes): (u64, u64),
+    started: Instant,
+) -> Result<Cleanup> {
+    if txn.execute_raw(update).await?.rows_affected() == 0 {
+        return already_ended(txn, session_id).await;
+    }
+    let details = serde_json::json!({
+        "session_id": session_id,
+        "cleanup_ms": millis(started.elapsed()),
+        "context_windows": context_windows,
+        "context_bytes": context_bytes,
+    });
+    let row = audit::Row::new(AuditEvent::SessionEnd, Some(session_id), details, now);
+    let counted = txn
+        .query_one_raw(Statement::from_sql_and_values(
+            DatabaseBackend::Postgres,
+            POSTGRES_END_AUDIT,
+            row.into_values(),
+        ))
+        .await?
+        .ok_or_else(|| Error::CorruptRow("the session_end audit insert returned no row".into()))?;
+    let count = |index: usize| -> Result<u64> {
+        let n: i64 = counted.try_get_by_index(index)?;
+        u64::try_from(n).map_err(|_| Error::CorruptRow(format!("negative row count {n}")))
+    };
+    Ok(Cleanup {
+        completed_at: now,
+        already_ended: false,
+        locks_released: count(0)?,
+        agents_cancelled: count(1)?,
+    })
+}
+
+/// The `session_end` audit INSERT on PostgreSQL: the values of
+/// [`audit::Row::into_values`], the trigger's counts merged into the details.
+const POSTGRES_END_AUDIT: &str = r#"INSERT INTO "audit_log" ("id", "event_type", "event_time", "session_id", "details")
+VALUES ($1, $2, $3, $4, CAST($5 AS jsonb) || jsonb_build_object(
+    'locks_released', CAST(current_setting('demiarch.locks_released') AS bigint),
+    'agents_cancelled', CAST(current_setting('demiarch.agents_cancelled') AS bigint)))
+RETURNING CAST("details" ->> 'locks_released' AS bigint),
+          CAST("details" ->> 'agents_cancelled' AS bigint)"#;
 
 /// JSON text bound for a JSON column. PostgreSQL's `jsonb` takes it through a
 /// cast; SQLite stores the text as is and MariaDB's JSON column is text.
