@@ -234,16 +234,17 @@ fn create_private_sqlite_file(url: &str) -> Result<()> {
     }
 }
 
-/// The connection pool together with this process's SQLite write gate.
+/// The connection pool together with the manager's SQLite write gate.
 ///
-/// SQLite lets one writer in at a time. Without the gate, writers of the same
-/// pool that find the write lock taken wait in SQLite's busy handler, which
-/// polls by sleeping (1, 2, 5, 10 … ms): eight tasks ending sessions at once
-/// spend most of their time asleep while the lock is free. With it, the
-/// writers of one pool queue on a fair async mutex and each enters
-/// `BEGIN IMMEDIATE` just as the previous one commits. Other processes (and
-/// other pools) still meet the busy handler, bounded by
-/// `Config::busy_timeout`. PostgreSQL and MariaDB need no gate: their row
+/// SQLite lets one writer in at a time. Without the gate, writers that find
+/// the write lock taken wait in SQLite's busy handler, which polls by sleeping
+/// (1, 2, 5, 10 … ms): eight tasks ending sessions at once spend most of their
+/// time asleep while the lock is free. With it, the writers of one
+/// `SessionManager` (and its clones, which share the gate) queue on a fair
+/// async mutex and each enters `BEGIN IMMEDIATE` just as the previous one
+/// commits. Writers outside it (another manager built with `new` on the same
+/// database, another process, the app's own writes) still meet the busy
+/// handler, bounded by `Config::busy_timeout`. PostgreSQL and MariaDB need no gate: their row
 /// locks let writers of different sessions run in parallel.
 #[derive(Clone)]
 pub(crate) struct Store {
@@ -272,7 +273,7 @@ impl std::ops::Deref for Store {
     }
 }
 
-/// A write transaction and, on SQLite, this pool's write gate, held until the
+/// A write transaction and, on SQLite, the manager's write gate, held until the
 /// transaction commits, rolls back or is dropped.
 pub(crate) struct WriteTxn {
     // Declared first, so it is dropped (and its rollback queued) before the
@@ -299,7 +300,7 @@ impl std::ops::Deref for WriteTxn {
     }
 }
 
-/// Waits for this pool's SQLite write gate (none on the servers), at most
+/// Waits for the manager's SQLite write gate (none on the servers), at most
 /// `Config::busy_timeout`. Hold the guard for the life of the write.
 pub(crate) async fn write_gate(store: &Store) -> Result<Option<tokio::sync::OwnedMutexGuard<()>>> {
     let Some(gate) = &store.gate else {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use sea_orm::entity::prelude::TextUuid;
 use sea_orm::sea_query::Expr;
-use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QuerySelect};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QuerySelect};
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
@@ -39,7 +39,7 @@ struct HeartbeatState {
 }
 
 impl Heartbeat {
-    pub fn ensure_started(self: &Arc<Self>, db: &DatabaseConnection, owner: Uuid, every: Duration) {
+    pub fn ensure_started(self: &Arc<Self>, db: &db::Store, owner: Uuid, every: Duration) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if state.stopped || state.task.is_some() || every.is_zero() {
             return;
@@ -86,8 +86,11 @@ impl Heartbeat {
     }
 }
 
-/// Marks this instance's open sessions alive.
-async fn beat(db: &DatabaseConnection, owner: Uuid) -> Result<u64> {
+/// Marks this instance's open sessions alive. On SQLite it takes its turn at
+/// the write gate like every other writer of the manager, rather than waiting
+/// in SQLite's busy handler for a gap between gated writers.
+async fn beat(db: &db::Store, owner: Uuid) -> Result<u64> {
+    let _gate = db::write_gate(db).await?;
     Ok(global_sessions::Entity::update_many()
         .col_expr(
             global_sessions::Column::LastHeartbeatAt,
@@ -95,7 +98,7 @@ async fn beat(db: &DatabaseConnection, owner: Uuid) -> Result<u64> {
         )
         .filter(global_sessions::Column::OwnerInstance.eq(owner.to_string()))
         .filter(global_sessions::Column::Status.is_in(open_statuses()))
-        .exec(db)
+        .exec(&**db)
         .await?
         .rows_affected)
 }

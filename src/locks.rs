@@ -223,11 +223,15 @@ async fn insert_if_holder_active(
         .returning_col(resource_locks::Column::FencingToken)
         .to_owned();
     let gate = db::write_gate(conn).await?;
+    // Run to completion, not just to the first row: the statement's implicit
+    // COMMIT happens when it finishes, and only then would a failed commit
+    // (disk full, I/O error) be reported. A grant is returned only once the
+    // lock is durably stored.
     let inserted = conn
-        .query_one_raw(StatementBuilder::build(&insert, &DatabaseBackend::Sqlite))
+        .query_all_raw(StatementBuilder::build(&insert, &DatabaseBackend::Sqlite))
         .await;
     drop(gate);
-    match inserted {
+    match inserted.map(|rows| rows.into_iter().next()) {
         Ok(Some(row)) => Ok(Some(Acquired::Granted(LockGrant {
             lock_id,
             fencing_token: row.try_get_by_index(0)?,

@@ -325,7 +325,9 @@ async fn close_session_with(
 ) -> Result<Option<Closed>> {
     let backend = txn.get_database_backend();
     let row = if backend == DatabaseBackend::Sqlite {
-        match txn.query_one_raw(update).await? {
+        // Run to completion (a trigger error must surface here, not be lost
+        // in a statement reset after the first row).
+        match txn.query_all_raw(update).await?.into_iter().next() {
             Some(row) => row,
             None => return Ok(None),
         }
