@@ -181,83 +181,55 @@ async fn cleanup_in(
         }
         None => END_UPDATE.remember(backend, values.build_update(backend)),
     };
-    if backend == DatabaseBackend::Postgres {
-        let (windows, bytes) = (context.windows, context.bytes);
-        return end_on_postgres(txn, statement, session_id, now, (windows, bytes), started).await;
-    }
-    let Some(Closed {
-        locks_released,
-        agents_cancelled,
-    }) = close_session_with(txn, statement).await?
-    else {
-        return already_ended(txn, session_id).await;
-    };
-
     // AC5: the one audit row. Its cleanup_ms is the time up to this write; the
     // report's adds the commit.
-    let details = serde_json::json!({
-        "session_id": session_id,
-        "cleanup_ms": millis(started.elapsed()),
-        "locks_released": locks_released,
-        "agents_cancelled": agents_cancelled,
-        "context_windows": context.windows,
-        "context_bytes": context.bytes,
-    });
-    let row = audit::Row::new(AuditEvent::SessionEnd, Some(session_id), details, now);
-    let insert = match END_AUDIT.get(backend) {
-        Some(sql) => Statement::from_sql_and_values(backend, sql, row.into_values()),
-        None => END_AUDIT.remember(backend, row.insert(backend)),
+    let details = |closed: Option<&Closed>| {
+        let mut details = serde_json::json!({
+            "session_id": session_id,
+            "cleanup_ms": millis(started.elapsed()),
+            "context_windows": context.windows,
+            "context_bytes": context.bytes,
+        });
+        if let Some(closed) = closed {
+            details["locks_released"] = closed.locks_released.into();
+            details["agents_cancelled"] = closed.agents_cancelled.into();
+        }
+        audit::Row::new(AuditEvent::SessionEnd, Some(session_id), details, now)
     };
-    txn.execute_raw(insert).await?;
-
-    Ok(Cleanup {
-        completed_at: now,
-        already_ended: false,
-        locks_released,
-        agents_cancelled,
-    })
-}
-
-/// PostgreSQL's end after the session UPDATE: the audit INSERT itself adds the
-/// counts the status trigger left in its transaction-local settings to the
-/// row's details and returns them, so the end is `BEGIN`, UPDATE, INSERT,
-/// `COMMIT` there too (reading the settings in a SELECT of their own would be
-/// one more round trip).
-async fn end_on_postgres(
-    txn: &DatabaseTransaction,
-    update: Statement,
-    session_id: Uuid,
-    now: DateTime<Utc>,
-    (context_windows, context_bytes): (u64, u64),
-    started: Instant,
-) -> Result<Cleanup> {
-    if txn.execute_raw(update).await?.rows_affected() == 0 {
-        return already_ended(txn, session_id).await;
-    }
-    let details = serde_json::json!({
-        "session_id": session_id,
-        "cleanup_ms": millis(started.elapsed()),
-        "context_windows": context_windows,
-        "context_bytes": context_bytes,
-    });
-    let row = audit::Row::new(AuditEvent::SessionEnd, Some(session_id), details, now);
-    let counted = txn
-        .query_one_raw(Statement::from_sql_and_values(
-            DatabaseBackend::Postgres,
+    let closed = if backend == DatabaseBackend::Postgres {
+        // The audit INSERT itself adds the counts the status trigger left in
+        // its transaction-local settings and returns them: `BEGIN`, UPDATE,
+        // INSERT, `COMMIT` (a SELECT of the settings would be one more trip).
+        if txn.execute_raw(statement).await?.rows_affected() == 0 {
+            return already_ended(txn, session_id).await;
+        }
+        let insert = Statement::from_sql_and_values(
+            backend,
             POSTGRES_END_AUDIT,
-            row.into_values(),
-        ))
-        .await?
-        .ok_or_else(|| Error::CorruptRow("the session_end audit insert returned no row".into()))?;
-    let count = |index: usize| -> Result<u64> {
-        let n: i64 = counted.try_get_by_index(index)?;
-        u64::try_from(n).map_err(|_| Error::CorruptRow(format!("negative row count {n}")))
+            details(None).into_values(),
+        );
+        let counted = txn.query_one_raw(insert).await?.ok_or_else(|| {
+            Error::CorruptRow("the session_end audit insert returned no row".into())
+        })?;
+        Closed::from_row(&counted)?
+    } else {
+        let Some(closed) = close_session_with(txn, statement).await? else {
+            return already_ended(txn, session_id).await;
+        };
+        let row = details(Some(&closed));
+        let insert = match END_AUDIT.get(backend) {
+            Some(sql) => Statement::from_sql_and_values(backend, sql, row.into_values()),
+            None => END_AUDIT.remember(backend, row.insert(backend)),
+        };
+        txn.execute_raw(insert).await?;
+        closed
     };
+
     Ok(Cleanup {
         completed_at: now,
         already_ended: false,
-        locks_released: count(0)?,
-        agents_cancelled: count(1)?,
+        locks_released: closed.locks_released,
+        agents_cancelled: closed.agents_cancelled,
     })
 }
 
@@ -289,6 +261,20 @@ fn json_text(backend: DatabaseBackend, text: String) -> sea_orm::sea_query::Simp
 pub(crate) struct Closed {
     pub locks_released: u64,
     pub agents_cancelled: u64,
+}
+
+impl Closed {
+    /// From a row whose first two columns are the two counts.
+    fn from_row(row: &sea_orm::QueryResult) -> Result<Self> {
+        let count = |index: usize| -> Result<u64> {
+            let n: i64 = row.try_get_by_index(index)?;
+            u64::try_from(n).map_err(|_| Error::CorruptRow(format!("negative row count {n}")))
+        };
+        Ok(Self {
+            locks_released: count(0)?,
+            agents_cancelled: count(1)?,
+        })
+    }
 }
 
 /// Runs `update`, an UPDATE of one session row to `completed` or
@@ -346,14 +332,7 @@ async fn close_session_with(
             .await?
             .ok_or_else(|| Error::CorruptRow("the session-end trigger left no counts".into()))?
     };
-    let count = |index: usize| -> Result<u64> {
-        let n: i64 = row.try_get_by_index(index)?;
-        u64::try_from(n).map_err(|_| Error::CorruptRow(format!("negative row count {n}")))
-    };
-    Ok(Some(Closed {
-        locks_released: count(0)?,
-        agents_cancelled: count(1)?,
-    }))
+    Closed::from_row(&row).map(Some)
 }
 
 /// SQLite's `RETURNING` for a session UPDATE that ends it: the session's held
