@@ -370,22 +370,16 @@ async fn current_holder<C: ConnectionTrait>(
 async fn expire_lock(conn: &db::Store, lock: &resource_locks::Model) -> Result<bool> {
     let txn = db::begin_write(conn).await?;
     let now = db::now();
-    let released = resource_locks::Entity::update_many()
-        .col_expr(resource_locks::Column::ReleasedAt, Expr::value(now))
-        .col_expr(
-            resource_locks::Column::ReleaseReason,
-            Expr::value(ReleaseReason::Expired.as_str()),
-        )
-        .filter(resource_locks::Column::Id.eq(lock.id))
-        .filter(resource_locks::Column::ReleasedAt.is_null())
-        .filter(resource_locks::Column::ExpiresAt.lte(now))
-        .exec(&*txn)
-        .await?
-        .rows_affected;
-    if released == 0 {
+    let released = release_batch(
+        &txn,
+        std::slice::from_ref(lock),
+        ReleaseReason::Expired,
+        now,
+    )
+    .await?;
+    if released.is_empty() {
         return Ok(false);
     }
-    let released = vec![SweptLock::new(lock, ReleaseReason::Expired)];
     audit::append(
         &*txn,
         AuditEvent::LocksSwept,
@@ -578,7 +572,9 @@ pub(crate) async fn sweep(conn: &db::Store, batch: u64) -> Result<SweepReport> {
     Ok(report)
 }
 
-/// Releases the given locks if still held; returns those it released.
+/// Releases the given locks if still held (and, for `expired`, still past
+/// their time to live); returns those it released. Shared by the sweep and by
+/// the acquire that meets an expired holder.
 async fn release_batch(
     txn: &DatabaseTransaction,
     locks: &[resource_locks::Model],
@@ -589,17 +585,20 @@ async fn release_batch(
         return Ok(Vec::new());
     }
     let ids: Vec<TextUuid> = locks.iter().map(|l| l.id).collect();
-    let released = resource_locks::Entity::update_many()
+    let mut release = resource_locks::Entity::update_many()
         .col_expr(resource_locks::Column::ReleasedAt, Expr::value(now))
         .col_expr(
             resource_locks::Column::ReleaseReason,
             Expr::value(reason.as_str()),
         )
         .filter(resource_locks::Column::Id.is_in(ids.clone()))
-        .filter(resource_locks::Column::ReleasedAt.is_null())
-        .exec(txn)
-        .await?
-        .rows_affected;
+        .filter(resource_locks::Column::ReleasedAt.is_null());
+    if reason == ReleaseReason::Expired {
+        // Re-checked in the UPDATE itself: a lock renewed after it was found
+        // (on the servers, by a concurrent `renew_lock`) is never expired.
+        release = release.filter(resource_locks::Column::ExpiresAt.lte(now));
+    }
+    let released = release.exec(txn).await?.rows_affected;
     if released == locks.len() as u64 {
         return Ok(locks.iter().map(|l| SweptLock::new(l, reason)).collect());
     }
