@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use chrono::{SubsecRound, Utc};
 use common::*;
 use demiarch_sessions::{Config, ContextWindow, Error};
-use entity::{agent_executions, audit_log, global_sessions, resource_locks};
+use entity::{agent_executions, resource_locks};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, SqlErr,
@@ -18,24 +18,6 @@ use serde_json::json;
 use uuid::Uuid;
 
 // ---- helpers local to this file ------------------------------------------------
-
-/// Everything stored about one session, sorted by id so two reads compare equal.
-type SessionRows = (
-    global_sessions::Model,
-    Vec<agent_executions::Model>,
-    Vec<resource_locks::Model>,
-    Vec<audit_log::Model>,
-);
-
-async fn rows_of(db: &TestDb, session: Uuid) -> SessionRows {
-    let mut agents = agent_rows(db, session).await;
-    agents.sort_by_key(|a| a.id.0);
-    let mut locks = lock_rows(db, session).await;
-    locks.sort_by_key(|l| l.id.0);
-    let mut audit = audit_rows(db, session).await;
-    audit.sort_by_key(|a| a.id.0);
-    (session_row(db, session).await, agents, locks, audit)
-}
 
 /// A populated session plus one more lock, acquired by its first agent and
 /// released with `release_lock` before anything else happens.

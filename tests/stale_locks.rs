@@ -9,7 +9,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use common::*;
 use demiarch_sessions::{Config, Error, LockGrant, LockOptions, MetricsSnapshot, SweepReport};
-use entity::{agent_executions, audit_log, global_sessions, lock_fencing, resource_locks};
+use entity::{audit_log, resource_locks};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, SqliteTransactionMode,
     Statement, TransactionOptions, TransactionTrait,
@@ -49,15 +49,6 @@ async fn swept_rows(db: &TestDb) -> Vec<audit_log::Model> {
         .expect("query audit")
 }
 
-async fn fencing_counter(db: &TestDb) -> i64 {
-    lock_fencing::Entity::find_by_id(1)
-        .one(db.manager.connection())
-        .await
-        .expect("read lock_fencing")
-        .expect("lock_fencing counter row")
-        .last_token
-}
-
 /// What a `locks_swept` row says about one lock it released.
 fn swept_entry(lock: &resource_locks::Model, reason: &str) -> serde_json::Value {
     json!({
@@ -84,24 +75,6 @@ fn swept_ids(row: &audit_log::Model) -> Vec<Uuid> {
                 .unwrap_or_else(|| panic!("bad lock_id in {l}"))
         })
         .collect()
-}
-
-/// A session, its agents and its locks, sorted by id.
-type SessionRows = (
-    global_sessions::Model,
-    Vec<agent_executions::Model>,
-    Vec<resource_locks::Model>,
-    Vec<audit_log::Model>,
-);
-
-async fn rows_of(db: &TestDb, session: Uuid) -> SessionRows {
-    let mut agents = agent_rows(db, session).await;
-    agents.sort_by_key(|a| a.id.0);
-    let mut locks = lock_rows(db, session).await;
-    locks.sort_by_key(|l| l.id.0);
-    let mut audit = audit_rows(db, session).await;
-    audit.sort_by_key(|a| a.id.0);
-    (session_row(db, session).await, agents, locks, audit)
 }
 
 /// A started session with one registered agent.

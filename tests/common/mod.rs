@@ -470,3 +470,31 @@ pub async fn rehold_locks(db: &TestDb, session: Uuid) {
         .await
         .expect("re-hold locks");
 }
+
+/// Everything stored about one session, sorted by id so two reads compare equal.
+pub type SessionRows = (
+    global_sessions::Model,
+    Vec<agent_executions::Model>,
+    Vec<resource_locks::Model>,
+    Vec<audit_log::Model>,
+);
+
+pub async fn rows_of(db: &TestDb, session: Uuid) -> SessionRows {
+    let mut agents = agent_rows(db, session).await;
+    agents.sort_by_key(|a| a.id.0);
+    let mut locks = lock_rows(db, session).await;
+    locks.sort_by_key(|l| l.id.0);
+    let mut audit = audit_rows(db, session).await;
+    audit.sort_by_key(|a| a.id.0);
+    (session_row(db, session).await, agents, locks, audit)
+}
+
+/// The `lock_fencing` counter, which `snapshot` does not cover.
+pub async fn fencing_counter(db: &TestDb) -> i64 {
+    entity::lock_fencing::Entity::find_by_id(1)
+        .one(db.manager.connection())
+        .await
+        .expect("read lock_fencing")
+        .expect("lock_fencing counter row")
+        .last_token
+}
