@@ -11,8 +11,7 @@ use demiarch_sessions::{Config, ContextWindow, Error};
 use entity::{agent_executions, resource_locks};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, SqlErr,
-    SqliteTransactionMode, Statement, TransactionOptions, TransactionTrait,
+    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, SqlErr, Statement,
 };
 use serde_json::json;
 use uuid::Uuid;
@@ -666,32 +665,7 @@ async fn cleanup_times_out_when_the_write_lock_is_held_and_rolls_back() {
 
             // Another process holds what the end needs: SQLite's write lock, or
             // the session's row lock on a server.
-            let blocker = db.second_connection().await;
-            let blocking = if db.is_sqlite() {
-                blocker
-                    .begin_with_options(TransactionOptions {
-                        isolation_level: None,
-                        access_mode: None,
-                        sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-                    })
-                    .await
-                    .expect("BEGIN IMMEDIATE on the blocker")
-            } else {
-                let txn = blocker.begin().await.expect("BEGIN on the blocker");
-                let sql = placeholders(
-                    &db,
-                    "SELECT id FROM global_sessions WHERE id = ? FOR UPDATE",
-                );
-                txn.query_one_raw(Statement::from_sql_and_values(
-                    txn.get_database_backend(),
-                    sql,
-                    [session.to_string().into()],
-                ))
-                .await
-                .expect("lock the session row")
-                .expect("session row");
-                txn
-            };
+            let (blocker, blocking) = block_session(&db, session).await;
 
             let t = Instant::now();
             let result = db.manager.end_session(session).await;

@@ -10,10 +10,7 @@ use common::*;
 use demiarch_sessions::{AuditFilter, Config, Error, SessionFilter, SessionManager, SessionStatus};
 use entity::global_sessions;
 use sea_orm::sea_query::Expr;
-use sea_orm::{
-    ColumnTrait, EntityTrait, QueryFilter, SqliteTransactionMode, TransactionOptions,
-    TransactionTrait,
-};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -278,14 +275,7 @@ async fn shutdown_past_its_deadline_leaves_sessions_open_not_half_ended() {
             }
             let (session, _) = populated_session(&db, 1, 2).await;
             let before = snapshot(&db).await;
-            let blocker = db.second_connection().await;
-            let blocking = blocker
-                .begin_with_options(TransactionOptions {
-                    sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-                    ..Default::default()
-                })
-                .await
-                .expect("BEGIN IMMEDIATE");
+            let (_blocker, blocking) = block_session(&db, session).await;
             let report = db
                 .manager
                 .shutdown(Duration::from_millis(200))

@@ -10,10 +10,7 @@ use chrono::{DateTime, Utc};
 use common::*;
 use demiarch_sessions::{Config, Error, LockGrant, LockOptions, MetricsSnapshot, SweepReport};
 use entity::{audit_log, resource_locks};
-use sea_orm::{
-    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, SqliteTransactionMode,
-    Statement, TransactionOptions, TransactionTrait,
-};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -884,33 +881,7 @@ async fn a_timed_out_end_is_counted_and_changes_nothing() {
             let (session, _) = populated_session(&db, 2, 2).await;
             let before = snapshot(&db).await;
 
-            let blocker = db.second_connection().await;
-            let blocking = if db.is_sqlite() {
-                blocker
-                    .begin_with_options(TransactionOptions {
-                        isolation_level: None,
-                        access_mode: None,
-                        sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-                    })
-                    .await
-                    .expect("BEGIN IMMEDIATE on the blocker")
-            } else {
-                let txn = blocker.begin().await.expect("BEGIN on the blocker");
-                let sql = if db.backend == Backend::Postgres {
-                    "SELECT id FROM global_sessions WHERE id = $1 FOR UPDATE"
-                } else {
-                    "SELECT id FROM global_sessions WHERE id = ? FOR UPDATE"
-                };
-                txn.query_one_raw(Statement::from_sql_and_values(
-                    txn.get_database_backend(),
-                    sql,
-                    [session.to_string().into()],
-                ))
-                .await
-                .expect("lock the session row")
-                .expect("session row");
-                txn
-            };
+            let (blocker, blocking) = block_session(&db, session).await;
 
             match m.end_session(session).await {
                 Err(Error::Timeout { elapsed_ms }) => assert!(elapsed_ms >= 200),

@@ -498,3 +498,37 @@ pub async fn fencing_counter(db: &TestDb) -> i64 {
         .expect("lock_fencing counter row")
         .last_token
 }
+
+/// Another process holding what an end of `session` needs: on a second
+/// connection, SQLite's write lock (`BEGIN IMMEDIATE`) or, on a server, the
+/// session's row lock (`SELECT … FOR UPDATE`). Roll the transaction back and
+/// close the connection to let go.
+pub async fn block_session(
+    db: &TestDb,
+    session: Uuid,
+) -> (DatabaseConnection, sea_orm::DatabaseTransaction) {
+    use sea_orm::{SqliteTransactionMode, Statement, TransactionOptions, TransactionTrait};
+    let blocker = db.second_connection().await;
+    let blocking = if db.is_sqlite() {
+        blocker
+            .begin_with_options(TransactionOptions {
+                sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+                ..Default::default()
+            })
+            .await
+            .expect("BEGIN IMMEDIATE on the blocker")
+    } else {
+        let txn = blocker.begin().await.expect("BEGIN on the blocker");
+        let sql = placeholders(db, "SELECT id FROM global_sessions WHERE id = ? FOR UPDATE");
+        txn.query_one_raw(Statement::from_sql_and_values(
+            txn.get_database_backend(),
+            sql,
+            [session.to_string().into()],
+        ))
+        .await
+        .expect("lock the session row")
+        .expect("session row");
+        txn
+    };
+    (blocker, blocking)
+}
