@@ -38,44 +38,72 @@ async fn populated_with_released(
     (session, ids, grant.lock_id)
 }
 
-/// A trigger that makes the `session_end` audit insert fail, per backend.
-async fn create_failing_audit_trigger(db: &TestDb) {
-    let statements: &[&str] = match db.backend {
-        Backend::Postgres => &[
-            "CREATE FUNCTION fail_audit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-             IF NEW.event_type = 'session_end' THEN RAISE EXCEPTION 'injected failure'; END IF; \
-             RETURN NEW; END $$",
-            "CREATE TRIGGER fail_audit BEFORE INSERT ON audit_log FOR EACH ROW \
-             EXECUTE FUNCTION fail_audit()",
-        ],
-        Backend::MySql => &[
-            "CREATE TRIGGER fail_audit BEFORE INSERT ON audit_log FOR EACH ROW \
-             BEGIN IF NEW.event_type = 'session_end' THEN \
-             SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'injected failure'; END IF; END",
-        ],
-        Backend::SqliteMemory | Backend::SqliteFile => {
-            &["CREATE TRIGGER fail_audit BEFORE INSERT ON audit_log \
-             WHEN NEW.event_type = 'session_end' \
-             BEGIN SELECT RAISE(ABORT, 'injected failure'); END"]
+/// Where an injected failure strikes inside an end.
+#[derive(Clone, Copy)]
+enum Failing {
+    /// The `session_end` audit INSERT.
+    AuditInsert,
+    /// The release of a lock by the session-end trigger. On SQLite it comes
+    /// after the audit INSERT, which the end sends first.
+    LockRelease,
+}
+
+impl Failing {
+    fn table(self) -> &'static str {
+        match self {
+            Failing::AuditInsert => "audit_log",
+            Failing::LockRelease => "resource_locks",
         }
+    }
+}
+
+/// A trigger named `fail_end` that makes one step of every end fail, per backend.
+async fn create_failing_trigger(db: &TestDb, at: Failing) {
+    let (event, condition) = match at {
+        Failing::AuditInsert => ("INSERT", "NEW.event_type = 'session_end'"),
+        Failing::LockRelease => ("UPDATE", "NEW.release_reason = 'session_end'"),
+    };
+    let table = at.table();
+    let statements: Vec<String> = match db.backend {
+        Backend::Postgres => vec![
+            format!(
+                "CREATE FUNCTION fail_end() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                 IF {condition} THEN RAISE EXCEPTION 'injected failure'; END IF; \
+                 RETURN NEW; END $$"
+            ),
+            format!(
+                "CREATE TRIGGER fail_end BEFORE {event} ON {table} FOR EACH ROW \
+                 EXECUTE FUNCTION fail_end()"
+            ),
+        ],
+        Backend::MySql => vec![format!(
+            "CREATE TRIGGER fail_end BEFORE {event} ON {table} FOR EACH ROW \
+             BEGIN IF {condition} THEN \
+             SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'injected failure'; END IF; END"
+        )],
+        Backend::SqliteMemory | Backend::SqliteFile => vec![format!(
+            "CREATE TRIGGER fail_end BEFORE {event} ON {table} \
+             WHEN {condition} \
+             BEGIN SELECT RAISE(ABORT, 'injected failure'); END"
+        )],
     };
     for sql in statements {
         db.manager
             .connection()
-            .execute_unprepared(sql)
+            .execute_unprepared(&sql)
             .await
             .expect("create trigger");
     }
 }
 
-async fn drop_failing_audit_trigger(db: &TestDb) {
+async fn drop_failing_trigger(db: &TestDb, at: Failing) {
     let sql = match db.backend {
-        Backend::Postgres => "DROP TRIGGER fail_audit ON audit_log",
-        _ => "DROP TRIGGER fail_audit",
+        Backend::Postgres => format!("DROP TRIGGER fail_end ON {}", at.table()),
+        _ => "DROP TRIGGER fail_end".to_owned(),
     };
     db.manager
         .connection()
-        .execute_unprepared(sql)
+        .execute_unprepared(&sql)
         .await
         .expect("drop trigger");
 }
@@ -519,70 +547,86 @@ async fn unknown_and_nil_session_ids_are_refused() {
 
 #[tokio::test]
 async fn failed_audit_insert_rolls_back_the_whole_end() {
-    each_backend(
+    failed_step_rolls_back_the_whole_end(
         "failed_audit_insert_rolls_back_the_whole_end",
-        |db| async move {
-            let (session, _) = populated_session(&db, 2, 2).await;
-            let windows = vec![ContextWindow {
-                key: "plan".into(),
-                data: json!({"step": 3}),
-            }];
-            db.manager
-                .contexts()
-                .put(session, "plan", json!({"step": 3}));
-            create_failing_audit_trigger(&db).await;
-            let before = snapshot(&db).await;
-
-            match db.manager.end_session(session).await {
-                Err(Error::Database(e)) => {
-                    assert!(
-                        e.to_string().contains("injected failure"),
-                        "unexpected error: {e}"
-                    )
-                }
-                other => panic!("expected Database error, got {other:?}"),
-            }
-            assert_eq!(snapshot(&db).await, before, "failed end changed nothing");
-            let row = session_row(&db, session).await;
-            assert_eq!(row.status, "active");
-            assert_eq!(row.context_data, None);
-            assert!(lock_rows(&db, session)
-                .await
-                .iter()
-                .all(|l| l.released_at.is_none()));
-            assert!(agent_rows(&db, session)
-                .await
-                .iter()
-                .all(|a| a.status == "running"));
-            assert_eq!(
-                db.manager.contexts().windows(session),
-                windows,
-                "windows kept"
-            );
-
-            drop_failing_audit_trigger(&db).await;
-
-            let report = db
-                .manager
-                .end_session(session)
-                .await
-                .expect("end after fix");
-            assert!(!report.already_ended);
-            assert_eq!(report.locks_released, 4);
-            let locks = lock_rows(&db, session).await;
-            assert_eq!(locks.len(), 4);
-            assert!(locks
-                .iter()
-                .all(|l| l.released_at == Some(report.completed_at)
-                    && l.release_reason.as_deref() == Some("session_end")));
-            assert_eq!(audit_of(&db, session, "session_end").await.len(), 1);
-            assert_eq!(session_row(&db, session).await.status, "completed");
-            assert_eq!(
-                db.manager.session_context(session).await.expect("saved"),
-                windows
-            );
-        },
+        Failing::AuditInsert,
     )
+    .await;
+}
+
+#[tokio::test]
+async fn failed_lock_release_rolls_back_the_whole_end() {
+    failed_step_rolls_back_the_whole_end(
+        "failed_lock_release_rolls_back_the_whole_end",
+        Failing::LockRelease,
+    )
+    .await;
+}
+
+/// An end that fails at `at` leaves every row as it was, audit row included,
+/// keeps the live windows, and the next end succeeds once the fault is gone.
+async fn failed_step_rolls_back_the_whole_end(name: &str, at: Failing) {
+    each_backend(name, move |db| async move {
+        let (session, _) = populated_session(&db, 2, 2).await;
+        let windows = vec![ContextWindow {
+            key: "plan".into(),
+            data: json!({"step": 3}),
+        }];
+        db.manager
+            .contexts()
+            .put(session, "plan", json!({"step": 3}));
+        create_failing_trigger(&db, at).await;
+        let before = snapshot(&db).await;
+
+        match db.manager.end_session(session).await {
+            Err(Error::Database(e)) => {
+                assert!(
+                    e.to_string().contains("injected failure"),
+                    "unexpected error: {e}"
+                )
+            }
+            other => panic!("expected Database error, got {other:?}"),
+        }
+        assert_eq!(snapshot(&db).await, before, "failed end changed nothing");
+        let row = session_row(&db, session).await;
+        assert_eq!(row.status, "active");
+        assert_eq!(row.context_data, None);
+        assert!(lock_rows(&db, session)
+            .await
+            .iter()
+            .all(|l| l.released_at.is_none()));
+        assert!(agent_rows(&db, session)
+            .await
+            .iter()
+            .all(|a| a.status == "running"));
+        assert_eq!(
+            db.manager.contexts().windows(session),
+            windows,
+            "windows kept"
+        );
+
+        drop_failing_trigger(&db, at).await;
+
+        let report = db
+            .manager
+            .end_session(session)
+            .await
+            .expect("end after fix");
+        assert!(!report.already_ended);
+        assert_eq!(report.locks_released, 4);
+        let locks = lock_rows(&db, session).await;
+        assert_eq!(locks.len(), 4);
+        assert!(locks
+            .iter()
+            .all(|l| l.released_at == Some(report.completed_at)
+                && l.release_reason.as_deref() == Some("session_end")));
+        assert_eq!(audit_of(&db, session, "session_end").await.len(), 1);
+        assert_eq!(session_row(&db, session).await.status, "completed");
+        assert_eq!(
+            db.manager.session_context(session).await.expect("saved"),
+            windows
+        );
+    })
     .await;
 }
 

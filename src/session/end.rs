@@ -175,12 +175,6 @@ async fn cleanup_in(
         now,
         context: context.text,
     };
-    let statement = match END_UPDATE.get(backend) {
-        Some(sql) => {
-            Statement::from_sql_and_values(backend, sql, values.into_update_values(backend))
-        }
-        None => END_UPDATE.remember(backend, values.build_update(backend)),
-    };
     // AC5: the one audit row. Its cleanup_ms is the time up to this write; the
     // report's adds the commit.
     let details = |closed: Option<&Closed>| {
@@ -196,33 +190,73 @@ async fn cleanup_in(
         }
         audit::Row::new(AuditEvent::SessionEnd, Some(session_id), details, now)
     };
-    let closed = if backend == DatabaseBackend::Postgres {
-        // The audit INSERT itself adds the counts the status trigger left in
-        // its transaction-local settings and returns them: `BEGIN`, UPDATE,
-        // INSERT, `COMMIT` (a SELECT of the settings would be one more trip).
-        if txn.execute_raw(statement).await?.rows_affected() == 0 {
-            return already_ended(txn, session_id).await;
+    let closed = match backend {
+        DatabaseBackend::Sqlite => {
+            // One call to SQLite's worker thread instead of two: the audit
+            // INSERT (which counts what is about to be released and inserts
+            // nothing when the session is already completed), then the
+            // UPDATE, sent as one text (a hop to the worker and back costs
+            // more than either statement on an in-memory database). Under
+            // `BEGIN IMMEDIATE` nothing can change between the two, so the
+            // counts are exactly what the trigger releases and cancels.
+            let mut binds = details(None).into_values();
+            binds.extend(sqlite_count_values(values.id));
+            let statement = match SQLITE_END.get(backend) {
+                Some(sql) => {
+                    binds.extend(values.into_update_values());
+                    Statement::from_sql_and_values(backend, sql, binds)
+                }
+                None => {
+                    let update = values.build_update(backend);
+                    binds.extend(update.values.map(|v| v.0).unwrap_or_default());
+                    let sql = format!("{SQLITE_END_AUDIT};\n{}", update.sql);
+                    SQLITE_END
+                        .remember(backend, Statement::from_sql_and_values(backend, sql, binds))
+                }
+            };
+            // Run to completion: an error in the UPDATE or its trigger must
+            // surface here, not be lost after the INSERT's row.
+            match txn.query_all_raw(statement).await?.first() {
+                Some(row) => Closed::from_row(row)?,
+                None => return already_ended(txn, session_id).await,
+            }
         }
-        let insert = Statement::from_sql_and_values(
-            backend,
-            POSTGRES_END_AUDIT,
-            details(None).into_values(),
-        );
-        let counted = txn.query_one_raw(insert).await?.ok_or_else(|| {
-            Error::CorruptRow("the session_end audit insert returned no row".into())
-        })?;
-        Closed::from_row(&counted)?
-    } else {
-        let Some(closed) = close_session_with(txn, statement).await? else {
-            return already_ended(txn, session_id).await;
-        };
-        let row = details(Some(&closed));
-        let insert = match END_AUDIT.get(backend) {
-            Some(sql) => Statement::from_sql_and_values(backend, sql, row.into_values()),
-            None => END_AUDIT.remember(backend, row.insert(backend)),
-        };
-        txn.execute_raw(insert).await?;
-        closed
+        DatabaseBackend::Postgres => {
+            // The audit INSERT itself adds the counts the status trigger left
+            // in its transaction-local settings and returns them: `BEGIN`,
+            // UPDATE, INSERT, `COMMIT` (a SELECT of the settings would be one
+            // more trip).
+            if txn
+                .execute_raw(cached_update(backend, values))
+                .await?
+                .rows_affected()
+                == 0
+            {
+                return already_ended(txn, session_id).await;
+            }
+            let insert = Statement::from_sql_and_values(
+                backend,
+                POSTGRES_END_AUDIT,
+                details(None).into_values(),
+            );
+            let counted = txn.query_one_raw(insert).await?.ok_or_else(|| {
+                Error::CorruptRow("the session_end audit insert returned no row".into())
+            })?;
+            Closed::from_row(&counted)?
+        }
+        _ => {
+            let Some(closed) = close_session_with(txn, cached_update(backend, values)).await?
+            else {
+                return already_ended(txn, session_id).await;
+            };
+            let row = details(Some(&closed));
+            let insert = match END_AUDIT.get(backend) {
+                Some(sql) => Statement::from_sql_and_values(backend, sql, row.into_values()),
+                None => END_AUDIT.remember(backend, row.insert(backend)),
+            };
+            txn.execute_raw(insert).await?;
+            closed
+        }
     };
 
     Ok(Cleanup {
@@ -241,6 +275,39 @@ VALUES ($1, $2, $3, $4, CAST($5 AS jsonb) || jsonb_build_object(
     'agents_cancelled', CAST(current_setting('demiarch.agents_cancelled') AS bigint)))
 RETURNING CAST("details" ->> 'locks_released' AS bigint),
           CAST("details" ->> 'agents_cancelled' AS bigint)"#;
+
+/// The `session_end` audit INSERT on SQLite, sent together with the end's
+/// UPDATE (see [`SQLITE_END`]). It binds the values of
+/// [`audit::Row::into_values`], then [`sqlite_count_values`]: the details get
+/// the session's held locks and running agents, counted before the UPDATE's
+/// trigger releases and cancels them, and nothing is inserted when the
+/// session is unknown or already completed (the UPDATE then matches nothing
+/// either). It returns the two counts.
+const SQLITE_END_AUDIT: &str = r#"INSERT INTO "audit_log" ("id", "event_type", "event_time", "session_id", "details")
+SELECT ?, ?, ?, ?, json_set(?,
+    '$.locks_released', (SELECT COUNT(*) FROM "resource_locks" WHERE "session_id" = ? AND "released_at" IS NULL),
+    '$.agents_cancelled', (SELECT COUNT(*) FROM "agent_executions" WHERE "session_id" = ? AND "status" = ?))
+WHERE EXISTS (SELECT 1 FROM "global_sessions" WHERE "id" = ? AND "status" <> ?)
+RETURNING json_extract("details", '$.locks_released'), json_extract("details", '$.agents_cancelled')"#;
+
+/// The values [`SQLITE_END_AUDIT`] binds after the audit row's.
+fn sqlite_count_values(session_id: TextUuid) -> [sea_orm::Value; 5] {
+    [
+        session_id.into(),
+        session_id.into(),
+        AgentStatus::Running.as_str().into(),
+        session_id.into(),
+        SessionStatus::Completed.as_str().into(),
+    ]
+}
+
+/// The end's UPDATE on PostgreSQL and MariaDB, its SQL built once.
+fn cached_update(backend: DatabaseBackend, values: EndValues) -> Statement {
+    match END_UPDATE.get(backend) {
+        Some(sql) => Statement::from_sql_and_values(backend, sql, values.into_update_values()),
+        None => END_UPDATE.remember(backend, values.build_update(backend)),
+    }
+}
 
 /// JSON text bound for a JSON column. PostgreSQL's `jsonb` takes it through a
 /// cast; SQLite stores the text as is and MariaDB's JSON column is text.
@@ -362,6 +429,8 @@ fn counts_returning(session_id: TextUuid) -> sea_orm::sea_query::ReturningClause
 /// checks the values are the builder's, in its order, on every backend.
 static END_UPDATE: db::SqlCache = db::SqlCache::new();
 static END_AUDIT: db::SqlCache = db::SqlCache::new();
+/// SQLite's whole end: [`SQLITE_END_AUDIT`], then the UPDATE, one text.
+static SQLITE_END: db::SqlCache = db::SqlCache::new();
 
 /// What one end binds to its UPDATE.
 struct EndValues {
@@ -372,9 +441,9 @@ struct EndValues {
 
 impl EndValues {
     /// The conditional UPDATE that both checks and ends the session, built by
-    /// sea-query (on SQLite with [`counts_returning`]).
+    /// sea-query.
     fn build_update(self, backend: DatabaseBackend) -> Statement {
-        let mut update = global_sessions::Entity::update_many()
+        let update = global_sessions::Entity::update_many()
             .col_expr(
                 global_sessions::Column::Status,
                 Expr::value(SessionStatus::Completed.as_str()),
@@ -388,31 +457,20 @@ impl EndValues {
             .filter(global_sessions::Column::Id.eq(self.id))
             .filter(global_sessions::Column::Status.ne(SessionStatus::Completed.as_str()))
             .into_query();
-        if backend == DatabaseBackend::Sqlite {
-            update.returning(counts_returning(self.id));
-        }
         backend.build(&update)
     }
 
-    /// The values [`build_update`](Self::build_update) binds on `backend`, in
-    /// its order.
-    fn into_update_values(self, backend: DatabaseBackend) -> Vec<sea_orm::Value> {
-        let mut values: Vec<sea_orm::Value> = vec![
+    /// The values [`build_update`](Self::build_update) binds, in its order
+    /// (the same on every backend).
+    fn into_update_values(self) -> Vec<sea_orm::Value> {
+        vec![
             SessionStatus::Completed.as_str().into(),
             self.now.into(),
             self.now.into(),
             self.context.into(),
             self.id.into(),
             SessionStatus::Completed.as_str().into(),
-        ];
-        if backend == DatabaseBackend::Sqlite {
-            values.extend([
-                self.id.into(),
-                self.id.into(),
-                AgentStatus::Running.as_str().into(),
-            ]);
-        }
-        values
+        ]
     }
 }
 
@@ -474,6 +532,19 @@ mod tests {
         }
     }
 
+    /// SQLite's audit INSERT binds the audit row's values, then the counts'.
+    #[test]
+    fn sqlite_end_audit_has_a_placeholder_per_bound_value() {
+        let row = audit::Row::new(
+            AuditEvent::SessionEnd,
+            Some(Uuid::new_v4()),
+            serde_json::json!({}),
+            db::now(),
+        );
+        let bound = row.into_values().len() + sqlite_count_values(TextUuid(Uuid::new_v4())).len();
+        assert_eq!(SQLITE_END_AUDIT.matches('?').count(), bound);
+    }
+
     /// The cached SQL is only right if each end binds exactly what the
     /// builder would have bound, in the same order.
     #[test]
@@ -486,7 +557,7 @@ mod tests {
                 context: v.context.clone(),
             };
             let built = v.build_update(backend);
-            let bound = same.into_update_values(backend);
+            let bound = same.into_update_values();
             assert_eq!(built.values.map(|v| v.0), Some(bound), "{backend:?} UPDATE");
 
             let row = || {
