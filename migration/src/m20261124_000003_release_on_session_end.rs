@@ -12,10 +12,11 @@
 //!   the audit row: PostgreSQL in the transaction-local settings
 //!   `demiarch.locks_released` / `demiarch.agents_cancelled`, MariaDB in the
 //!   session variables `@demiarch_locks_released` / `@demiarch_agents_cancelled`.
-//!   SQLite has neither; there the end counts the held locks and running
-//!   agents in the `RETURNING` clause of its UPDATE, which SQLite computes as
-//!   the row is changed, before AFTER triggers run (one writer at a time, so
-//!   nothing can change between the count and the trigger).
+//!   SQLite has neither; there the library counts the held locks and running
+//!   agents itself in the same write transaction (the end in its audit INSERT,
+//!   just before the UPDATE; recovery in the `RETURNING` clause of its UPDATE,
+//!   computed before AFTER triggers run). One writer at a time, so nothing can
+//!   change between the count and the trigger.
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::sea_orm::DatabaseBackend;
 

@@ -11,6 +11,13 @@
 //!    agents;
 //!    b. append the `session_end` audit row with what was released.
 //! 3. Commit, then drop the session's live windows from the registry.
+//!
+//! Round trips: SQLite sends its audit INSERT (which counts what is about to
+//! be released) and the UPDATE as one text, so the end is `BEGIN IMMEDIATE`,
+//! that call, `COMMIT`. PostgreSQL runs a and b inside one function,
+//! `demiarch_end_session` (migration 000004): the end is one statement in its
+//! own transaction. MariaDB: `BEGIN`, UPDATE, a read of the trigger's counts,
+//! INSERT, `COMMIT`.
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -83,31 +90,24 @@ pub(crate) async fn end_session(
         // AC6: everything up to the commit is bounded. The commit itself is not
         // cancelled midway: a cancelled COMMIT would leave the caller unsure
         // whether the session ended. A dropped transaction rolls back.
-        let work = async {
-            let txn = db::begin_write(manager.store()).await?;
-            let cleanup = cleanup_in(&txn, session_id, now, context, started).await?;
-            Ok::<_, Error>((txn, cleanup))
-        };
-        let (txn, cleanup) = match tokio::time::timeout(budget, work).await {
-            Ok(Ok(done)) => done,
-            // The server (or SQLite's busy handler) gave up waiting first.
-            Ok(Err(Error::Database(e))) if db::is_lock_timeout(&e) => {
-                let elapsed_ms = millis(started.elapsed());
-                warn!(elapsed_ms, error = %e, "session cleanup was blocked and rolled back");
-                return Err(Error::Timeout { elapsed_ms });
+        // PostgreSQL's end is one statement, bounded as `postgres_end` says.
+        let cleanup = match manager.store().get_database_backend() {
+            #[cfg(feature = "postgres")]
+            DatabaseBackend::Postgres => {
+                postgres_end(manager.store(), session_id, now, context, started, budget).await?
             }
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                let elapsed_ms = millis(started.elapsed());
-                warn!(
-                    elapsed_ms,
-                    budget_ms = millis(budget),
-                    "session cleanup timed out and was rolled back"
-                );
-                return Err(Error::Timeout { elapsed_ms });
+            _ => {
+                let work = async {
+                    let txn = db::begin_write(manager.store()).await?;
+                    let cleanup = cleanup_in(&txn, session_id, now, context, started).await?;
+                    Ok::<_, Error>((txn, cleanup))
+                };
+                let (txn, cleanup) =
+                    bounded(tokio::time::timeout(budget, work).await, started, budget)?;
+                txn.commit().await?;
+                cleanup
             }
         };
-        txn.commit().await?;
         if !cleanup.already_ended {
             manager.context_source().clear(session_id);
         }
@@ -175,19 +175,9 @@ async fn cleanup_in(
         now,
         context: context.text,
     };
-    // AC5: the one audit row. Its cleanup_ms is the time up to this write; the
-    // report's adds the commit.
+    let (windows, bytes) = (context.windows, context.bytes);
     let details = |closed: Option<&Closed>| {
-        let mut details = serde_json::json!({
-            "session_id": session_id,
-            "cleanup_ms": millis(started.elapsed()),
-            "context_windows": context.windows,
-            "context_bytes": context.bytes,
-        });
-        if let Some(closed) = closed {
-            details["locks_released"] = closed.locks_released.into();
-            details["agents_cancelled"] = closed.agents_cancelled.into();
-        }
+        let details = end_details(session_id, started, windows, bytes, closed);
         audit::Row::new(AuditEvent::SessionEnd, Some(session_id), details, now)
     };
     let closed = match backend {
@@ -221,29 +211,6 @@ async fn cleanup_in(
                 None => return already_ended(txn, session_id).await,
             }
         }
-        DatabaseBackend::Postgres => {
-            // The audit INSERT itself adds the counts the status trigger left
-            // in its transaction-local settings and returns them: `BEGIN`,
-            // UPDATE, INSERT, `COMMIT` (a SELECT of the settings would be one
-            // more trip).
-            if txn
-                .execute_raw(cached_update(backend, values))
-                .await?
-                .rows_affected()
-                == 0
-            {
-                return already_ended(txn, session_id).await;
-            }
-            let insert = Statement::from_sql_and_values(
-                backend,
-                POSTGRES_END_AUDIT,
-                details(None).into_values(),
-            );
-            let counted = txn.query_one_raw(insert).await?.ok_or_else(|| {
-                Error::CorruptRow("the session_end audit insert returned no row".into())
-            })?;
-            Closed::from_row(&counted)?
-        }
         _ => {
             let Some(closed) = close_session_with(txn, cached_update(backend, values)).await?
             else {
@@ -267,14 +234,120 @@ async fn cleanup_in(
     })
 }
 
-/// The `session_end` audit INSERT on PostgreSQL: the values of
-/// [`audit::Row::into_values`], the trigger's counts merged into the details.
-const POSTGRES_END_AUDIT: &str = r#"INSERT INTO "audit_log" ("id", "event_type", "event_time", "session_id", "details")
-VALUES ($1, $2, $3, $4, CAST($5 AS jsonb) || jsonb_build_object(
-    'locks_released', CAST(current_setting('demiarch.locks_released') AS bigint),
-    'agents_cancelled', CAST(current_setting('demiarch.agents_cancelled') AS bigint)))
-RETURNING CAST("details" ->> 'locks_released' AS bigint),
-          CAST("details" ->> 'agents_cancelled' AS bigint)"#;
+/// AC5: the details of the `session_end` audit row. Its cleanup_ms is the time
+/// up to its write; the report's adds the commit.
+fn end_details(
+    session_id: Uuid,
+    started: Instant,
+    context_windows: u64,
+    context_bytes: u64,
+    closed: Option<&Closed>,
+) -> serde_json::Value {
+    let mut details = serde_json::json!({
+        "session_id": session_id,
+        "cleanup_ms": millis(started.elapsed()),
+        "context_windows": context_windows,
+        "context_bytes": context_bytes,
+    });
+    if let Some(closed) = closed {
+        details["locks_released"] = closed.locks_released.into();
+        details["agents_cancelled"] = closed.agents_cancelled.into();
+    }
+    details
+}
+
+/// What a bounded step of the end came to. Our budget running out, and the
+/// server (or SQLite's busy handler) giving up on a lock first, both mean the
+/// step was rolled back: [`Error::Timeout`].
+fn bounded<T>(
+    outcome: std::result::Result<Result<T>, tokio::time::error::Elapsed>,
+    started: Instant,
+    budget: Duration,
+) -> Result<T> {
+    match outcome {
+        Ok(Ok(done)) => Ok(done),
+        Ok(Err(Error::Database(e))) if db::is_lock_timeout(&e) => {
+            let elapsed_ms = millis(started.elapsed());
+            warn!(elapsed_ms, error = %e, "session cleanup was blocked and rolled back");
+            Err(Error::Timeout { elapsed_ms })
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => {
+            let elapsed_ms = millis(started.elapsed());
+            warn!(
+                elapsed_ms,
+                budget_ms = millis(budget),
+                "session cleanup timed out and was rolled back"
+            );
+            Err(Error::Timeout { elapsed_ms })
+        }
+    }
+}
+
+/// The end on PostgreSQL: one statement, `demiarch_end_session` (migration
+/// 000004), which runs the conditional UPDATE (the status trigger releasing
+/// and cancelling within it) and the audit INSERT in the statement's own
+/// transaction. One round trip where `BEGIN`, UPDATE, INSERT, `COMMIT` took
+/// four.
+///
+/// AC6 on this path: waiting for a pooled connection is bounded by the
+/// budget (nothing is written yet). The statement, once sent, is not
+/// cancelled, for the reason the other backends' COMMIT is not: a cancelled
+/// statement could still commit on the server. The server bounds it instead:
+/// every pooled connection's `lock_timeout` is the budget
+/// (`db::configure_server_sessions`), and a lock wait beyond it rolls the
+/// statement back, which is reported as [`Error::Timeout`].
+#[cfg(feature = "postgres")]
+async fn postgres_end(
+    store: &db::Store,
+    session_id: Uuid,
+    now: DateTime<Utc>,
+    context: SavedContext,
+    started: Instant,
+    budget: Duration,
+) -> Result<Cleanup> {
+    use sea_orm::sqlx;
+    let sqlx_error = |e: sqlx::Error| {
+        Error::Database(sea_orm::DbErr::Query(sea_orm::RuntimeErr::SqlxError(
+            e.into(),
+        )))
+    };
+    let pool = store.get_postgres_connection_pool();
+    let acquire = async { pool.acquire().await.map_err(sqlx_error) };
+    let mut conn = bounded(tokio::time::timeout(budget, acquire).await, started, budget)?;
+    let details = end_details(session_id, started, context.windows, context.bytes, None);
+    let counted: Option<(i64, i64)> = bounded(
+        Ok(sqlx::query_as(POSTGRES_END)
+            .bind(Uuid::new_v4().to_string())
+            .bind(now)
+            .bind(session_id.to_string())
+            .bind(details.to_string())
+            .bind(context.text)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(sqlx_error)),
+        started,
+        budget,
+    )?;
+    drop(conn);
+    let Some((locks, agents)) = counted else {
+        return already_ended(&**store, session_id).await;
+    };
+    let count =
+        |n: i64| u64::try_from(n).map_err(|_| Error::CorruptRow(format!("negative row count {n}")));
+    Ok(Cleanup {
+        completed_at: now,
+        already_ended: false,
+        locks_released: count(locks)?,
+        agents_cancelled: count(agents)?,
+    })
+}
+
+/// The call of `demiarch_end_session`: audit id, time, session id, the audit
+/// details without the counts, the saved context.
+#[cfg(feature = "postgres")]
+const POSTGRES_END: &str = "SELECT locks_released, agents_cancelled \
+     FROM demiarch_end_session($1, $2, $3, CAST($4 AS jsonb), CAST($5 AS jsonb))";
 
 /// The `session_end` audit INSERT on SQLite, sent together with the end's
 /// UPDATE (see [`SQLITE_END`]). It binds the values of
@@ -301,26 +374,11 @@ fn sqlite_count_values(session_id: TextUuid) -> [sea_orm::Value; 5] {
     ]
 }
 
-/// The end's UPDATE on PostgreSQL and MariaDB, its SQL built once.
+/// The end's UPDATE on MariaDB, its SQL built once.
 fn cached_update(backend: DatabaseBackend, values: EndValues) -> Statement {
     match END_UPDATE.get(backend) {
         Some(sql) => Statement::from_sql_and_values(backend, sql, values.into_update_values()),
         None => END_UPDATE.remember(backend, values.build_update(backend)),
-    }
-}
-
-/// JSON text bound for a JSON column. PostgreSQL's `jsonb` takes it through a
-/// cast; SQLite stores the text as is and MariaDB's JSON column is text.
-/// Binding the text the context was serialized to once, rather than a
-/// `serde_json::Value` that the driver would serialize again, keeps a
-/// megabyte context to one pass.
-fn json_text(backend: DatabaseBackend, text: String) -> sea_orm::sea_query::SimpleExpr {
-    use sea_orm::ExprTrait;
-    let value = Expr::value(text);
-    if backend == DatabaseBackend::Postgres {
-        value.cast_as("jsonb")
-    } else {
-        value
     }
 }
 
@@ -422,11 +480,12 @@ fn counts_returning(session_id: TextUuid) -> sea_orm::sea_query::ReturningClause
     ])
 }
 
-/// The SQL text of the end's UPDATE and audit INSERT, built by sea-query once
-/// per backend and process; every end binds its own values to it (and sqlx
-/// reuses the prepared statement). Building them afresh cost more than a
-/// round trip to in-memory SQLite. `end_statements_bind_what_the_builder_binds`
-/// checks the values are the builder's, in its order, on every backend.
+/// The SQL text of the end's UPDATE and audit INSERT (SQLite, MariaDB), built
+/// by sea-query once per backend and process; every end binds its own values
+/// to it (and sqlx reuses the prepared statement). Building them afresh cost
+/// more than a round trip to in-memory SQLite.
+/// `end_statements_bind_what_the_builder_binds` checks the values are the
+/// builder's, in its order, on both backends.
 static END_UPDATE: db::SqlCache = db::SqlCache::new();
 static END_AUDIT: db::SqlCache = db::SqlCache::new();
 /// SQLite's whole end: [`SQLITE_END_AUDIT`], then the UPDATE, one text.
@@ -450,9 +509,14 @@ impl EndValues {
             )
             .col_expr(global_sessions::Column::UpdatedAt, Expr::value(self.now))
             .col_expr(global_sessions::Column::CompletedAt, Expr::value(self.now))
+            // The text the context was serialized to once, bound as is
+            // (SQLite's JSON is text, MariaDB's JSON column is text; PostgreSQL
+            // ends through `demiarch_end_session`), rather than a
+            // `serde_json::Value` the driver would serialize again: a
+            // megabyte context takes one pass.
             .col_expr(
                 global_sessions::Column::ContextData,
-                json_text(backend, self.context),
+                Expr::value(self.context),
             )
             .filter(global_sessions::Column::Id.eq(self.id))
             .filter(global_sessions::Column::Status.ne(SessionStatus::Completed.as_str()))
@@ -487,14 +551,14 @@ fn count_where<E: EntityTrait>(table: E, condition: Condition) -> sea_orm::sea_q
 
 /// The conditional update touched nothing: the session is unknown or was
 /// already completed. Only then is the row read.
-async fn already_ended(txn: &DatabaseTransaction, session_id: Uuid) -> Result<Cleanup> {
+async fn already_ended(db: &impl ConnectionTrait, session_id: Uuid) -> Result<Cleanup> {
     let row: Option<(String, Option<DateTime<Utc>>)> = global_sessions::Entity::find()
         .select_only()
         .column(global_sessions::Column::Status)
         .column(global_sessions::Column::CompletedAt)
         .filter(global_sessions::Column::Id.eq(TextUuid(session_id)))
         .into_tuple()
-        .one(txn)
+        .one(db)
         .await?;
     match row {
         None => Err(Error::SessionNotFound(session_id)),
@@ -518,11 +582,9 @@ fn millis(d: Duration) -> u64 {
 mod tests {
     use super::*;
 
-    const BACKENDS: [DatabaseBackend; 3] = [
-        DatabaseBackend::Sqlite,
-        DatabaseBackend::Postgres,
-        DatabaseBackend::MySql,
-    ];
+    /// The backends whose end binds to SQL built by sea-query (PostgreSQL
+    /// calls `demiarch_end_session`).
+    const BACKENDS: [DatabaseBackend; 2] = [DatabaseBackend::Sqlite, DatabaseBackend::MySql];
 
     fn values() -> EndValues {
         EndValues {
