@@ -155,7 +155,18 @@ pub(crate) async fn shutdown(
         match outcome {
             Ok(Ok(end)) if end.already_ended => report.already_ended.push(session_id),
             Ok(Ok(_)) => report.ended.push(session_id),
-            Ok(Err(Error::Timeout { .. })) | Err(_) => report.timed_out.push(session_id),
+            Ok(Err(Error::Timeout { .. })) => report.timed_out.push(session_id),
+            // The deadline dropped the end midway. On PostgreSQL the end is
+            // one statement the server finishes anyway, and on every backend
+            // a COMMIT already sent may land: report what the row says.
+            Err(_) => {
+                if ended_anyway(manager, session_id).await {
+                    manager.context_source().clear(session_id);
+                    report.ended.push(session_id);
+                } else {
+                    report.timed_out.push(session_id);
+                }
+            }
             Ok(Err(e)) => report.failed.push(ShutdownFailure {
                 session_id,
                 error: e.to_string(),
@@ -170,6 +181,21 @@ pub(crate) async fn shutdown(
         list.sort();
     }
     Ok(report)
+}
+
+/// Whether the session's row says it was ended, after its end was dropped at
+/// the deadline. A read that fails counts as not ended.
+async fn ended_anyway(manager: &SessionManager, session_id: Uuid) -> bool {
+    let status: Option<String> = global_sessions::Entity::find()
+        .select_only()
+        .column(global_sessions::Column::Status)
+        .filter(global_sessions::Column::Id.eq(TextUuid(session_id)))
+        .into_tuple()
+        .one(manager.connection())
+        .await
+        .ok()
+        .flatten();
+    status.as_deref() == Some(SessionStatus::Completed.as_str())
 }
 
 /// Resolves on Ctrl-C, or on SIGTERM on Unix.

@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 
 use chrono::{SubsecRound, Utc};
 use common::*;
-use demiarch_sessions::{Config, ContextWindow, Error};
+use demiarch_sessions::{Config, ContextWindow, Error, SessionManager};
 use entity::{agent_executions, resource_locks};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, SqlErr, Statement,
+    TransactionTrait,
 };
 use serde_json::json;
 use uuid::Uuid;
@@ -755,6 +756,89 @@ async fn cleanup_times_out_when_the_write_lock_is_held_and_rolls_back() {
                 .iter()
                 .all(|l| l.release_reason.as_deref() == Some("session_end")));
             assert_eq!(audit_of(&db, session, "session_end").await.len(), 1);
+        },
+    )
+    .await;
+}
+
+/// A manager built with `SessionManager::new` on a connection the library did
+/// not set up (no server-side lock timeout of its own) is bounded all the
+/// same, whether the end waits for the session's row or, inside the
+/// session-end trigger, for one of its lock rows.
+#[tokio::test]
+async fn end_on_a_connection_set_up_by_the_app_is_still_bounded() {
+    let config = Config {
+        cleanup_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    each_backend_with(
+        "end_on_a_connection_set_up_by_the_app_is_still_bounded",
+        config.clone(),
+        move |db| {
+            let config = config.clone();
+            async move {
+                if db.is_sqlite() {
+                    eprintln!(
+                        "app-connection timeout test: skipped on {} (row locks are a server's)",
+                        db.backend.name()
+                    );
+                    return;
+                }
+                let manager = SessionManager::new(db.second_connection().await, config);
+                for row in ["global_sessions", "resource_locks"] {
+                    let (session, _) = populated_session(&db, 2, 2).await;
+                    let before = snapshot(&db).await;
+                    let blocker = db.second_connection().await;
+                    let blocking = blocker.begin().await.expect("BEGIN on the blocker");
+                    let column = if row == "global_sessions" {
+                        "id"
+                    } else {
+                        "session_id"
+                    };
+                    let sql = placeholders(
+                        &db,
+                        &format!("SELECT 1 FROM {row} WHERE {column} = ? LIMIT 1 FOR UPDATE"),
+                    );
+                    blocking
+                        .query_one_raw(Statement::from_sql_and_values(
+                            blocking.get_database_backend(),
+                            sql,
+                            [session.to_string().into()],
+                        ))
+                        .await
+                        .expect("lock the row")
+                        .expect("a row to lock");
+
+                    let t = Instant::now();
+                    // A hang is the failure this test looks for: give up long
+                    // before the test harness would.
+                    let result =
+                        tokio::time::timeout(Duration::from_secs(10), manager.end_session(session))
+                            .await
+                            .unwrap_or_else(|_| panic!("{row} blocked: end_session hung"));
+                    let wall = t.elapsed();
+                    assert!(
+                        matches!(result, Err(Error::Timeout { .. })),
+                        "{row} blocked: expected Timeout, got {result:?} after {wall:?}"
+                    );
+                    assert!(
+                        wall < Duration::from_secs(2),
+                        "{row} blocked: took {wall:?}"
+                    );
+                    blocking.rollback().await.expect("rollback blocker");
+                    blocker.close().await.expect("close blocker");
+                    assert_eq!(
+                        snapshot(&db).await,
+                        before,
+                        "{row} blocked: nothing changed"
+                    );
+
+                    let report = manager.end_session(session).await.expect("end, unblocked");
+                    assert_eq!(report.locks_released, 4);
+                    assert_eq!(session_row(&db, session).await.status, "completed");
+                }
+                manager.connection().clone().close().await.expect("close");
+            }
         },
     )
     .await;

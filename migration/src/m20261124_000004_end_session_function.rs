@@ -11,6 +11,11 @@
 //! is unknown or already completed, in which case nothing was written. Any
 //! error rolls the whole statement back.
 //!
+//! Its first act is to bound its own waits: `lock_timeout` becomes
+//! `p_lock_timeout_ms` for its transaction, whatever the connection's own
+//! setting (the library passes what is left of `Config::cleanup_timeout`), so
+//! an end blocked on a row lock gives up on the server and rolls back.
+//!
 //! SQLite has no stored functions and MariaDB's end is already cheaper than
 //! the seed's: this migration changes nothing there.
 use sea_orm_migration::prelude::*;
@@ -25,10 +30,12 @@ CREATE FUNCTION demiarch_end_session(
     p_event_time timestamptz,
     p_session_id text,
     p_details jsonb,
-    p_context jsonb
+    p_context jsonb,
+    p_lock_timeout_ms bigint
 ) RETURNS TABLE (locks_released bigint, agents_cancelled bigint)
 LANGUAGE plpgsql AS $$
 BEGIN
+    PERFORM set_config('lock_timeout', greatest(p_lock_timeout_ms, 1) || 'ms', true);
     UPDATE global_sessions
        SET status = 'completed',
            updated_at = p_event_time,
@@ -66,7 +73,7 @@ impl MigrationTrait for Migration {
                 .get_connection()
                 .execute_unprepared(
                     "DROP FUNCTION IF EXISTS \
-                     demiarch_end_session(text, timestamptz, text, jsonb, jsonb)",
+                     demiarch_end_session(text, timestamptz, text, jsonb, jsonb, bigint)",
                 )
                 .await?;
         }

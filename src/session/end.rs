@@ -2,8 +2,7 @@
 //!
 //! 1. Serialize the session's context windows (before any transaction opens,
 //!    so the write lock is never held while user data is serialized).
-//! 2. In one transaction (SQLite: `BEGIN IMMEDIATE`), bounded by
-//!    `Config::cleanup_timeout`:
+//! 2. In one transaction, bounded by `Config::cleanup_timeout`:
 //!    a. mark the session `completed` with `completed_at` and `context_data`
 //!    — one conditional UPDATE that both checks and changes it; in that same
 //!    statement the status trigger (migration 000003) releases every held
@@ -12,12 +11,14 @@
 //!    b. append the `session_end` audit row with what was released.
 //! 3. Commit, then drop the session's live windows from the registry.
 //!
-//! Round trips: SQLite sends its audit INSERT (which counts what is about to
-//! be released) and the UPDATE as one text, so the end is `BEGIN IMMEDIATE`,
-//! that call, `COMMIT`. PostgreSQL runs a and b inside one function,
-//! `demiarch_end_session` (migration 000004): the end is one statement in its
-//! own transaction. MariaDB: `BEGIN`, UPDATE, a read of the trigger's counts,
-//! INSERT, `COMMIT`.
+//! Per backend:
+//! - SQLite: `BEGIN IMMEDIATE`; one call carrying b's INSERT (which counts
+//!   what is about to be released, and inserts nothing when the session is
+//!   already completed) then a's UPDATE, as one text; `COMMIT`. One writer at
+//!   a time, so the order does not matter to what is counted.
+//! - PostgreSQL: a then b inside one function, `demiarch_end_session`
+//!   (migration 000004), called as one statement in its own transaction.
+//! - MariaDB: `BEGIN`; a; a read of the trigger's counts; b; `COMMIT`.
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -162,10 +163,12 @@ async fn cleanup_in(
     started: Instant,
 ) -> Result<Cleanup> {
     // AC1, AC2, AC4: one conditional update both checks and ends the session.
-    // It is the first statement, so on PostgreSQL and MariaDB it takes the
-    // session row's exclusive lock (what `SELECT … FOR UPDATE` would) before
-    // anything else is touched: acquires and registrations, which read the row
-    // `FOR SHARE`, wait for this end to commit and then see `completed`.
+    // On MariaDB it is the first statement, so it takes the session row's
+    // exclusive lock (what `SELECT … FOR UPDATE` would) before anything else
+    // is touched: acquires and registrations, which read the row `FOR SHARE`,
+    // wait for this end to commit and then see `completed` (PostgreSQL's
+    // function does the same). On SQLite the transaction holds the write lock
+    // from `BEGIN IMMEDIATE`.
     // AC3: the same statement releases every held lock of the session and
     // cancels its running agents: the status trigger (migration 000003) does
     // both as the row changes to `completed`.
@@ -189,26 +192,23 @@ async fn cleanup_in(
             // more than either statement on an in-memory database). Under
             // `BEGIN IMMEDIATE` nothing can change between the two, so the
             // counts are exactly what the trigger releases and cancels.
-            let mut binds = details(None).into_values();
-            binds.extend(sqlite_count_values(values.id));
-            let statement = match SQLITE_END.get(backend) {
-                Some(sql) => {
-                    binds.extend(values.into_update_values());
-                    Statement::from_sql_and_values(backend, sql, binds)
-                }
-                None => {
-                    let update = values.build_update(backend);
-                    binds.extend(update.values.map(|v| v.0).unwrap_or_default());
-                    let sql = format!("{SQLITE_END_AUDIT};\n{}", update.sql);
-                    SQLITE_END
-                        .remember(backend, Statement::from_sql_and_values(backend, sql, binds))
-                }
-            };
+            let statement = sqlite_end_statement(details(None), values);
             // Run to completion: an error in the UPDATE or its trigger must
-            // surface here, not be lost after the INSERT's row.
-            match txn.query_all_raw(statement).await?.first() {
-                Some(row) => Closed::from_row(row)?,
-                None => return already_ended(txn, session_id).await,
+            // surface here, not be lost after the INSERT's row. Both
+            // statements return a row when the session ends, neither when it
+            // had already ended; anything else is refused (and rolled back)
+            // rather than leaving an audit row for a session still active.
+            let rows = txn.query_all_raw(statement).await?;
+            match rows.as_slice() {
+                [] => return already_ended(txn, session_id).await,
+                [counts, _updated] => Closed::from_row(counts)?,
+                _ => {
+                    return Err(Error::CorruptRow(format!(
+                        "ending session {session_id}: its audit insert and its update \
+                         disagree ({} rows returned, 0 or 2 expected)",
+                        rows.len()
+                    )))
+                }
             }
         }
         _ => {
@@ -235,7 +235,9 @@ async fn cleanup_in(
 }
 
 /// AC5: the details of the `session_end` audit row. Its cleanup_ms is the time
-/// up to its write; the report's adds the commit.
+/// up to when its INSERT is sent (on PostgreSQL, up to the call of the
+/// function, so the function's own waits are not in it); the report's adds
+/// the rest, commit included.
 fn end_details(
     session_id: Uuid,
     started: Instant,
@@ -291,12 +293,16 @@ fn bounded<T>(
 /// four.
 ///
 /// AC6 on this path: waiting for a pooled connection is bounded by the
-/// budget (nothing is written yet). The statement, once sent, is not
-/// cancelled, for the reason the other backends' COMMIT is not: a cancelled
-/// statement could still commit on the server. The server bounds it instead:
-/// every pooled connection's `lock_timeout` is the budget
-/// (`db::configure_server_sessions`), and a lock wait beyond it rolls the
-/// statement back, which is reported as [`Error::Timeout`].
+/// budget on the client (nothing is written yet). The statement, once sent,
+/// is not cancelled, for the reason the other backends' COMMIT is not: a
+/// cancelled statement could still commit on the server. The server bounds it
+/// instead: the function first sets its transaction's `lock_timeout` to what
+/// is left of the budget (whatever the connection's own setting, so a
+/// connection handed to `SessionManager::new` is bounded too), and a lock
+/// wait beyond it rolls the whole statement back, reported as
+/// [`Error::Timeout`]. That bound is per lock wait: an end that meets several
+/// stuck writers in turn can take longer (an I/O or network stall is not
+/// bounded at all, as for a COMMIT).
 #[cfg(feature = "postgres")]
 async fn postgres_end(
     store: &db::Store,
@@ -306,16 +312,28 @@ async fn postgres_end(
     started: Instant,
     budget: Duration,
 ) -> Result<Cleanup> {
-    use sea_orm::sqlx;
-    let sqlx_error = |e: sqlx::Error| {
-        Error::Database(sea_orm::DbErr::Query(sea_orm::RuntimeErr::SqlxError(
-            e.into(),
-        )))
+    use sea_orm::{sqlx, ConnAcquireErr, DatabaseConnectionType, DbErr, RuntimeErr};
+    let DatabaseConnectionType::SqlxPostgresPoolConnection(_) = &store.inner else {
+        return Err(Error::Database(DbErr::Conn(RuntimeErr::Internal(
+            "end_session on PostgreSQL needs a connection backed by a sqlx pool".into(),
+        ))));
     };
     let pool = store.get_postgres_connection_pool();
-    let acquire = async { pool.acquire().await.map_err(sqlx_error) };
+    // Mapped as SeaORM maps its own acquire errors.
+    let acquire = async {
+        pool.acquire().await.map_err(|e| {
+            Error::Database(match e {
+                sqlx::Error::PoolTimedOut => DbErr::ConnectionAcquire(ConnAcquireErr::Timeout),
+                sqlx::Error::PoolClosed => {
+                    DbErr::ConnectionAcquire(ConnAcquireErr::ConnectionClosed)
+                }
+                e => DbErr::Conn(RuntimeErr::SqlxError(e.into())),
+            })
+        })
+    };
     let mut conn = bounded(tokio::time::timeout(budget, acquire).await, started, budget)?;
     let details = end_details(session_id, started, context.windows, context.bytes, None);
+    let wait_ms = millis(budget.saturating_sub(started.elapsed())).max(1);
     let counted: Option<(i64, i64)> = bounded(
         Ok(sqlx::query_as(POSTGRES_END)
             .bind(Uuid::new_v4().to_string())
@@ -323,9 +341,10 @@ async fn postgres_end(
             .bind(session_id.to_string())
             .bind(details.to_string())
             .bind(context.text)
+            .bind(i64::try_from(wait_ms).unwrap_or(i64::MAX))
             .fetch_optional(&mut *conn)
             .await
-            .map_err(sqlx_error)),
+            .map_err(|e| Error::Database(DbErr::Query(RuntimeErr::SqlxError(e.into()))))),
         started,
         budget,
     )?;
@@ -344,10 +363,10 @@ async fn postgres_end(
 }
 
 /// The call of `demiarch_end_session`: audit id, time, session id, the audit
-/// details without the counts, the saved context.
+/// details without the counts, the saved context, the lock wait allowed (ms).
 #[cfg(feature = "postgres")]
 const POSTGRES_END: &str = "SELECT locks_released, agents_cancelled \
-     FROM demiarch_end_session($1, $2, $3, CAST($4 AS jsonb), CAST($5 AS jsonb))";
+     FROM demiarch_end_session($1, $2, $3, CAST($4 AS jsonb), CAST($5 AS jsonb), $6)";
 
 /// The `session_end` audit INSERT on SQLite, sent together with the end's
 /// UPDATE (see [`SQLITE_END`]). It binds the values of
@@ -362,6 +381,27 @@ SELECT ?, ?, ?, ?, json_set(?,
     '$.agents_cancelled', (SELECT COUNT(*) FROM "agent_executions" WHERE "session_id" = ? AND "status" = ?))
 WHERE EXISTS (SELECT 1 FROM "global_sessions" WHERE "id" = ? AND "status" <> ?)
 RETURNING json_extract("details", '$.locks_released'), json_extract("details", '$.agents_cancelled')"#;
+
+/// SQLite's end as one text: [`SQLITE_END_AUDIT`], then the session's
+/// UPDATE (`RETURNING 1`, so that the caller sees it matched), with the audit
+/// row's values, the counts' and the UPDATE's, in that order.
+fn sqlite_end_statement(row: audit::Row, values: EndValues) -> Statement {
+    let backend = DatabaseBackend::Sqlite;
+    let mut binds = row.into_values();
+    binds.extend(sqlite_count_values(values.id));
+    match SQLITE_END.get(backend) {
+        Some(sql) => {
+            binds.extend(values.into_update_values());
+            Statement::from_sql_and_values(backend, sql, binds)
+        }
+        None => {
+            let update = values.build_update(backend);
+            binds.extend(update.values.map(|v| v.0).unwrap_or_default());
+            let sql = format!("{SQLITE_END_AUDIT};\n{} RETURNING 1", update.sql);
+            SQLITE_END.remember(backend, Statement::from_sql_and_values(backend, sql, binds))
+        }
+    }
+}
 
 /// The values [`SQLITE_END_AUDIT`] binds after the audit row's.
 fn sqlite_count_values(session_id: TextUuid) -> [sea_orm::Value; 5] {
@@ -594,17 +634,31 @@ mod tests {
         }
     }
 
-    /// SQLite's audit INSERT binds the audit row's values, then the counts'.
+    /// SQLite's end binds one value per placeholder, whether its text was
+    /// just built or taken from the cache (sqlx would bind NULL to a
+    /// placeholder left without a value).
     #[test]
-    fn sqlite_end_audit_has_a_placeholder_per_bound_value() {
-        let row = audit::Row::new(
-            AuditEvent::SessionEnd,
-            Some(Uuid::new_v4()),
-            serde_json::json!({}),
-            db::now(),
-        );
-        let bound = row.into_values().len() + sqlite_count_values(TextUuid(Uuid::new_v4())).len();
-        assert_eq!(SQLITE_END_AUDIT.matches('?').count(), bound);
+    fn sqlite_end_binds_a_value_per_placeholder() {
+        for _ in 0..2 {
+            let row = audit::Row::new(
+                AuditEvent::SessionEnd,
+                Some(Uuid::new_v4()),
+                serde_json::json!({}),
+                db::now(),
+            );
+            let statement = sqlite_end_statement(row, values());
+            let bound = statement.values.map(|v| v.0.len()).unwrap_or(0);
+            assert_eq!(
+                statement.sql.matches('?').count(),
+                bound,
+                "{}",
+                statement.sql
+            );
+            assert!(
+                bound > 10,
+                "the audit row, the counts and the update all bind"
+            );
+        }
     }
 
     /// The cached SQL is only right if each end binds exactly what the
