@@ -106,7 +106,8 @@ async fn beat(db: &db::Store, owner: Uuid) -> Result<u64> {
 /// What `shutdown` did with the open sessions this instance owned.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct ShutdownReport {
-    /// Ended cleanly now.
+    /// Ended cleanly now (including an end the deadline dropped after it was
+    /// sent, whose row then reads `completed`).
     pub ended: Vec<Uuid>,
     /// Found already ended (by another call or instance).
     pub already_ended: Vec<Uuid>,
