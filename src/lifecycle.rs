@@ -187,16 +187,10 @@ pub(crate) async fn shutdown(
 /// Whether the session's row says it was ended, after its end was dropped at
 /// the deadline. A read that fails counts as not ended.
 async fn ended_anyway(manager: &SessionManager, session_id: Uuid) -> bool {
-    let status: Option<String> = global_sessions::Entity::find()
-        .select_only()
-        .column(global_sessions::Column::Status)
-        .filter(global_sessions::Column::Id.eq(TextUuid(session_id)))
-        .into_tuple()
-        .one(manager.connection())
-        .await
-        .ok()
-        .flatten();
-    status.as_deref() == Some(SessionStatus::Completed.as_str())
+    matches!(
+        crate::session::end::status_of(manager.connection(), session_id).await,
+        Ok(Some((status, _))) if status == SessionStatus::Completed.as_str()
+    )
 }
 
 /// Resolves on Ctrl-C, or on SIGTERM on Unix.

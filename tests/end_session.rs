@@ -12,7 +12,6 @@ use entity::{agent_executions, resource_locks};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, SqlErr, Statement,
-    TransactionTrait,
 };
 use serde_json::json;
 use uuid::Uuid;
@@ -788,26 +787,12 @@ async fn end_on_a_connection_set_up_by_the_app_is_still_bounded() {
                 for row in ["global_sessions", "resource_locks"] {
                     let (session, _) = populated_session(&db, 2, 2).await;
                     let before = snapshot(&db).await;
-                    let blocker = db.second_connection().await;
-                    let blocking = blocker.begin().await.expect("BEGIN on the blocker");
                     let column = if row == "global_sessions" {
                         "id"
                     } else {
                         "session_id"
                     };
-                    let sql = placeholders(
-                        &db,
-                        &format!("SELECT 1 FROM {row} WHERE {column} = ? LIMIT 1 FOR UPDATE"),
-                    );
-                    blocking
-                        .query_one_raw(Statement::from_sql_and_values(
-                            blocking.get_database_backend(),
-                            sql,
-                            [session.to_string().into()],
-                        ))
-                        .await
-                        .expect("lock the row")
-                        .expect("a row to lock");
+                    let (blocker, blocking) = lock_row_of(&db, row, column, session).await;
 
                     let t = Instant::now();
                     // A hang is the failure this test looks for: give up long

@@ -592,15 +592,7 @@ fn count_where<E: EntityTrait>(table: E, condition: Condition) -> sea_orm::sea_q
 /// The conditional update touched nothing: the session is unknown or was
 /// already completed. Only then is the row read.
 async fn already_ended(db: &impl ConnectionTrait, session_id: Uuid) -> Result<Cleanup> {
-    let row: Option<(String, Option<DateTime<Utc>>)> = global_sessions::Entity::find()
-        .select_only()
-        .column(global_sessions::Column::Status)
-        .column(global_sessions::Column::CompletedAt)
-        .filter(global_sessions::Column::Id.eq(TextUuid(session_id)))
-        .into_tuple()
-        .one(db)
-        .await?;
-    match row {
+    match status_of(db, session_id).await? {
         None => Err(Error::SessionNotFound(session_id)),
         Some((_, Some(completed_at))) => Ok(Cleanup {
             completed_at,
@@ -612,6 +604,22 @@ async fn already_ended(db: &impl ConnectionTrait, session_id: Uuid) -> Result<Cl
             "session {session_id} is {status} yet was not updated by its end"
         ))),
     }
+}
+
+/// A session's status and `completed_at`, or `None` when there is no such
+/// session.
+pub(crate) async fn status_of(
+    db: &impl ConnectionTrait,
+    session_id: Uuid,
+) -> Result<Option<(String, Option<DateTime<Utc>>)>> {
+    Ok(global_sessions::Entity::find()
+        .select_only()
+        .column(global_sessions::Column::Status)
+        .column(global_sessions::Column::CompletedAt)
+        .filter(global_sessions::Column::Id.eq(TextUuid(session_id)))
+        .into_tuple()
+        .one(db)
+        .await?)
 }
 
 fn millis(d: Duration) -> u64 {

@@ -507,28 +507,45 @@ pub async fn block_session(
     db: &TestDb,
     session: Uuid,
 ) -> (DatabaseConnection, sea_orm::DatabaseTransaction) {
-    use sea_orm::{SqliteTransactionMode, Statement, TransactionOptions, TransactionTrait};
-    let blocker = db.second_connection().await;
-    let blocking = if db.is_sqlite() {
-        blocker
+    use sea_orm::{SqliteTransactionMode, TransactionOptions, TransactionTrait};
+    if db.is_sqlite() {
+        let blocker = db.second_connection().await;
+        let blocking = blocker
             .begin_with_options(TransactionOptions {
                 sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
                 ..Default::default()
             })
             .await
-            .expect("BEGIN IMMEDIATE on the blocker")
+            .expect("BEGIN IMMEDIATE on the blocker");
+        (blocker, blocking)
     } else {
-        let txn = blocker.begin().await.expect("BEGIN on the blocker");
-        let sql = placeholders(db, "SELECT id FROM global_sessions WHERE id = ? FOR UPDATE");
-        txn.query_one_raw(Statement::from_sql_and_values(
-            txn.get_database_backend(),
-            sql,
-            [session.to_string().into()],
-        ))
-        .await
-        .expect("lock the session row")
-        .expect("session row");
-        txn
-    };
-    (blocker, blocking)
+        lock_row_of(db, "global_sessions", "id", session).await
+    }
+}
+
+/// On a server: a second connection whose open transaction holds the row
+/// lock (`SELECT … FOR UPDATE`) of the first row of `table` whose `column`
+/// is `session`. Roll the transaction back and close the connection to let go.
+pub async fn lock_row_of(
+    db: &TestDb,
+    table: &str,
+    column: &str,
+    session: Uuid,
+) -> (DatabaseConnection, sea_orm::DatabaseTransaction) {
+    use sea_orm::{Statement, TransactionTrait};
+    let blocker = db.second_connection().await;
+    let txn = blocker.begin().await.expect("BEGIN on the blocker");
+    let sql = placeholders(
+        db,
+        &format!("SELECT 1 FROM {table} WHERE {column} = ? LIMIT 1 FOR UPDATE"),
+    );
+    txn.query_one_raw(Statement::from_sql_and_values(
+        txn.get_database_backend(),
+        sql,
+        [session.to_string().into()],
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("lock a row of {table}: {e}"))
+    .unwrap_or_else(|| panic!("no row of {table} to lock"));
+    (blocker, txn)
 }
