@@ -352,13 +352,12 @@ async fn postgres_end(
     let Some((locks, agents)) = counted else {
         return already_ended(&**store, session_id).await;
     };
-    let count =
-        |n: i64| u64::try_from(n).map_err(|_| Error::CorruptRow(format!("negative row count {n}")));
+    let closed = Closed::from_counts(locks, agents)?;
     Ok(Cleanup {
         completed_at: now,
         already_ended: false,
-        locks_released: count(locks)?,
-        agents_cancelled: count(agents)?,
+        locks_released: closed.locks_released,
+        agents_cancelled: closed.agents_cancelled,
     })
 }
 
@@ -431,13 +430,17 @@ pub(crate) struct Closed {
 impl Closed {
     /// From a row whose first two columns are the two counts.
     fn from_row(row: &sea_orm::QueryResult) -> Result<Self> {
-        let count = |index: usize| -> Result<u64> {
-            let n: i64 = row.try_get_by_index(index)?;
+        Self::from_counts(row.try_get_by_index(0)?, row.try_get_by_index(1)?)
+    }
+
+    /// From the two counts as the database returns them.
+    fn from_counts(locks: i64, agents: i64) -> Result<Self> {
+        let count = |n: i64| {
             u64::try_from(n).map_err(|_| Error::CorruptRow(format!("negative row count {n}")))
         };
         Ok(Self {
-            locks_released: count(0)?,
-            agents_cancelled: count(1)?,
+            locks_released: count(locks)?,
+            agents_cancelled: count(agents)?,
         })
     }
 }
