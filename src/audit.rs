@@ -102,12 +102,21 @@ impl Row {
 
     /// The values [`insert`](Self::insert) binds, in its order.
     pub(crate) fn into_values(self) -> Vec<sea_orm::Value> {
-        vec![
-            TextUuid(self.id).into(),
-            self.event.as_str().into(),
-            self.at.into(),
-            self.session_id.map(|id| id.to_string()).into(),
-            self.details.into(),
+        self.into_columns().into_iter().map(|(_, v)| v).collect()
+    }
+
+    /// Each column of the row with its value, in the order of
+    /// [`insert`](Self::insert).
+    pub(crate) fn into_columns(self) -> [(audit_log::Column, sea_orm::Value); 5] {
+        [
+            (audit_log::Column::Id, TextUuid(self.id).into()),
+            (audit_log::Column::EventType, self.event.as_str().into()),
+            (audit_log::Column::EventTime, self.at.into()),
+            (
+                audit_log::Column::SessionId,
+                self.session_id.map(|id| id.to_string()).into(),
+            ),
+            (audit_log::Column::Details, self.details.into()),
         ]
     }
 }

@@ -23,8 +23,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use sea_orm::entity::prelude::TextUuid;
-use sea_orm::sea_query::Expr;
-use sea_orm::sea_query::{Query, QueryStatementBuilder};
+use sea_orm::sea_query::{Expr, Func, Query, QueryStatementBuilder};
 use sea_orm::{
     ColumnTrait, Condition, ConnectionTrait, DatabaseBackend, DatabaseTransaction, EntityTrait,
     QueryFilter, QuerySelect, QueryTrait, Statement, UpdateMany,
@@ -33,7 +32,7 @@ use serde::Serialize;
 use tracing::{field, info_span, warn, Instrument};
 use uuid::Uuid;
 
-use entity::{agent_executions, global_sessions, resource_locks};
+use entity::{agent_executions, audit_log, global_sessions, resource_locks};
 
 use crate::audit::{self, AuditEvent};
 use crate::context::SavedContext;
@@ -192,7 +191,7 @@ async fn cleanup_in(
             // more than either statement on an in-memory database). Under
             // `BEGIN IMMEDIATE` nothing can change between the two, so the
             // counts are exactly what the trigger releases and cancels.
-            let statement = sqlite_end_statement(details(None), values);
+            let statement = sqlite_end_statement(details(None), values)?;
             // Run to completion: an error in the UPDATE or its trigger must
             // surface here, not be lost after the INSERT's row. Both
             // statements return a row when the session ends, neither when it
@@ -234,6 +233,11 @@ async fn cleanup_in(
     })
 }
 
+/// The keys of the `session_end` audit details that carry what the end
+/// released and cancelled.
+const LOCKS_RELEASED: &str = "locks_released";
+const AGENTS_CANCELLED: &str = "agents_cancelled";
+
 /// AC5: the details of the `session_end` audit row. Its cleanup_ms is the time
 /// up to when its INSERT is sent (on PostgreSQL, up to the call of the
 /// function, so the function's own waits are not in it); the report's adds
@@ -252,8 +256,8 @@ fn end_details(
         "context_bytes": context_bytes,
     });
     if let Some(closed) = closed {
-        details["locks_released"] = closed.locks_released.into();
-        details["agents_cancelled"] = closed.agents_cancelled.into();
+        details[LOCKS_RELEASED] = closed.locks_released.into();
+        details[AGENTS_CANCELLED] = closed.agents_cancelled.into();
     }
     details
 }
@@ -367,50 +371,112 @@ async fn postgres_end(
 const POSTGRES_END: &str = "SELECT locks_released, agents_cancelled \
      FROM demiarch_end_session($1, $2, $3, CAST($4 AS jsonb), CAST($5 AS jsonb), $6)";
 
-/// The `session_end` audit INSERT on SQLite, sent together with the end's
-/// UPDATE (see [`SQLITE_END`]). It binds the values of
-/// [`audit::Row::into_values`], then [`sqlite_count_values`]: the details get
-/// the session's held locks and running agents, counted before the UPDATE's
-/// trigger releases and cancels them, and nothing is inserted when the
-/// session is unknown or already completed (the UPDATE then matches nothing
-/// either). It returns the two counts.
-const SQLITE_END_AUDIT: &str = r#"INSERT INTO "audit_log" ("id", "event_type", "event_time", "session_id", "details")
-SELECT ?, ?, ?, ?, json_set(?,
-    '$.locks_released', (SELECT COUNT(*) FROM "resource_locks" WHERE "session_id" = ? AND "released_at" IS NULL),
-    '$.agents_cancelled', (SELECT COUNT(*) FROM "agent_executions" WHERE "session_id" = ? AND "status" = ?))
-WHERE EXISTS (SELECT 1 FROM "global_sessions" WHERE "id" = ? AND "status" <> ?)
-RETURNING json_extract("details", '$.locks_released'), json_extract("details", '$.agents_cancelled')"#;
-
-/// SQLite's end as one text: [`SQLITE_END_AUDIT`], then the session's
-/// UPDATE (`RETURNING 1`, so that the caller sees it matched), with the audit
-/// row's values, the counts' and the UPDATE's, in that order.
-fn sqlite_end_statement(row: audit::Row, values: EndValues) -> Statement {
+/// SQLite's end as one text: the `session_end` audit INSERT, then the
+/// session's UPDATE (`RETURNING 1`, so that the caller sees it matched). The
+/// text is built once (see [`SQLITE_END`]); every end binds
+/// [`sqlite_end_values`] to it.
+fn sqlite_end_statement(row: audit::Row, values: EndValues) -> Result<Statement> {
     let backend = DatabaseBackend::Sqlite;
-    let mut binds = row.into_values();
-    binds.extend(sqlite_count_values(values.id));
-    match SQLITE_END.get(backend) {
-        Some(sql) => {
-            binds.extend(values.into_update_values());
-            Statement::from_sql_and_values(backend, sql, binds)
-        }
-        None => {
-            let update = values.build_update(backend);
-            binds.extend(update.values.map(|v| v.0).unwrap_or_default());
-            let sql = format!("{SQLITE_END_AUDIT};\n{} RETURNING 1", update.sql);
-            SQLITE_END.remember(backend, Statement::from_sql_and_values(backend, sql, binds))
-        }
-    }
+    Ok(match SQLITE_END.get(backend) {
+        Some(sql) => Statement::from_sql_and_values(backend, sql, sqlite_end_values(row, values)),
+        None => SQLITE_END.remember(backend, build_sqlite_end(row, values)?),
+    })
 }
 
-/// The values [`SQLITE_END_AUDIT`] binds after the audit row's.
-fn sqlite_count_values(session_id: TextUuid) -> [sea_orm::Value; 5] {
-    [
-        session_id.into(),
-        session_id.into(),
+/// [`sqlite_end_statement`] built by sea-query. The INSERT is
+///
+/// ```sql
+/// INSERT INTO audit_log (id, event_type, event_time, session_id, details)
+/// SELECT ?, ?, ?, ?, json_set(?, '$.locks_released', (SELECT COUNT(*) …),
+///                               '$.agents_cancelled', (SELECT COUNT(*) …))
+/// WHERE EXISTS (SELECT 1 FROM global_sessions WHERE id = ? AND status <> ?)
+/// RETURNING json_extract(details, '$.locks_released'), json_extract(details, '$.agents_cancelled')
+/// ```
+///
+/// The details get the session's held locks and running agents
+/// ([`pending_counts`]), counted before the UPDATE's trigger releases and
+/// cancels them, and nothing is inserted when the session is unknown or
+/// already completed (the UPDATE then matches nothing either).
+fn build_sqlite_end(row: audit::Row, values: EndValues) -> Result<Statement> {
+    let backend = DatabaseBackend::Sqlite;
+    let session_id = values.id;
+    let path = |key: &str| Expr::cust(format!("'$.{key}'"));
+    let [locks, agents] = pending_counts(session_id);
+    let (columns, exprs): (Vec<_>, Vec<Expr>) = row
+        .into_columns()
+        .into_iter()
+        .map(|(column, value)| {
+            let expr = if matches!(column, audit_log::Column::Details) {
+                Func::cust("json_set")
+                    .args([
+                        Expr::val(value),
+                        path(LOCKS_RELEASED),
+                        locks.clone(),
+                        path(AGENTS_CANCELLED),
+                        agents.clone(),
+                    ])
+                    .into()
+            } else {
+                Expr::val(value)
+            };
+            (column, expr)
+        })
+        .unzip();
+    let open = Query::select()
+        .expr(Expr::cust("1"))
+        .from(global_sessions::Entity)
+        .cond_where(
+            Condition::all()
+                .add(global_sessions::Column::Id.eq(session_id))
+                .add(global_sessions::Column::Status.ne(SessionStatus::Completed.as_str())),
+        )
+        .to_owned();
+    let returned = |key| {
+        Func::cust("json_extract")
+            .arg(Expr::col(audit_log::Column::Details))
+            .arg(path(key))
+    };
+    let insert = Query::insert()
+        .into_table(audit_log::Entity)
+        .columns(columns)
+        .select_from(
+            Query::select()
+                .exprs(exprs)
+                .and_where(Expr::exists(open))
+                .to_owned(),
+        )
+        .map_err(|e| {
+            Error::Database(sea_orm::DbErr::Custom(format!(
+                "session_end audit insert: {e}"
+            )))
+        })?
+        .returning(Query::returning().exprs([returned(LOCKS_RELEASED), returned(AGENTS_CANCELLED)]))
+        .to_owned();
+    let insert = backend.build(&insert);
+    let update = values.build_update(backend);
+    let mut binds = insert.values.map(|v| v.0).unwrap_or_default();
+    binds.extend(update.values.map(|v| v.0).unwrap_or_default());
+    Ok(Statement::from_sql_and_values(
+        backend,
+        format!("{};\n{} RETURNING 1", insert.sql, update.sql),
+        binds,
+    ))
+}
+
+/// What [`build_sqlite_end`] binds, in its order, without building anything:
+/// the audit row's values, the session id and statuses of the counts and of
+/// the `EXISTS`, then the UPDATE's values.
+fn sqlite_end_values(row: audit::Row, values: EndValues) -> Vec<sea_orm::Value> {
+    let mut binds = row.into_values();
+    binds.extend([
+        values.id.into(),
+        values.id.into(),
         AgentStatus::Running.as_str().into(),
-        session_id.into(),
+        values.id.into(),
         SessionStatus::Completed.as_str().into(),
-    ]
+    ]);
+    binds.extend(values.into_update_values());
+    binds
 }
 
 /// The end's UPDATE on MariaDB, its SQL built once.
@@ -503,11 +569,20 @@ async fn close_session_with(
     Closed::from_row(&row).map(Some)
 }
 
-/// SQLite's `RETURNING` for a session UPDATE that ends it: the session's held
-/// locks and running agents, counted as the row changes, before the status
-/// trigger releases and cancels exactly those.
+/// SQLite's `RETURNING` for a session UPDATE that ends it: the
+/// [`pending_counts`], counted as the row changes, before the status trigger
+/// releases and cancels exactly those.
 fn counts_returning(session_id: TextUuid) -> sea_orm::sea_query::ReturningClause {
-    Query::returning().exprs([
+    Query::returning().exprs(pending_counts(session_id))
+}
+
+/// What the status trigger releases and cancels when the session's row
+/// changes to `completed` or `interrupted`: the number of its held locks and
+/// of its running agents, as two `COUNT(*)` subqueries. Counted in the same
+/// SQLite write transaction just before the trigger runs (one writer at a
+/// time), they are exactly the rows it changes.
+fn pending_counts(session_id: TextUuid) -> [Expr; 2] {
+    [
         count_where(
             resource_locks::Entity,
             Condition::all()
@@ -520,7 +595,7 @@ fn counts_returning(session_id: TextUuid) -> sea_orm::sea_query::ReturningClause
                 .add(agent_executions::Column::SessionId.eq(session_id))
                 .add(agent_executions::Column::Status.eq(AgentStatus::Running.as_str())),
         ),
-    ])
+    ]
 }
 
 /// The SQL text of the end's UPDATE and audit INSERT (SQLite, MariaDB), built
@@ -531,7 +606,8 @@ fn counts_returning(session_id: TextUuid) -> sea_orm::sea_query::ReturningClause
 /// builder's, in its order, on both backends.
 static END_UPDATE: db::SqlCache = db::SqlCache::new();
 static END_AUDIT: db::SqlCache = db::SqlCache::new();
-/// SQLite's whole end: [`SQLITE_END_AUDIT`], then the UPDATE, one text.
+/// SQLite's whole end: the audit INSERT, then the UPDATE, one text
+/// ([`build_sqlite_end`]).
 static SQLITE_END: db::SqlCache = db::SqlCache::new();
 
 /// What one end binds to its UPDATE.
@@ -582,7 +658,7 @@ impl EndValues {
 }
 
 /// `(SELECT COUNT(*) FROM table WHERE condition)`.
-fn count_where<E: EntityTrait>(table: E, condition: Condition) -> sea_orm::sea_query::SimpleExpr {
+fn count_where<E: EntityTrait>(table: E, condition: Condition) -> Expr {
     Query::select()
         .expr(Expr::cust("COUNT(*)"))
         .from(table)
@@ -657,7 +733,7 @@ mod tests {
                 serde_json::json!({}),
                 db::now(),
             );
-            let statement = sqlite_end_statement(row, values());
+            let statement = sqlite_end_statement(row, values()).expect("built");
             let bound = statement.values.map(|v| v.0.len()).unwrap_or(0);
             assert_eq!(
                 statement.sql.matches('?').count(),
@@ -669,6 +745,39 @@ mod tests {
                 bound > 10,
                 "the audit row, the counts and the update all bind"
             );
+        }
+    }
+
+    /// SQLite's cached end text is only right if [`sqlite_end_values`] binds
+    /// exactly what [`build_sqlite_end`] binds, in its order.
+    #[test]
+    fn sqlite_end_values_are_the_builders() {
+        let row = audit::Row::new(
+            AuditEvent::SessionEnd,
+            Some(Uuid::new_v4()),
+            serde_json::json!({"cleanup_ms": 1}),
+            db::now(),
+        );
+        let v = values();
+        let same = EndValues {
+            id: v.id,
+            now: v.now,
+            context: v.context.clone(),
+        };
+        let built = build_sqlite_end(row.clone(), v).expect("built");
+        assert_eq!(
+            built.values.map(|v| v.0),
+            Some(sqlite_end_values(row, same)),
+            "{}",
+            built.sql
+        );
+        for counted in [
+            "json_set(?, '$.locks_released', (SELECT COUNT(*) FROM \"resource_locks\"",
+            "'$.agents_cancelled', (SELECT COUNT(*) FROM \"agent_executions\"",
+            "WHERE EXISTS(SELECT 1 FROM \"global_sessions\"",
+            "RETURNING json_extract(\"details\", '$.locks_released')",
+        ] {
+            assert!(built.sql.contains(counted), "{counted} in {}", built.sql);
         }
     }
 
