@@ -25,8 +25,9 @@
 //! falls on all of them alike and their ratios can be trusted.
 //!
 //! Other modes: `--concurrency N` (throughput, serial vs N tasks), `--acquire`
-//! (acquire_lock latency), `--explain` (query plans), `--chart` (the SVG in
-//! docs/). See `--help` and docs/performance.md.
+//! (acquire_lock latency), `--explain` (query plans), `--wal-pages` (what
+//! each end writes to SQLite's WAL, per table and index), `--chart` (the SVG
+//! in docs/). See `--help` and docs/performance.md.
 use std::error::Error;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -49,6 +50,8 @@ mod fixture;
 mod raw_seed;
 #[path = "scale/report.rs"]
 mod report;
+#[path = "scale/wal_pages.rs"]
+mod wal_pages;
 
 use args::{Args, Impl, Mode};
 use fixture::{BoxResult, Fixture};
@@ -75,6 +78,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
             })
             .await
         }
+        Mode::WalPages => wal_pages::run(&args).await,
         Mode::Chart { out, from } => chart::draw(&out, &from),
     }
 }

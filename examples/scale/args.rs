@@ -27,6 +27,7 @@ modes (default: time ends, one JSON line per impl and combination):
   --rounds N                   throughput rounds (serial + concurrent phase each) [3]
   --acquire                    time acquire_lock instead of end_session
   --explain                    print the query plan of every statement of both ends
+  --wal-pages                  sqlite-wal: pages each end writes to the WAL, per table/index
   --chart OUT.svg --from FILE  draw median end latency against locks from JSON lines
 
 server backends read TEST_POSTGRES_URL / TEST_MYSQL_URL and create (then drop)
@@ -70,6 +71,7 @@ pub enum Mode {
     },
     Acquire,
     Explain,
+    WalPages,
     Chart {
         out: PathBuf,
         from: PathBuf,
@@ -117,6 +119,7 @@ impl Args {
         let mut rounds = 3;
         let mut acquire = false;
         let mut explain = false;
+        let mut wal_pages = false;
         let mut chart = None;
         let mut from = None;
         while let Some(flag) = argv.next() {
@@ -147,28 +150,32 @@ impl Args {
                 "--rounds" => rounds = number("--rounds", &value()?)?,
                 "--acquire" => acquire = true,
                 "--explain" => explain = true,
+                "--wal-pages" => wal_pages = true,
                 "--chart" => chart = Some(PathBuf::from(value()?)),
                 "--from" => from = Some(PathBuf::from(value()?)),
                 "-h" | "--help" => return Err(USAGE.into()),
                 other => return Err(format!("unknown argument {other:?}\n\n{USAGE}").into()),
             }
         }
-        let mode = match (chart, from, concurrency, acquire, explain) {
-            (Some(out), Some(from), None, false, false) => Mode::Chart { out, from },
+        let mode = match (chart, from, concurrency, acquire, explain, wal_pages) {
+            (Some(out), Some(from), None, false, false, false) => Mode::Chart { out, from },
             (Some(_), None, ..) | (None, Some(_), ..) => {
                 return Err(format!("--chart and --from go together\n\n{USAGE}").into())
             }
-            (None, None, Some(concurrency), false, false) if concurrency > 0 => Mode::Throughput {
-                concurrency,
-                sessions,
-                rounds: rounds.max(1),
-            },
-            (None, None, None, true, false) => Mode::Acquire,
-            (None, None, None, false, true) => Mode::Explain,
-            (None, None, None, false, false) => Mode::End,
+            (None, None, Some(concurrency), false, false, false) if concurrency > 0 => {
+                Mode::Throughput {
+                    concurrency,
+                    sessions,
+                    rounds: rounds.max(1),
+                }
+            }
+            (None, None, None, true, false, false) => Mode::Acquire,
+            (None, None, None, false, true, false) => Mode::Explain,
+            (None, None, None, false, false, true) => Mode::WalPages,
+            (None, None, None, false, false, false) => Mode::End,
             _ => {
                 return Err(format!(
-                    "choose one mode: --concurrency N (N > 0), --acquire, --explain or --chart\n\n{USAGE}"
+                    "choose one mode: --concurrency N (N > 0), --acquire, --explain, --wal-pages or --chart\n\n{USAGE}"
                 )
                 .into())
             }

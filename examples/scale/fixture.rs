@@ -24,6 +24,9 @@ use uuid::Uuid;
 
 pub type BoxResult<T> = Result<T, Box<dyn Error>>;
 
+/// The database file of a `sqlite-wal` fixture, in its temporary directory.
+const SQLITE_FILE: &str = "scale.db";
+
 /// Rows per multi-row INSERT: 1 000 locks bind 10 000 values, well under
 /// every backend's limit (SQLite 32 766, PostgreSQL and MySQL 65 535).
 const ROWS_PER_INSERT: usize = 1000;
@@ -55,7 +58,7 @@ pub struct Fixture {
     pub backend: BackendKind,
     server: Option<(DatabaseConnection, String)>,
     /// Keeps a `sqlite-wal` database's directory until the fixture is dropped.
-    _dir: Option<TempDir>,
+    dir: Option<TempDir>,
 }
 
 impl Fixture {
@@ -67,7 +70,7 @@ impl Fixture {
             BackendKind::SqliteWal => {
                 let dir = tempfile::tempdir()
                     .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
-                let url = format!("sqlite://{}", dir.path().join("scale.db").display());
+                let url = format!("sqlite://{}", dir.path().join(SQLITE_FILE).display());
                 (url, None, Some(dir))
             }
             BackendKind::Postgres | BackendKind::MySql => {
@@ -89,12 +92,17 @@ impl Fixture {
             manager,
             backend,
             server,
-            _dir: dir,
+            dir,
         })
     }
 
     pub fn connection(&self) -> &DatabaseConnection {
         self.manager.connection()
+    }
+
+    /// The database file of a `sqlite-wal` fixture.
+    pub fn sqlite_file(&self) -> Option<std::path::PathBuf> {
+        self.dir.as_ref().map(|dir| dir.path().join(SQLITE_FILE))
     }
 
     /// Closes the pool and drops a server database.
