@@ -17,7 +17,9 @@
 //! `--impl both` times the library (`orm`) and the seed's SQL (`raw-seed`, see
 //! scale/raw_seed.rs), each on a database of its own made the same way (the
 //! seed's without the session-end trigger, which would do its release for
-//! it). Lists (`--locks 0,100,10000`, `--background 1000,100000`,
+//! it). `--impl raw-full` (in `--impl all`) adds a third: the seed's SQL
+//! plus the durable work the library's end does and the seed does not, to
+//! tell the cost of that work from the cost of the library. Lists (`--locks 0,100,10000`, `--background 1000,100000`,
 //! `--context-bytes 1024,1048576`) are timed in one interleaved loop: every
 //! `--background` x `--locks` pair and implementation has its own fresh
 //! database, and each round ends one session of every combination and
@@ -94,7 +96,7 @@ async fn open_populated(args: &Args, background: u64, implementation: Impl) -> B
     let fx = Fixture::open(args.backend, config).await?;
     let prepared = match implementation {
         Impl::Orm => Ok(()),
-        Impl::RawSeed => raw_seed::prepare(&fx).await,
+        Impl::RawSeed | Impl::RawFull => raw_seed::prepare(&fx).await,
     };
     let populated = match prepared {
         Ok(()) => fx
@@ -135,8 +137,8 @@ async fn end_session(
 ) -> BoxResult<u64> {
     Ok(match implementation {
         Impl::Orm => manager.end_session(session).await?.locks_released,
-        Impl::RawSeed => {
-            let released = raw_seed::end_session(manager, session).await?;
+        Impl::RawSeed | Impl::RawFull => {
+            let released = raw_seed::end_session(manager, implementation, session).await?;
             // The seed leaves the live windows in memory; drop them (untimed
             // by the callers that time) so a long run does not grow.
             manager.contexts().remove(session);
@@ -155,10 +157,12 @@ async fn time_one_end(
     let started = Instant::now();
     let released = match implementation {
         Impl::Orm => fx.manager.end_session(session).await?.locks_released,
-        Impl::RawSeed => raw_seed::end_session(&fx.manager, session).await?,
+        Impl::RawSeed | Impl::RawFull => {
+            raw_seed::end_session(&fx.manager, implementation, session).await?
+        }
     };
     let elapsed = started.elapsed();
-    if implementation == Impl::RawSeed {
+    if implementation != Impl::Orm {
         fx.manager.contexts().remove(session);
     }
     if released != expected_locks {

@@ -9,7 +9,10 @@ use crate::fixture::BackendKind;
 pub const USAGE: &str = "\
 usage: scale --backend <sqlite-memory|sqlite-wal|postgres|mysql> [options]
 
-  --impl <orm|raw-seed|both>   which end to time (both: interleaved on one database) [orm]
+  --impl <orm|raw-seed|raw-full|both|all>
+                               which end to time, interleaved (both: orm and raw-seed;
+                               all: the three; raw-full: the seed plus the library's extra
+                               durable work, see raw_seed.rs) [orm]
   --locks N[,N...]             locks per target session, held by 4 agents round-robin [100]
   --context-bytes N[,N...]     size of the target session's one context window [1024]
   --background N[,N...]        sessions present before timing, 2 agents x 5 locks each [1000]
@@ -50,6 +53,9 @@ pub enum Impl {
     Orm,
     /// The story's seed SQL run verbatim through sqlx (see raw_seed.rs).
     RawSeed,
+    /// The seed's SQL plus the durable work the library's end adds (see
+    /// raw_seed.rs): what the library's end costs written by hand.
+    RawFull,
 }
 
 impl Impl {
@@ -57,6 +63,7 @@ impl Impl {
         match self {
             Self::Orm => "orm",
             Self::RawSeed => "raw-seed",
+            Self::RawFull => "raw-full",
         }
     }
 }
@@ -133,7 +140,9 @@ impl Args {
                     impls = match value()?.as_str() {
                         "orm" => vec![Impl::Orm],
                         "raw-seed" => vec![Impl::RawSeed],
+                        "raw-full" => vec![Impl::RawFull],
                         "both" => vec![Impl::Orm, Impl::RawSeed],
+                        "all" => vec![Impl::Orm, Impl::RawSeed, Impl::RawFull],
                         other => return Err(format!("unknown --impl {other:?}\n\n{USAGE}").into()),
                     }
                 }

@@ -100,7 +100,11 @@ pub fn draw(out: &Path, from: &Path) -> BoxResult<()> {
             .y_label_formatter(&|y| format!("{y:.0}"))
             .draw()?;
         for (name, points) in impls {
-            let color = if name == "orm" { BLUE } else { RED };
+            let color = match name.as_str() {
+                "orm" => BLUE,
+                "raw-seed" => RED,
+                _ => GREEN,
+            };
             chart
                 .draw_series(LineSeries::new(
                     points.iter().copied(),

@@ -24,6 +24,8 @@
 use std::error::Error;
 use std::time::Instant;
 
+use chrono::Utc;
+
 use demiarch_sessions::{ContextWindow, SessionManager, CONTEXT_FORMAT_VERSION};
 use sea_orm::sqlx;
 use sea_orm::DatabaseBackend;
@@ -31,6 +33,7 @@ use serde::Serialize;
 use serde_json::json;
 use uuid::Uuid;
 
+use crate::args::Impl;
 use crate::fixture::Fixture;
 
 /// The seed's statements with `?` placeholders (SQLite, MariaDB/MySQL).
@@ -65,6 +68,51 @@ pub const SEED_SQL_POSTGRES: [&str; 3] = [
      )",
     "INSERT INTO audit_log (id, event_type, event_time, details)
      VALUES ($1, 'session_end', CURRENT_TIMESTAMP, $2)",
+];
+
+/// `raw-full`: the seed's statements plus the durable work the library's end
+/// does and the seed does not, written the seed's way (plain `BEGIN`, the
+/// seed's release subquery, one statement per step), so that
+/// orm / raw-full is the cost of the library itself and raw-full / raw-seed
+/// the cost of that work:
+/// - the session's running agents are cancelled (a fourth statement);
+/// - every time is bound from Rust, as the library binds it (RFC 3339 text
+///   with microseconds on SQLite), and the session's `updated_at` is set;
+/// - the audit row carries its `session_id` (so the one-`session_end` index
+///   applies) and the released and cancelled counts in its details.
+pub const FULL_SQL: [&str; 4] = [
+    "UPDATE global_sessions
+     SET status = 'completed', updated_at = ?, completed_at = ?, context_data = ?
+     WHERE id = ?",
+    "UPDATE resource_locks
+     SET released_at = ?, release_reason = 'session_end'
+     WHERE released_at IS NULL
+     AND agent_id IN (
+         SELECT id FROM agent_executions WHERE session_id = ?
+     )",
+    "UPDATE agent_executions
+     SET status = 'cancelled', completed_at = ?
+     WHERE session_id = ? AND status = 'running'",
+    "INSERT INTO audit_log (id, event_type, event_time, session_id, details)
+     VALUES (?, 'session_end', ?, ?, ?)",
+];
+
+/// [`FULL_SQL`] with PostgreSQL's numbered placeholders.
+pub const FULL_SQL_POSTGRES: [&str; 4] = [
+    "UPDATE global_sessions
+     SET status = 'completed', updated_at = $1, completed_at = $2, context_data = $3
+     WHERE id = $4",
+    "UPDATE resource_locks
+     SET released_at = $1, release_reason = 'session_end'
+     WHERE released_at IS NULL
+     AND agent_id IN (
+         SELECT id FROM agent_executions WHERE session_id = $2
+     )",
+    "UPDATE agent_executions
+     SET status = 'cancelled', completed_at = $1
+     WHERE session_id = $2 AND status = 'running'",
+    "INSERT INTO audit_log (id, event_type, event_time, session_id, details)
+     VALUES ($1, 'session_end', $2, $3, $4)",
 ];
 
 /// Gives the seed the schema it was written for: the library's, without the
@@ -134,38 +182,122 @@ macro_rules! seed_end {
     }};
 }
 
-/// Ends `session_id` the seed's way on the manager's own pool.
+/// The `raw-full` end ([`FULL_SQL`]): the seed's, plus the agents'
+/// cancellation, times bound from Rust, and the audit row's session id and
+/// counts. Returns the number of locks released.
+macro_rules! full_end {
+    ($pool:expr, $sql:expr, $manager:expr, $session_id:expr, $start:expr) => {{
+        let mut tx = $pool.begin().await?;
+        let now = Utc::now();
+        let windows = $manager.contexts().windows($session_id);
+        let context_data = sqlx::types::Json(Envelope {
+            version: CONTEXT_FORMAT_VERSION,
+            windows: &windows,
+        });
+        let session_id = $session_id.to_string();
+        sqlx::query($sql[0])
+            .bind(now)
+            .bind(now)
+            .bind(context_data)
+            .bind(&session_id)
+            .execute(&mut *tx)
+            .await?;
+        let released = sqlx::query($sql[1])
+            .bind(now)
+            .bind(&session_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        let cancelled = sqlx::query($sql[2])
+            .bind(now)
+            .bind(&session_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        sqlx::query($sql[3])
+            .bind(Uuid::new_v4().to_string())
+            .bind(now)
+            .bind(&session_id)
+            .bind(sqlx::types::Json(json!({
+                "session_id": session_id,
+                "cleanup_ms": $start.elapsed().as_millis(),
+                "context_windows": windows.len(),
+                "locks_released": released,
+                "agents_cancelled": cancelled,
+            })))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(released)
+    }};
+}
+
+/// Ends `session_id` the seed's way (`raw-seed`, or `raw-full` with the
+/// library's extra work) on the manager's own pool.
 pub async fn end_session(
     manager: &SessionManager,
+    implementation: Impl,
     session_id: Uuid,
 ) -> Result<u64, Box<dyn Error>> {
     let start = Instant::now();
     let conn = manager.connection();
-    match conn.get_database_backend() {
-        DatabaseBackend::Sqlite => seed_end!(
+    let full = match implementation {
+        Impl::RawSeed => false,
+        Impl::RawFull => true,
+        Impl::Orm => return Err("raw_seed::end_session ends the seed's way only".into()),
+    };
+    match (conn.get_database_backend(), full) {
+        (DatabaseBackend::Sqlite, false) => seed_end!(
             conn.get_sqlite_connection_pool(),
             SEED_SQL,
             manager,
             session_id,
             start
         ),
+        (DatabaseBackend::Sqlite, true) => full_end!(
+            conn.get_sqlite_connection_pool(),
+            FULL_SQL,
+            manager,
+            session_id,
+            start
+        ),
         #[cfg(feature = "postgres")]
-        DatabaseBackend::Postgres => seed_end!(
+        (DatabaseBackend::Postgres, false) => seed_end!(
             conn.get_postgres_connection_pool(),
             SEED_SQL_POSTGRES,
             manager,
             session_id,
             start
         ),
+        #[cfg(feature = "postgres")]
+        (DatabaseBackend::Postgres, true) => full_end!(
+            conn.get_postgres_connection_pool(),
+            FULL_SQL_POSTGRES,
+            manager,
+            session_id,
+            start
+        ),
         #[cfg(feature = "mysql")]
-        DatabaseBackend::MySql => seed_end!(
+        (DatabaseBackend::MySql, false) => seed_end!(
             conn.get_mysql_connection_pool(),
             SEED_SQL,
             manager,
             session_id,
             start
         ),
+        #[cfg(feature = "mysql")]
+        (DatabaseBackend::MySql, true) => full_end!(
+            conn.get_mysql_connection_pool(),
+            FULL_SQL,
+            manager,
+            session_id,
+            start
+        ),
         #[allow(unreachable_patterns)]
-        other => Err(format!("raw-seed: backend {other:?} is not compiled in").into()),
+        (other, _) => Err(format!(
+            "{}: backend {other:?} is not compiled in",
+            implementation.name()
+        )
+        .into()),
     }
 }
