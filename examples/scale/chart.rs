@@ -1,5 +1,5 @@
 //! `--chart OUT.svg --from results.jsonl`: median end latency against the
-//! session's lock count, one panel per backend, both implementations, drawn
+//! session's lock count, one panel per backend, every implementation timed, drawn
 //! from the JSON lines the timing mode printed (log-log axes, so locks = 0 is
 //! left to the table).
 use std::collections::BTreeMap;

@@ -5,7 +5,7 @@
 //!
 //! It runs on a database of its own, made like the library's but without the
 //! session-end trigger (see [`prepare`]), so it does its own release; with
-//! `--impl both` the two databases are timed in one interleaved loop.
+//! `--impl both` (or `all`) the databases are timed in one interleaved loop.
 //!
 //! Deviations from the seed, each forced by our schema or driver:
 //! - `release_reason = 'session_end'` is set together with `released_at`: our
@@ -21,6 +21,11 @@
 //! walks every lock, held or released, of each agent), the audit row without
 //! `session_id` (so the one-`session_end`-per-session index does not apply),
 //! no cancelling of running agents, and sqlx's plain `BEGIN` (deferred on SQLite).
+//!
+//! `raw-full` ([`FULL_SQL`]) is the same end with the library's extra durable
+//! work added by hand (cancelled agents, times bound from Rust, the audit
+//! row's session id), on the same kind of database: the yardstick for the
+//! library's own cost, as raw-seed is for the story's.
 use std::error::Error;
 use std::time::Instant;
 
