@@ -29,7 +29,7 @@
 use std::error::Error;
 use std::time::Instant;
 
-use chrono::Utc;
+use chrono::{SubsecRound, Utc};
 
 use demiarch_sessions::{ContextWindow, SessionManager, CONTEXT_FORMAT_VERSION};
 use sea_orm::sqlx;
@@ -78,8 +78,11 @@ pub const SEED_SQL_POSTGRES: [&str; 3] = [
 /// `raw-full`: the seed's statements plus the durable work the library's end
 /// does and the seed does not, written the seed's way (plain `BEGIN`, the
 /// seed's release subquery, one statement per step), so that
-/// orm / raw-full is the cost of the library itself and raw-full / raw-seed
-/// the cost of that work:
+/// raw-full / raw-seed is the cost of that work and orm / raw-full the
+/// library's cost against hand-written SQL doing it. Not like for like in
+/// everything: raw-full has no already-ended guard (`status <> 'completed'`)
+/// and no `BEGIN IMMEDIATE`, which the library needs for correctness. The
+/// work added:
 /// - the session's running agents are cancelled (a fourth statement);
 /// - every time is bound from Rust, as the library binds it (RFC 3339 text
 ///   with microseconds on SQLite), and the session's `updated_at` is set;
@@ -193,7 +196,8 @@ macro_rules! seed_end {
 macro_rules! full_end {
     ($pool:expr, $sql:expr, $manager:expr, $session_id:expr, $start:expr) => {{
         let mut tx = $pool.begin().await?;
-        let now = Utc::now();
+        // Microseconds, as the library binds its times.
+        let now = Utc::now().trunc_subsecs(6);
         let windows = $manager.contexts().windows($session_id);
         let context_data = sqlx::types::Json(Envelope {
             version: CONTEXT_FORMAT_VERSION,

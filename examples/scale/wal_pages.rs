@@ -1,8 +1,10 @@
 //! `--wal-pages` (sqlite-wal only): how many pages one end writes to the
-//! write-ahead log, and which table or index each page belongs to. With
-//! `synchronous=FULL` every page of a commit is written to the WAL and
-//! fsynced, so on a file database an end's cost follows its page count; this
-//! is where one end's pages go, per implementation.
+//! write-ahead log, and which table or index each page belongs to. Every page
+//! a commit changes is written to the WAL, and with the library's
+//! `synchronous=FULL` each commit is also fsynced, so on a file database an
+//! end's cost follows its page count; this is where one end's pages go, per
+//! implementation. It uses the first `--background` and `--context-bytes`
+//! values.
 //!
 //! Before each end (untimed) the WAL is checkpointed and truncated
 //! (`PRAGMA wal_checkpoint(TRUNCATE)`); after it, every frame in the WAL is
