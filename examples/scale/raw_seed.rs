@@ -151,6 +151,14 @@ struct Envelope<'a> {
     windows: &'a [ContextWindow],
 }
 
+/// The windows as the parameter the seed binds for `context_data`.
+fn envelope(windows: &[ContextWindow]) -> sqlx::types::Json<Envelope<'_>> {
+    sqlx::types::Json(Envelope {
+        version: CONTEXT_FORMAT_VERSION,
+        windows,
+    })
+}
+
 /// The seed's end, in its order: begin, serialize the context, update the
 /// session, release the locks, append the audit row, commit. Returns the
 /// number of locks released.
@@ -159,10 +167,7 @@ macro_rules! seed_end {
         let mut tx = $pool.begin().await?;
         // 1. Serialize context before cleanup
         let windows = $manager.contexts().windows($session_id);
-        let context_data = sqlx::types::Json(Envelope {
-            version: CONTEXT_FORMAT_VERSION,
-            windows: &windows,
-        });
+        let context_data = envelope(&windows);
         let session_id = $session_id.to_string();
         // 2. Update session status
         sqlx::query($sql[0])
@@ -199,10 +204,7 @@ macro_rules! full_end {
         // Microseconds, as the library binds its times.
         let now = Utc::now().trunc_subsecs(6);
         let windows = $manager.contexts().windows($session_id);
-        let context_data = sqlx::types::Json(Envelope {
-            version: CONTEXT_FORMAT_VERSION,
-            windows: &windows,
-        });
+        let context_data = envelope(&windows);
         let session_id = $session_id.to_string();
         sqlx::query($sql[0])
             .bind(now)
@@ -255,55 +257,32 @@ pub async fn end_session(
         Impl::RawFull => true,
         Impl::Orm => return Err("raw_seed::end_session ends the seed's way only".into()),
     };
-    match (conn.get_database_backend(), full) {
-        (DatabaseBackend::Sqlite, false) => seed_end!(
-            conn.get_sqlite_connection_pool(),
-            SEED_SQL,
-            manager,
-            session_id,
-            start
-        ),
-        (DatabaseBackend::Sqlite, true) => full_end!(
-            conn.get_sqlite_connection_pool(),
-            FULL_SQL,
-            manager,
-            session_id,
-            start
-        ),
+    // One macro per end: sqlx's pools have a type per backend.
+    macro_rules! either_end {
+        ($pool:expr, $seed_sql:expr, $full_sql:expr) => {
+            if full {
+                full_end!($pool, $full_sql, manager, session_id, start)
+            } else {
+                seed_end!($pool, $seed_sql, manager, session_id, start)
+            }
+        };
+    }
+    match conn.get_database_backend() {
+        DatabaseBackend::Sqlite => {
+            either_end!(conn.get_sqlite_connection_pool(), SEED_SQL, FULL_SQL)
+        }
         #[cfg(feature = "postgres")]
-        (DatabaseBackend::Postgres, false) => seed_end!(
+        DatabaseBackend::Postgres => either_end!(
             conn.get_postgres_connection_pool(),
             SEED_SQL_POSTGRES,
-            manager,
-            session_id,
-            start
-        ),
-        #[cfg(feature = "postgres")]
-        (DatabaseBackend::Postgres, true) => full_end!(
-            conn.get_postgres_connection_pool(),
-            FULL_SQL_POSTGRES,
-            manager,
-            session_id,
-            start
+            FULL_SQL_POSTGRES
         ),
         #[cfg(feature = "mysql")]
-        (DatabaseBackend::MySql, false) => seed_end!(
-            conn.get_mysql_connection_pool(),
-            SEED_SQL,
-            manager,
-            session_id,
-            start
-        ),
-        #[cfg(feature = "mysql")]
-        (DatabaseBackend::MySql, true) => full_end!(
-            conn.get_mysql_connection_pool(),
-            FULL_SQL,
-            manager,
-            session_id,
-            start
-        ),
+        DatabaseBackend::MySql => {
+            either_end!(conn.get_mysql_connection_pool(), SEED_SQL, FULL_SQL)
+        }
         #[allow(unreachable_patterns)]
-        (other, _) => Err(format!(
+        other => Err(format!(
             "{}: backend {other:?} is not compiled in",
             implementation.name()
         )
