@@ -30,8 +30,10 @@ pub struct Config {
     /// How long connecting, or waiting for a pooled connection, may take
     /// before the call fails.
     pub connect_timeout: Duration,
-    /// Pool size for file databases and servers. An in-memory SQLite database
-    /// always uses one connection, since each connection would be its own database.
+    /// Pool size for file databases and servers. A SQLite file opened by
+    /// `SessionManager::connect` gets one more connection, for the manager's
+    /// writes. An in-memory SQLite database always uses one connection, since
+    /// each connection would be its own database.
     pub max_connections: u32,
 }
 

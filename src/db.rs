@@ -23,27 +23,60 @@ fn is_sqlite_memory(url: &str) -> bool {
 }
 
 /// Connects, applies the production settings, and runs pending migrations.
-pub(crate) async fn connect(url: &str, config: &Config) -> Result<DatabaseConnection> {
+///
+/// On a SQLite file the store also opens its writer: one more connection, with
+/// the same settings, that every gated write goes through (see [`Store`]).
+pub(crate) async fn connect(url: &str, config: &Config) -> Result<Store> {
+    let sqlite = url.starts_with("sqlite:");
+    let memory = sqlite && is_sqlite_memory(url);
+    if sqlite && !memory {
+        create_private_sqlite_file(url)?;
+    }
+    let sqlite_path = sqlite.then(|| sqlite_display_path(url));
+    let not_a_database = |e: sea_orm::DbErr| match &sqlite_path {
+        Some(path) if is_not_a_database(&e) => Error::NotADatabase { path: path.clone() },
+        _ => Error::Database(e),
+    };
+    let pool_size = if memory {
+        // One connection per in-memory database: a second would be a second database.
+        1
+    } else {
+        config.max_connections.max(1)
+    };
+    let db = Database::connect(connect_options(url, config, pool_size))
+        .await
+        .map_err(not_a_database)?;
+    refuse_newer_schema(&db).await.map_err(|e| match e {
+        Error::Database(e) => not_a_database(e),
+        other => other,
+    })?;
+    migration::Migrator::up(&db, None).await?;
+    let writer = if sqlite && !memory {
+        Some(
+            Database::connect(connect_options(url, config, 1))
+                .await
+                .map_err(not_a_database)?,
+        )
+    } else {
+        None
+    };
+    Ok(Store::with_writer(db, writer, config.busy_timeout))
+}
+
+/// The pool's settings: SQLite's pragmas, or the servers' session setup.
+fn connect_options(url: &str, config: &Config, pool_size: u32) -> ConnectOptions {
     let mut options = ConnectOptions::new(url.to_owned());
     options
         .sqlx_logging(false)
         .connect_timeout(config.connect_timeout)
-        .acquire_timeout(config.connect_timeout);
+        .acquire_timeout(config.connect_timeout)
+        .max_connections(pool_size);
     if url.starts_with("sqlite:") {
         let memory = is_sqlite_memory(url);
-        if !memory {
-            create_private_sqlite_file(url)?;
-        }
-        // One connection per in-memory database: a second would be a second database.
         // An embedded connection cannot go stale the way a socket can: the
         // ping sqlx sends before handing one out would cost every call a
         // round trip to the connection's worker thread for nothing.
         options.test_before_acquire(false);
-        options.max_connections(if memory {
-            1
-        } else {
-            config.max_connections.max(1)
-        });
         let busy_timeout = config.busy_timeout;
         options.map_sqlx_sqlite_opts(move |opts| {
             use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
@@ -60,21 +93,9 @@ pub(crate) async fn connect(url: &str, config: &Config) -> Result<DatabaseConnec
             }
         });
     } else {
-        options.max_connections(config.max_connections.max(1));
         configure_server_sessions(&mut options, config);
     }
-    let sqlite_path = url.starts_with("sqlite:").then(|| sqlite_display_path(url));
-    let not_a_database = |e: sea_orm::DbErr| match &sqlite_path {
-        Some(path) if is_not_a_database(&e) => Error::NotADatabase { path: path.clone() },
-        _ => Error::Database(e),
-    };
-    let db = Database::connect(options).await.map_err(not_a_database)?;
-    refuse_newer_schema(&db).await.map_err(|e| match e {
-        Error::Database(e) => not_a_database(e),
-        other => other,
-    })?;
-    migration::Migrator::up(&db, None).await?;
-    Ok(db)
+    options
 }
 
 /// Refuses a database migrated by a newer library before anything is written.
@@ -234,7 +255,8 @@ fn create_private_sqlite_file(url: &str) -> Result<()> {
     }
 }
 
-/// The connection pool together with the manager's SQLite write gate.
+/// The connection pool together with the manager's SQLite write gate and,
+/// on a SQLite file opened by [`connect`], its writer connection.
 ///
 /// SQLite lets one writer in at a time. Without the gate, writers that find
 /// the write lock taken wait in SQLite's busy handler, which polls by sleeping
@@ -246,22 +268,48 @@ fn create_private_sqlite_file(url: &str) -> Result<()> {
 /// database, another process, the app's own writes) still meet the busy
 /// handler, bounded by `Config::busy_timeout`. PostgreSQL and MariaDB need no gate: their row
 /// locks let writers of different sessions run in parallel.
+///
+/// Since the gate lets one write in at a time, every gated write goes through
+/// one dedicated connection, the writer, while reads use the pool. In WAL mode
+/// a connection throws its whole page cache away when it finds that another
+/// connection wrote since its last transaction; writes spread over the pool's
+/// connections would each start cold and read every page they touch again.
+/// The writer starts warm unless something outside the gate wrote. A manager
+/// built with `SessionManager::new` (the app's own connection) has no writer
+/// and writes through that connection.
 #[derive(Clone)]
 pub(crate) struct Store {
     conn: DatabaseConnection,
+    writer: Option<DatabaseConnection>,
     gate: Option<Arc<tokio::sync::Mutex<()>>>,
     gate_timeout: Duration,
 }
 
 impl Store {
     pub(crate) fn new(conn: DatabaseConnection, gate_timeout: Duration) -> Self {
+        Self::with_writer(conn, None, gate_timeout)
+    }
+
+    fn with_writer(
+        conn: DatabaseConnection,
+        writer: Option<DatabaseConnection>,
+        gate_timeout: Duration,
+    ) -> Self {
         let gate = (conn.get_database_backend() == DatabaseBackend::Sqlite)
             .then(|| Arc::new(tokio::sync::Mutex::new(())));
         Self {
             conn,
+            writer,
             gate,
             gate_timeout,
         }
+    }
+
+    /// The connection for writes: the writer where there is one. Use it only
+    /// while holding the write gate; outside the gate, the writer's one
+    /// connection may be busy with a gated write.
+    pub(crate) fn writer(&self) -> &DatabaseConnection {
+        self.writer.as_ref().unwrap_or(&self.conn)
     }
 }
 
@@ -324,7 +372,7 @@ pub(crate) async fn write_gate(store: &Store) -> Result<Option<tokio::sync::Owne
 /// SQLite's own lock is; past it the call fails with [`Error::Timeout`].
 pub(crate) async fn begin_write(store: &Store) -> Result<WriteTxn> {
     let gate = write_gate(store).await?;
-    let db = &store.conn;
+    let db = store.writer();
     let options = TransactionOptions {
         isolation_level: None,
         access_mode: None,

@@ -98,7 +98,7 @@ async fn beat(db: &db::Store, owner: Uuid) -> Result<u64> {
         )
         .filter(global_sessions::Column::OwnerInstance.eq(owner.to_string()))
         .filter(global_sessions::Column::Status.is_in(open_statuses()))
-        .exec(&**db)
+        .exec(db.writer())
         .await?
         .rows_affected)
 }

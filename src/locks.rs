@@ -228,6 +228,7 @@ async fn insert_if_holder_active(
     // (disk full, I/O error) be reported. A grant is returned only once the
     // lock is durably stored.
     let inserted = conn
+        .writer()
         .query_all_raw(StatementBuilder::build(&insert, &DatabaseBackend::Sqlite))
         .await;
     drop(gate);

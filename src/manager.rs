@@ -61,16 +61,21 @@ impl SessionManager {
     /// opened or migrated; [`Error::InvalidInput`](crate::Error::InvalidInput)
     /// when the URL is malformed or the file cannot be created.
     pub async fn connect_with(url: &str, config: Config) -> Result<Self> {
-        let db = db::connect(url, &config).await?;
-        Ok(Self::new(db, config))
+        let store = db::connect(url, &config).await?;
+        Ok(Self::from_store(store, config))
     }
 
     /// Wraps a connection the app owns. The app runs `migration::Migrator`
     /// itself, and sets SQLite's pragmas (foreign keys on, WAL, busy timeout).
     pub fn new(db: DatabaseConnection, config: Config) -> Self {
+        let store = db::Store::new(db, config.busy_timeout);
+        Self::from_store(store, config)
+    }
+
+    fn from_store(db: db::Store, config: Config) -> Self {
         let contexts = Arc::new(ContextRegistry::default());
         Self {
-            db: db::Store::new(db, config.busy_timeout),
+            db,
             config: Arc::new(config),
             source: contexts.clone(),
             contexts,
@@ -91,6 +96,18 @@ impl SessionManager {
     /// The underlying connection, for queries of the app's own.
     pub fn connection(&self) -> &DatabaseConnection {
         &self.db
+    }
+
+    /// The connection the manager's own writes go through. On a SQLite file
+    /// opened by [`connect`](Self::connect) it is a pool of one connection,
+    /// kept apart from [`connection`](Self::connection)'s so that its page
+    /// cache stays warm from one write to the next; the manager lets one write
+    /// at a time use it. Elsewhere it is the same as `connection`. A write of
+    /// the app's own through it waits for that connection (at most
+    /// `Config::connect_timeout`) instead of in SQLite's busy handler, and
+    /// the manager's writes wait for it in turn.
+    pub fn write_connection(&self) -> &DatabaseConnection {
+        self.db.writer()
     }
 
     /// The configuration in force.

@@ -253,3 +253,62 @@ async fn eight_way_write_contention_surfaces_no_busy_error() {
     )
     .await;
 }
+
+/// On a SQLite file the manager writes through a connection of its own, apart
+/// from the pool `connection()` hands out. With that pool cut to one
+/// connection and held by the app in an open read transaction, an end still
+/// goes through (a shared pool would wait for the connection until
+/// `connect_timeout`), the app's snapshot keeps seeing the session active,
+/// and the rows afterwards are the end's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_do_not_wait_for_the_app_holding_the_read_pool() {
+    use sea_orm::TransactionTrait;
+    let config = demiarch_sessions::Config {
+        max_connections: 1,
+        connect_timeout: std::time::Duration::from_secs(1),
+        ..test_config()
+    };
+    let db = TestDb::with_config(Backend::SqliteFile, config).await;
+    let (session, agents) = populated_session(&db, 2, 3).await;
+
+    let app = db.manager.connection().begin().await.expect("app's read");
+    let seen = entity::global_sessions::Entity::find_by_id(TextUuid(session))
+        .one(&app)
+        .await
+        .expect("read in the app's transaction")
+        .expect("session row");
+    assert_eq!(seen.status, "active");
+
+    let report = db
+        .manager
+        .end_session(session)
+        .await
+        .expect("end while the app holds the read pool's only connection");
+    assert_eq!(report.locks_released, 6);
+
+    let still = entity::global_sessions::Entity::find_by_id(TextUuid(session))
+        .one(&app)
+        .await
+        .expect("read again in the app's transaction")
+        .expect("session row");
+    assert_eq!(
+        still.status, "active",
+        "the app's snapshot predates the end"
+    );
+    app.commit().await.expect("end the app's read");
+
+    let (row, agent_rows, locks, audit) = rows_of(&db, session).await;
+    assert_eq!(row.status, "completed");
+    assert_eq!(agent_rows.len(), agents.len());
+    assert!(agent_rows.iter().all(|a| a.status == "cancelled"));
+    assert_eq!(locks.len(), 6);
+    assert!(locks.iter().all(|l| l.released_at.is_some()));
+    assert_eq!(
+        audit
+            .iter()
+            .filter(|a| a.event_type == "session_end")
+            .count(),
+        1
+    );
+    db.cleanup().await;
+}

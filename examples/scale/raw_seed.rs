@@ -1,6 +1,6 @@
 //! The yardstick: the end of the story's seed ("Session End Flow" in
 //! story-6.5-session-end-and-cleanup.md), its three statements run verbatim
-//! through sqlx on the library's own pool (same pragmas, same server session
+//! through sqlx on the pool of the library's own writes (same pragmas, same server session
 //! settings), as prepared statements cached per connection, sqlx's default.
 //!
 //! It runs on a database of its own, made like the library's but without the
@@ -244,14 +244,16 @@ macro_rules! full_end {
 }
 
 /// Ends `session_id` the seed's way (`raw-seed`, or `raw-full` with the
-/// library's extra work) on the manager's own pool.
+/// library's extra work) on the pool the manager's own writes use (on a
+/// SQLite file its one writer connection, whose page cache the seed then
+/// shares with the library, as it would as the app's only writer).
 pub async fn end_session(
     manager: &SessionManager,
     implementation: Impl,
     session_id: Uuid,
 ) -> Result<u64, Box<dyn Error>> {
     let start = Instant::now();
-    let conn = manager.connection();
+    let conn = manager.write_connection();
     let full = match implementation {
         Impl::RawSeed => false,
         Impl::RawFull => true,
