@@ -137,6 +137,10 @@ impl Fixture {
 
     /// Creates `count` active sessions, each with `agents` running agents that
     /// hold `locks` held locks between them round-robin. Returns their ids.
+    ///
+    /// Written through the manager's write connection, as an app's sessions,
+    /// agents and locks are: on a SQLite file, a write through any other
+    /// connection would leave the next end to start with a cold page cache.
     pub async fn create_sessions(
         &self,
         count: u64,
@@ -149,7 +153,7 @@ impl Fixture {
         let mut made = 0;
         while made < count {
             let n = std::cmp::min(per_txn, count - made);
-            let txn = self.connection().begin().await?;
+            let txn = self.manager.write_connection().begin().await?;
             ids.extend(insert_sessions(&txn, n, agents, locks).await?);
             txn.commit().await?;
             made += n;
