@@ -93,7 +93,9 @@ impl SessionManager {
         self
     }
 
-    /// The underlying connection, for queries of the app's own.
+    /// The underlying connection, for queries of the app's own. On a SQLite
+    /// file opened by [`connect`](Self::connect) the manager's own writes do
+    /// not use it: see [`write_connection`](Self::write_connection).
     pub fn connection(&self) -> &DatabaseConnection {
         &self.db
     }
