@@ -52,11 +52,10 @@ pub(crate) async fn connect(url: &str, config: &Config) -> Result<Store> {
     })?;
     migration::Migrator::up(&db, None).await?;
     let writer = if sqlite && !memory {
-        Some(
-            Database::connect(connect_options(url, config, 1))
-                .await
-                .map_err(not_a_database)?,
-        )
+        let mut options = connect_options(url, config, 1);
+        // Kept open for the manager's life: a reopened writer starts cold.
+        options.idle_timeout(None).max_lifetime(None);
+        Some(Database::connect(options).await.map_err(not_a_database)?)
     } else {
         None
     };
@@ -197,12 +196,14 @@ fn configure_server_sessions(options: &mut ConnectOptions, config: &Config) {
     }
 }
 
-/// Whether the database gave up waiting for a lock: SQLite busy, a
-/// PostgreSQL lock or statement timeout, a MariaDB/MySQL lock-wait or
-/// statement-time limit.
+/// Whether the call gave up waiting: for a lock (SQLite busy, a PostgreSQL
+/// lock or statement timeout, a MariaDB/MySQL lock-wait or statement-time
+/// limit), or for a pooled connection (`Config::connect_timeout`; on a SQLite
+/// file, the writer held by the app through `write_connection`).
 pub(crate) fn is_lock_timeout(err: &sea_orm::DbErr) -> bool {
-    use sea_orm::{DbErr, RuntimeErr};
+    use sea_orm::{ConnAcquireErr, DbErr, RuntimeErr};
     let sqlx_err = match err {
+        DbErr::ConnectionAcquire(ConnAcquireErr::Timeout) => return true,
         DbErr::Exec(RuntimeErr::SqlxError(e))
         | DbErr::Query(RuntimeErr::SqlxError(e))
         | DbErr::Conn(RuntimeErr::SqlxError(e)) => e,
@@ -311,6 +312,14 @@ impl Store {
     pub(crate) fn writer(&self) -> &DatabaseConnection {
         self.writer.as_ref().unwrap_or(&self.conn)
     }
+
+    /// Closes the writer, if any, then the pool.
+    pub(crate) async fn close(&self) -> std::result::Result<(), sea_orm::DbErr> {
+        if let Some(writer) = &self.writer {
+            writer.clone().close().await?;
+        }
+        self.conn.clone().close().await
+    }
 }
 
 impl std::ops::Deref for Store {
@@ -370,6 +379,9 @@ pub(crate) async fn write_gate(store: &Store) -> Result<Option<tokio::sync::Owne
 ///
 /// Waiting for the gate is bounded by `Config::busy_timeout`, as waiting for
 /// SQLite's own lock is; past it the call fails with [`Error::Timeout`].
+/// Waiting for the writer's connection (busy only if the app holds it through
+/// `write_connection`) is bounded by `Config::connect_timeout`; past it the
+/// error is one for which `Error::is_timeout` is true.
 pub(crate) async fn begin_write(store: &Store) -> Result<WriteTxn> {
     let gate = write_gate(store).await?;
     let db = store.writer();

@@ -97,9 +97,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// Whether the call gave up waiting for another writer: a
     /// [`Timeout`](Error::Timeout), or a database error that is SQLite's busy
-    /// or locked, a PostgreSQL lock or statement timeout, or a MariaDB/MySQL
-    /// lock-wait or statement-time limit. Such a call changed nothing and can
-    /// be retried.
+    /// or locked, a PostgreSQL lock or statement timeout, a MariaDB/MySQL
+    /// lock-wait or statement-time limit, or a wait for a pooled connection
+    /// past `Config::connect_timeout`. Such a call changed nothing and can be
+    /// retried.
     pub fn is_timeout(&self) -> bool {
         match self {
             Error::Timeout { .. } => true,

@@ -102,14 +102,32 @@ impl SessionManager {
 
     /// The connection the manager's own writes go through. On a SQLite file
     /// opened by [`connect`](Self::connect) it is a pool of one connection,
-    /// kept apart from [`connection`](Self::connection)'s so that its page
-    /// cache stays warm from one write to the next; the manager lets one write
-    /// at a time use it. Elsewhere it is the same as `connection`. A write of
-    /// the app's own through it waits for that connection (at most
-    /// `Config::connect_timeout`) instead of in SQLite's busy handler, and
-    /// the manager's writes wait for it in turn.
+    /// kept open and apart from [`connection`](Self::connection)'s so that
+    /// its page cache stays warm from one write to the next; the manager lets
+    /// one write at a time use it. Elsewhere it is the same as `connection`.
+    ///
+    /// An app that writes through it queues behind this manager's writes for
+    /// the connection (at most `Config::connect_timeout`), and this manager's
+    /// writes queue behind the app's for as long as it holds the connection
+    /// (a transaction, an unfinished stream): past `connect_timeout` they
+    /// fail with an error for which [`Error::is_timeout`](crate::Error::is_timeout)
+    /// is true, having changed nothing. Never call the manager from inside a
+    /// transaction on it.
     pub fn write_connection(&self) -> &DatabaseConnection {
         self.db.writer()
+    }
+
+    /// Stops the heartbeat and closes the manager's connections (on a SQLite
+    /// file, the writer and the pool), waiting for those in use to come back.
+    /// It ends no session: call [`shutdown`](Self::shutdown) first for that.
+    /// Calls on this manager or its clones afterwards fail. Without it, the
+    /// connections close once the manager and all its clones are dropped.
+    ///
+    /// # Errors
+    /// [`Error::Database`](crate::Error::Database) if closing failed.
+    pub async fn close(&self) -> Result<()> {
+        self.heartbeat.stop().await;
+        Ok(self.db.close().await?)
     }
 
     /// The configuration in force.

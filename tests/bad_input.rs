@@ -839,7 +839,7 @@ async fn a_database_from_a_newer_library_is_refused_and_left_unchanged() {
         m.acquire_lock(a, "file", "x").await.expect("acquire");
         (s, a)
     };
-    m.connection().clone().close().await.expect("close");
+    m.close().await.expect("close");
 
     let raw = Database::connect(&url).await.expect("raw connect");
     raw.execute_raw(Statement::from_sql_and_values(

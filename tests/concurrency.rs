@@ -312,3 +312,41 @@ async fn writes_do_not_wait_for_the_app_holding_the_read_pool() {
     );
     db.cleanup().await;
 }
+
+/// The other side: an app holding the writer itself (a transaction on
+/// `write_connection()`) makes the manager's writes wait for it, at most
+/// `connect_timeout`, and then fail with an error that says so and change
+/// nothing; once the app lets go, they go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_behind_the_app_holding_the_writer_time_out_and_change_nothing() {
+    use sea_orm::TransactionTrait;
+    let config = demiarch_sessions::Config {
+        connect_timeout: std::time::Duration::from_millis(300),
+        ..test_config()
+    };
+    let db = TestDb::with_config(Backend::SqliteFile, config).await;
+    let (session, _agents) = populated_session(&db, 1, 2).await;
+    let before = snapshot(&db).await;
+
+    let app = db
+        .manager
+        .write_connection()
+        .begin()
+        .await
+        .expect("app's transaction on the writer");
+    let started = db.manager.start_session().await;
+    let ended = db.manager.end_session(session).await;
+    for (call, result) in [("start", started.map(|_| ())), ("end", ended.map(|_| ()))] {
+        let err = result.expect_err(&format!("{call} while the app holds the writer"));
+        assert!(err.is_timeout(), "{call}: a timeout, got {err:?}");
+    }
+    assert_eq!(snapshot(&db).await, before, "nothing changed");
+    app.rollback().await.expect("app lets go");
+
+    db.manager
+        .end_session(session)
+        .await
+        .expect("end afterwards");
+    assert_eq!(session_row(&db, session).await.status, "completed");
+    db.cleanup().await;
+}

@@ -405,7 +405,7 @@ async fn killed_children_leave_every_session_fully_ended_or_untouched() {
         );
         ended_before = ended;
         last = (ended_before.len(), untouched);
-        m.connection().clone().close().await.expect("close");
+        m.close().await.expect("close");
     }
 
     eprintln!(

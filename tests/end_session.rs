@@ -822,7 +822,7 @@ async fn end_on_a_connection_set_up_by_the_app_is_still_bounded() {
                     assert_eq!(report.locks_released, 4);
                     assert_eq!(session_row(&db, session).await.status, "completed");
                 }
-                manager.connection().clone().close().await.expect("close");
+                manager.close().await.expect("close");
             }
         },
     )

@@ -77,7 +77,7 @@ async fn a_new_database_and_its_wal_and_shm_files_are_owner_only() {
         assert_eq!(mode_of(&wal), 0o600, "{name}: -wal holds the same data");
         assert_eq!(mode_of(&shm), 0o600, "{name}: -shm");
         assert_eq!(mode_of(&path), 0o600, "{name}: still 0600 after writing");
-        m.connection().clone().close().await.expect("close");
+        m.close().await.expect("close");
         assert_eq!(mode_of(&path), 0o600, "{name}: still 0600 after closing");
     }
 }
@@ -107,7 +107,7 @@ async fn an_existing_files_mode_is_left_as_it_was() {
             "{suffix} is {side:o}: no more open than the database file"
         );
     }
-    m.connection().clone().close().await.expect("close");
+    m.close().await.expect("close");
 
     // The data is really in that file.
     let again = SessionManager::connect(&format!("sqlite://{}", path.display()))
@@ -118,7 +118,7 @@ async fn an_existing_files_mode_is_left_as_it_was() {
         json!("secret user prompt")
     );
     assert_eq!(mode_of(&path), 0o640);
-    again.connection().clone().close().await.expect("close");
+    again.close().await.expect("close");
 }
 
 // ---- injection through every call ----------------------------------------------

@@ -107,10 +107,7 @@ impl Fixture {
 
     /// Closes the pool and drops a server database.
     pub async fn close(self) -> BoxResult<()> {
-        self.manager.connection().clone().close().await?;
-        if self.backend == BackendKind::SqliteWal {
-            self.manager.write_connection().clone().close().await?;
-        }
+        self.manager.close().await?;
         if let Some((admin, name)) = &self.server {
             drop_server_database(self.backend, admin, name).await;
         }

@@ -198,10 +198,7 @@ impl TestDb {
 
     /// Closes the pool and drops a server database.
     pub async fn cleanup(self) {
-        let _ = self.manager.connection().clone().close().await;
-        if self.backend == Backend::SqliteFile {
-            let _ = self.manager.write_connection().clone().close().await;
-        }
+        let _ = self.manager.close().await;
         if let Some(server) = self.server {
             server.drop_now().await;
         }
