@@ -130,6 +130,8 @@ where
 }
 
 /// Ends `session` with `implementation`; returns the number of locks released.
+/// The seed leaves the live windows in memory: [`forget_windows`] drops them
+/// afterwards, untimed, so a long run does not grow.
 async fn end_session(
     manager: &SessionManager,
     implementation: Impl,
@@ -138,13 +140,17 @@ async fn end_session(
     Ok(match implementation {
         Impl::Orm => manager.end_session(session).await?.locks_released,
         Impl::RawSeed | Impl::RawFull => {
-            let released = raw_seed::end_session(manager, implementation, session).await?;
-            // The seed leaves the live windows in memory; drop them (untimed
-            // by the callers that time) so a long run does not grow.
-            manager.contexts().remove(session);
-            released
+            raw_seed::end_session(manager, implementation, session).await?
         }
     })
+}
+
+/// Drops the live windows a hand-written end left in memory (the library's
+/// end removes its own).
+fn forget_windows(manager: &SessionManager, implementation: Impl, session: Uuid) {
+    if implementation != Impl::Orm {
+        manager.contexts().remove(session);
+    }
 }
 
 /// Ends `session` and returns the time the end took.
@@ -155,16 +161,9 @@ async fn time_one_end(
     expected_locks: u64,
 ) -> BoxResult<Duration> {
     let started = Instant::now();
-    let released = match implementation {
-        Impl::Orm => fx.manager.end_session(session).await?.locks_released,
-        Impl::RawSeed | Impl::RawFull => {
-            raw_seed::end_session(&fx.manager, implementation, session).await?
-        }
-    };
+    let released = end_session(&fx.manager, implementation, session).await?;
     let elapsed = started.elapsed();
-    if implementation != Impl::Orm {
-        fx.manager.contexts().remove(session);
-    }
+    forget_windows(&fx.manager, implementation, session);
     if released != expected_locks {
         return Err(format!(
             "{} released {released} locks of session {session}, expected {expected_locks}",
@@ -322,7 +321,9 @@ async fn end_all(
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(&id) = ids.get(i) else { break };
-                match end_session(&manager, implementation, id).await {
+                let ended = end_session(&manager, implementation, id).await;
+                forget_windows(&manager, implementation, id);
+                match ended {
                     Ok(released) if released == locks => {}
                     Ok(released) => errors.record(format!(
                         "session {id}: released {released} locks, expected {locks}"

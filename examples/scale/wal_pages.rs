@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::args::{Args, Impl};
 use crate::fixture::{BackendKind, BoxResult, Fixture};
-use crate::{end_session, open_populated, WARMUP};
+use crate::{end_session, forget_windows, open_populated, WARMUP};
 
 /// The WAL header (32 bytes) and each frame's header (24 bytes), fixed by
 /// SQLite's file format.
@@ -97,6 +97,7 @@ async fn count_pages(
         let session = fx.target_session(locks, context_bytes).await?;
         truncate_wal(fx).await?;
         let released = end_session(&fx.manager, implementation, session).await?;
+        forget_windows(&fx.manager, implementation, session);
         if released != locks {
             return Err(format!("released {released} locks, expected {locks}").into());
         }
