@@ -3,10 +3,7 @@
 //! The log is append-only: nothing in this library updates or deletes an
 //! audit row (and on SQLite, triggers refuse it).
 use chrono::{DateTime, Utc};
-use sea_orm::{
-    entity::prelude::TextUuid, ActiveValue::Set, ConnectionTrait, DatabaseBackend, EntityTrait,
-    QueryTrait, Statement,
-};
+use sea_orm::{ActiveValue::Set, ConnectionTrait, EntityTrait};
 use uuid::Uuid;
 
 use entity::audit_log;
@@ -48,7 +45,7 @@ impl std::fmt::Display for AuditEvent {
     }
 }
 
-/// Appends one audit row inside the caller's transaction.
+/// Appends one audit row, as its ActiveModel, inside the caller's transaction.
 pub(crate) async fn append<C: ConnectionTrait>(
     txn: &C,
     event: AuditEvent,
@@ -56,67 +53,15 @@ pub(crate) async fn append<C: ConnectionTrait>(
     details: serde_json::Value,
     at: DateTime<Utc>,
 ) -> crate::Result<()> {
-    let backend = txn.get_database_backend();
-    txn.execute_raw(Row::new(event, session_id, details, at).insert(backend))
+    let row = audit_log::ActiveModel {
+        id: Set(Uuid::new_v4().to_string()),
+        event_type: Set(event.as_str().to_owned()),
+        event_time: Set(at.into()),
+        session_id: Set(session_id.map(|id| id.to_string())),
+        details: Set(details),
+    };
+    audit_log::Entity::insert(row)
+        .exec_without_returning(txn)
         .await?;
     Ok(())
-}
-
-/// One audit row, with a fresh id.
-#[derive(Clone, Debug)]
-pub(crate) struct Row {
-    id: Uuid,
-    event: AuditEvent,
-    session_id: Option<Uuid>,
-    details: serde_json::Value,
-    at: DateTime<Utc>,
-}
-
-impl Row {
-    pub(crate) fn new(
-        event: AuditEvent,
-        session_id: Option<Uuid>,
-        details: serde_json::Value,
-        at: DateTime<Utc>,
-    ) -> Self {
-        Self {
-            id: Uuid::new_v4(),
-            event,
-            session_id,
-            details,
-            at,
-        }
-    }
-
-    /// Its INSERT, built from the entity.
-    pub(crate) fn insert(self, backend: DatabaseBackend) -> Statement {
-        let row = audit_log::ActiveModel {
-            id: Set(TextUuid(self.id)),
-            event_type: Set(self.event.as_str().to_owned()),
-            event_time: Set(self.at),
-            session_id: Set(self.session_id.map(|id| id.to_string())),
-            details: Set(self.details),
-        };
-        audit_log::Entity::insert(row).build(backend)
-    }
-
-    /// The values [`insert`](Self::insert) binds, in its order.
-    pub(crate) fn into_values(self) -> Vec<sea_orm::Value> {
-        self.into_columns().into_iter().map(|(_, v)| v).collect()
-    }
-
-    /// Each column of the row with its value, in the order of
-    /// [`insert`](Self::insert).
-    pub(crate) fn into_columns(self) -> [(audit_log::Column, sea_orm::Value); 5] {
-        [
-            (audit_log::Column::Id, TextUuid(self.id).into()),
-            (audit_log::Column::EventType, self.event.as_str().into()),
-            (audit_log::Column::EventTime, self.at.into()),
-            (
-                audit_log::Column::SessionId,
-                self.session_id.map(|id| id.to_string()).into(),
-            ),
-            (audit_log::Column::Details, self.details.into()),
-        ]
-    }
 }

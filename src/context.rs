@@ -95,36 +95,65 @@ struct EnvelopeRef<'a> {
     windows: &'a [ContextWindow],
 }
 
-/// A session's context, serialized once, to JSON text, before the end's
-/// transaction opens. The text is what is bound to `context_data`.
+/// A session's context as the end saves it: the envelope as a JSON value,
+/// built before the end's transaction opens, and its size as JSON text.
 pub(crate) struct SavedContext {
-    pub text: String,
+    pub data: serde_json::Value,
     pub windows: u64,
     pub bytes: u64,
 }
 
 impl SavedContext {
-    /// Serializes the windows and enforces the size limit.
-    pub fn capture(windows: &[ContextWindow], limit: usize) -> crate::Result<Self> {
+    /// Measures the windows against the size limit and wraps them in the
+    /// envelope. The windows are moved into it, never copied.
+    pub fn capture(windows: Vec<ContextWindow>, limit: usize) -> crate::Result<Self> {
         let envelope = EnvelopeRef {
             version: CONTEXT_FORMAT_VERSION,
-            windows,
+            windows: &windows,
         };
+        let mut size = ByteCount(0);
         // Keys are strings and the data is already JSON, so this cannot fail;
         // if it ever did, say so rather than save something else.
-        let text = serde_json::to_string(&envelope).map_err(|e| crate::Error::InvalidInput {
+        serde_json::to_writer(&mut size, &envelope).map_err(|e| crate::Error::InvalidInput {
             field: "context",
             reason: format!("context windows do not serialize to JSON: {e}"),
         })?;
-        let bytes = text.len();
+        let bytes = size.0;
         if bytes > limit {
             return Err(crate::Error::ContextTooLarge { bytes, limit });
         }
+        let count = windows.len() as u64;
+        let windows = windows
+            .into_iter()
+            .map(|w| {
+                let mut window = serde_json::Map::new();
+                window.insert("key".to_owned(), w.key.into());
+                window.insert("data".to_owned(), w.data);
+                serde_json::Value::Object(window)
+            })
+            .collect();
+        let mut envelope = serde_json::Map::new();
+        envelope.insert("version".to_owned(), CONTEXT_FORMAT_VERSION.into());
+        envelope.insert("windows".to_owned(), serde_json::Value::Array(windows));
         Ok(Self {
-            text,
-            windows: windows.len() as u64,
+            data: serde_json::Value::Object(envelope),
+            windows: count,
             bytes: bytes as u64,
         })
+    }
+}
+
+/// Counts the bytes written to it and keeps none.
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

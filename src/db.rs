@@ -1,12 +1,12 @@
 //! Connecting per backend, SQLite pragmas, and the one transaction helper.
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound, Utc};
 use sea_orm::{
-    ConnectOptions, Database, DatabaseBackend, DatabaseConnection, DatabaseTransaction,
-    SqliteTransactionMode, Statement, TransactionOptions, TransactionTrait,
+    ConnectOptions, ConnectionTrait, Database, DatabaseBackend, DatabaseConnection,
+    DatabaseTransaction, SqliteTransactionMode, TransactionOptions, TransactionTrait,
 };
 use sea_orm_migration::MigratorTrait;
 
@@ -16,6 +16,12 @@ use crate::{Config, Error, Result};
 /// backend (PostgreSQL and MariaDB keep microseconds) reads back what was written.
 pub(crate) fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
+}
+
+/// A UUID as stored (its hyphenated text), read back; `what` names the column.
+pub(crate) fn stored_id(what: &str, text: &str) -> Result<uuid::Uuid> {
+    uuid::Uuid::parse_str(text)
+        .map_err(|e| Error::CorruptRow(format!("{what} {text:?} is not a UUID: {e}")))
 }
 
 fn is_sqlite_memory(url: &str) -> bool {
@@ -284,11 +290,22 @@ pub(crate) struct Store {
     writer: Option<DatabaseConnection>,
     gate: Option<Arc<tokio::sync::Mutex<()>>>,
     gate_timeout: Duration,
+    /// PostgreSQL's `lock_timeout` for each write transaction, on a connection
+    /// the app set up (the library's own connections set it when they open).
+    txn_lock_timeout: Option<Duration>,
 }
 
 impl Store {
-    pub(crate) fn new(conn: DatabaseConnection, gate_timeout: Duration) -> Self {
-        Self::with_writer(conn, None, gate_timeout)
+    /// A store on a connection the app set up: no writer, and each write
+    /// transaction on PostgreSQL bounds its lock waits by `lock_timeout`.
+    pub(crate) fn new(
+        conn: DatabaseConnection,
+        gate_timeout: Duration,
+        lock_timeout: Duration,
+    ) -> Self {
+        let mut store = Self::with_writer(conn, None, gate_timeout);
+        store.txn_lock_timeout = Some(lock_timeout);
+        store
     }
 
     fn with_writer(
@@ -303,6 +320,7 @@ impl Store {
             writer,
             gate,
             gate_timeout,
+            txn_lock_timeout: None,
         }
     }
 
@@ -392,34 +410,34 @@ pub(crate) async fn begin_write(store: &Store) -> Result<WriteTxn> {
             .then_some(SqliteTransactionMode::Immediate),
     };
     let txn = db.begin_with_options(options).await?;
+    if let (Some(timeout), DatabaseBackend::Postgres) =
+        (store.txn_lock_timeout, db.get_database_backend())
+    {
+        // A connection setting SeaORM has no API for; `SET LOCAL` ends with
+        // the transaction, so the app's connection is left as it was.
+        let ms = timeout.as_millis().clamp(1, i32::MAX as u128);
+        txn.execute_unprepared(&format!("SET LOCAL lock_timeout = {ms}"))
+            .await?;
+    }
     Ok(WriteTxn { txn, _gate: gate })
 }
 
-/// SQL text built once per backend and process, for the statements on hot
-/// paths: callers bind their own values to it (see `session::end`).
-pub(crate) struct SqlCache([OnceLock<String>; 3]);
-
-impl SqlCache {
-    pub(crate) const fn new() -> Self {
-        Self([OnceLock::new(), OnceLock::new(), OnceLock::new()])
-    }
-
-    fn slot(&self, backend: DatabaseBackend) -> &OnceLock<String> {
-        &self.0[match backend {
-            DatabaseBackend::Sqlite => 0,
-            DatabaseBackend::Postgres => 1,
-            _ => 2,
-        }]
-    }
-
-    /// The SQL remembered for `backend`, if any.
-    pub(crate) fn get(&self, backend: DatabaseBackend) -> Option<&str> {
-        self.slot(backend).get().map(String::as_str)
-    }
-
-    /// Remembers `statement`'s SQL for `backend` and hands the statement back.
-    pub(crate) fn remember(&self, backend: DatabaseBackend, statement: Statement) -> Statement {
-        let _ = self.slot(backend).set(statement.sql.clone());
-        statement
+/// What a write bounded by `budget` (with `tokio::time::timeout`) came to.
+/// The budget running out, and the server (or SQLite's busy handler) giving up
+/// on a lock first, both mean the write was rolled back: [`Error::Timeout`].
+pub(crate) fn within_budget<T>(
+    outcome: std::result::Result<Result<T>, tokio::time::error::Elapsed>,
+    started: std::time::Instant,
+) -> Result<T> {
+    let timed_out = || {
+        let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        tracing::warn!(elapsed_ms, "write timed out and was rolled back");
+        Err(Error::Timeout { elapsed_ms })
+    };
+    match outcome {
+        Ok(Ok(done)) => Ok(done),
+        Ok(Err(Error::Database(e))) if is_lock_timeout(&e) => timed_out(),
+        Ok(Err(e)) => Err(e),
+        Err(_) => timed_out(),
     }
 }

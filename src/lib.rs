@@ -59,7 +59,9 @@ pub use lifecycle::{ShutdownFailure, ShutdownReport};
 pub use locks::{LockGrant, LockOptions, SweepReport};
 pub use manager::SessionManager;
 pub use metrics::MetricsSnapshot;
-pub use query::{AgentInfo, AuditFilter, AuditRecord, LockFilter, SessionFilter, SessionInfo};
+pub use query::{
+    AgentInfo, AuditFilter, AuditRecord, LockFilter, LockInfo, SessionFilter, SessionInfo,
+};
 pub use session::{EndSessionReport, RecoveryReport};
 pub use status::{AgentStatus, ReleaseReason, SessionStatus};
 pub use validate::MAX_NAME_BYTES;

@@ -187,10 +187,14 @@ pub(crate) async fn shutdown(
 /// Whether the session's row says it was ended, after its end was dropped at
 /// the deadline. A read that fails counts as not ended.
 async fn ended_anyway(manager: &SessionManager, session_id: Uuid) -> bool {
-    matches!(
-        crate::session::end::status_of(manager.connection(), session_id).await,
-        Ok(Some((status, _))) if status == SessionStatus::Completed.as_str()
-    )
+    let status: std::result::Result<Option<String>, _> =
+        global_sessions::Entity::find_by_id(session_id.to_string())
+            .select_only()
+            .column(global_sessions::Column::Status)
+            .into_tuple()
+            .one(manager.connection())
+            .await;
+    matches!(status, Ok(Some(status)) if status == SessionStatus::Completed.as_str())
 }
 
 /// Resolves on Ctrl-C, or on SIGTERM on Unix.

@@ -9,9 +9,8 @@ use chrono::{DateTime, Utc};
 use sea_orm::entity::prelude::TextUuid;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseConnection,
-    DatabaseTransaction, DbErr, EntityTrait, JoinType, QueryFilter, QueryOrder, QuerySelect,
-    RelationDef, SqlErr,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr,
+    EntityTrait, JoinType, QueryFilter, QueryOrder, QuerySelect, RelationDef, SqlErr,
 };
 use serde::Serialize;
 use uuid::Uuid;
@@ -84,7 +83,9 @@ pub(crate) async fn acquire(
                 return Err(Error::LockHeld {
                     resource_type: resource_type.to_owned(),
                     resource_key: resource_key.to_owned(),
-                    holder_agent_id: holder.as_ref().map(|h| h.agent_id.0),
+                    holder_agent_id: holder
+                        .as_ref()
+                        .and_then(|h| db::stored_id("agent_id", &h.agent_id).ok()),
                     fencing_token: holder.as_ref().map(|h| h.fencing_token),
                 });
             }
@@ -105,14 +106,6 @@ async fn try_acquire(
     resource_key: &str,
     ttl: Option<chrono::Duration>,
 ) -> Result<Acquired> {
-    if conn.get_database_backend() == DatabaseBackend::Sqlite && config.lock_delay.is_zero() {
-        if let Some(acquired) =
-            insert_if_holder_active(conn, agent_id, resource_type, resource_key, ttl).await?
-        {
-            return Ok(acquired);
-        }
-        // Nothing was inserted: the transaction below finds out why and says so.
-    }
     let txn = db::begin_write(conn).await?;
     let session_id = check_holder(&txn, agent_id).await?;
     let now = db::now();
@@ -122,14 +115,14 @@ async fn try_acquire(
     let fencing_token = next_fencing_token(&txn).await?;
     let lock_id = Uuid::new_v4();
     let row = resource_locks::ActiveModel {
-        id: Set(TextUuid(lock_id)),
-        agent_id: Set(TextUuid(agent_id)),
-        session_id: Set(TextUuid(session_id)),
+        id: Set(lock_id.to_string()),
+        agent_id: Set(agent_id.to_string()),
+        session_id: Set(session_id.to_string()),
         resource_type: Set(resource_type.to_owned()),
         resource_key: Set(resource_key.to_owned()),
         fencing_token: Set(fencing_token),
-        acquired_at: Set(now),
-        expires_at: Set(ttl.map(|ttl| now + ttl)),
+        acquired_at: Set(now.into()),
+        expires_at: Set(ttl.map(|ttl| (now + ttl).into())),
         released_at: Set(None),
         release_reason: Set(None),
     };
@@ -152,107 +145,6 @@ async fn try_acquire(
         fencing_token,
     }))
 }
-
-/// SQLite's one-statement acquire: an `INSERT … SELECT` that inserts the lock
-/// only if the agent is running in an active session, with the next fencing
-/// token computed inside it, `RETURNING` the token.
-///
-/// One statement is one transaction, and on SQLite a writing statement takes
-/// the write lock before it reads anything, as `BEGIN IMMEDIATE` does: the
-/// checks, the token and the insert happen under one lock, so an end of the
-/// session either commits first (the SELECT then finds it `completed` and
-/// inserts nothing) or after (and releases this lock). One round trip to the
-/// database instead of six.
-///
-/// `Ok(None)`: nothing was inserted (unknown agent, agent not running, session
-/// not active); the caller's transaction finds out which. PostgreSQL and
-/// MariaDB take the transaction path, where the session row is read
-/// `FOR SHARE`.
-async fn insert_if_holder_active(
-    conn: &db::Store,
-    agent_id: Uuid,
-    resource_type: &str,
-    resource_key: &str,
-    ttl: Option<chrono::Duration>,
-) -> Result<Option<Acquired>> {
-    use sea_orm::sea_query::Query;
-    use sea_orm::ExprTrait;
-    use sea_orm::StatementBuilder;
-
-    let now = db::now();
-    let lock_id = Uuid::new_v4();
-    let agent = |c: agent_executions::Column| (agent_executions::Entity, c);
-    let session = |c: global_sessions::Column| (global_sessions::Entity, c);
-    let source = Query::select()
-        .expr(Expr::val(lock_id.to_string()))
-        .column(agent(agent_executions::Column::Id))
-        .column(agent(agent_executions::Column::SessionId))
-        .expr(Expr::val(resource_type))
-        .expr(Expr::val(resource_key))
-        .expr(Expr::cust(SQLITE_NEXT_FENCING_TOKEN))
-        .expr(Expr::val(now))
-        .expr(Expr::val(ttl.map(|ttl| now + ttl)))
-        .from(agent_executions::Entity)
-        .inner_join(
-            global_sessions::Entity,
-            Expr::col(session(global_sessions::Column::Id))
-                .equals(agent(agent_executions::Column::SessionId)),
-        )
-        .and_where(Expr::col(agent(agent_executions::Column::Id)).eq(agent_id.to_string()))
-        .and_where(
-            Expr::col(agent(agent_executions::Column::Status)).eq(AgentStatus::Running.as_str()),
-        )
-        .and_where(
-            Expr::col(session(global_sessions::Column::Status)).eq(SessionStatus::Active.as_str()),
-        )
-        .to_owned();
-    let insert = Query::insert()
-        .into_table(resource_locks::Entity)
-        .columns([
-            resource_locks::Column::Id,
-            resource_locks::Column::AgentId,
-            resource_locks::Column::SessionId,
-            resource_locks::Column::ResourceType,
-            resource_locks::Column::ResourceKey,
-            resource_locks::Column::FencingToken,
-            resource_locks::Column::AcquiredAt,
-            resource_locks::Column::ExpiresAt,
-        ])
-        .select_from(source)
-        .map_err(|e| Error::CorruptRow(format!("acquire statement: {e}")))?
-        .returning_col(resource_locks::Column::FencingToken)
-        .to_owned();
-    let gate = db::write_gate(conn).await?;
-    // Run to completion, not just to the first row: the statement's implicit
-    // COMMIT happens when it finishes, and only then would a failed commit
-    // (disk full, I/O error) be reported. A grant is returned only once the
-    // lock is durably stored.
-    let inserted = conn
-        .writer()
-        .query_all_raw(StatementBuilder::build(&insert, &DatabaseBackend::Sqlite))
-        .await;
-    drop(gate);
-    match inserted.map(|rows| rows.into_iter().next()) {
-        Ok(Some(row)) => Ok(Some(Acquired::Granted(LockGrant {
-            lock_id,
-            fencing_token: row.try_get_by_index(0)?,
-        }))),
-        Ok(None) => Ok(None),
-        // As in the transaction path: the only unique key that can collide is
-        // the held-lock index.
-        Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
-            Ok(Some(Acquired::Held))
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// SQLite's next fencing token: one more than any token granted or issued by
-/// the `lock_fencing` counter (rows are never deleted, and SQLite runs one
-/// writer at a time, so this strictly increases in grant order).
-const SQLITE_NEXT_FENCING_TOKEN: &str = "MAX(\
-     COALESCE((SELECT MAX(fencing_token) FROM resource_locks), 0), \
-     COALESCE((SELECT last_token FROM lock_fencing WHERE id = 1), 0)) + 1";
 
 /// The agent must be running and its session active; returns the session.
 ///
@@ -318,36 +210,21 @@ async fn check_lock_delay(
 }
 
 /// Issues the next fencing token from the single-row counter. The row update
-/// serializes issuers, so tokens strictly increase in grant order. On SQLite
-/// the counter also steps over tokens the one-statement acquire granted.
+/// serializes issuers (it holds the row until commit), so tokens strictly
+/// increase in grant order, and reading the row back in the same transaction
+/// sees our own increment.
 async fn next_fencing_token(txn: &DatabaseTransaction) -> Result<i64> {
     use sea_orm::ExprTrait;
-    let bump = lock_fencing::Entity::update_many()
+    lock_fencing::Entity::update_many()
         .col_expr(
             lock_fencing::Column::LastToken,
             Expr::col(lock_fencing::Column::LastToken).add(1),
         )
-        .filter(lock_fencing::Column::Id.eq(1));
-    let bump = if txn.get_database_backend() == DatabaseBackend::Sqlite {
-        // Agree with the one-statement acquire, which takes no counter.
-        lock_fencing::Entity::update_many()
-            .col_expr(
-                lock_fencing::Column::LastToken,
-                Expr::cust(SQLITE_NEXT_FENCING_TOKEN),
-            )
-            .filter(lock_fencing::Column::Id.eq(1))
-    } else {
-        bump
-    };
-    let row = if txn.get_database_backend() == DatabaseBackend::MySql {
-        // No UPDATE … RETURNING: the row stays locked until commit, so reading
-        // it back in the same transaction sees our own increment.
-        bump.exec(txn).await?;
-        lock_fencing::Entity::find_by_id(1).one(txn).await?
-    } else {
-        bump.exec_with_returning(txn).await?.into_iter().next()
-    };
-    row.map(|r| r.last_token).ok_or_else(|| {
+        .filter(lock_fencing::Column::Id.eq(1))
+        .exec(txn)
+        .await?;
+    let counter = lock_fencing::Entity::find_by_id(1).one(txn).await?;
+    counter.map(|c| c.last_token).ok_or_else(|| {
         Error::CorruptRow("lock_fencing has no counter row; run the migrations".into())
     })
 }
@@ -408,7 +285,7 @@ pub(crate) async fn release(conn: &db::Store, lock_id: Uuid) -> Result<()> {
         .await?
         .rows_affected;
     if released == 0 {
-        let exists = resource_locks::Entity::find_by_id(TextUuid(lock_id))
+        let exists = resource_locks::Entity::find_by_id(lock_id.to_string())
             .select_only()
             .column(resource_locks::Column::Id)
             .into_tuple::<TextUuid>()
@@ -440,7 +317,7 @@ pub(crate) async fn renew(conn: &db::Store, lock_id: Uuid, ttl: Duration) -> Res
         .await?
         .rows_affected;
     if renewed == 0 {
-        let lock = resource_locks::Entity::find_by_id(TextUuid(lock_id))
+        let lock = resource_locks::Entity::find_by_id(lock_id.to_string())
             .one(&*txn)
             .await?
             .ok_or(Error::LockNotFound(lock_id))?;
@@ -471,11 +348,11 @@ pub(crate) async fn validate_fence(
 /// One released lock as the audit log names it.
 #[derive(Serialize)]
 struct SweptLock {
-    lock_id: Uuid,
+    lock_id: String,
     resource_type: String,
     resource_key: String,
-    agent_id: Uuid,
-    session_id: Uuid,
+    agent_id: String,
+    session_id: String,
     fencing_token: i64,
     reason: &'static str,
 }
@@ -483,11 +360,11 @@ struct SweptLock {
 impl SweptLock {
     fn new(lock: &resource_locks::Model, reason: ReleaseReason) -> Self {
         Self {
-            lock_id: lock.id.0,
+            lock_id: lock.id.clone(),
             resource_type: lock.resource_type.clone(),
             resource_key: lock.resource_key.clone(),
-            agent_id: lock.agent_id.0,
-            session_id: lock.session_id.0,
+            agent_id: lock.agent_id.clone(),
+            session_id: lock.session_id.clone(),
             fencing_token: lock.fencing_token,
             reason: reason.as_str(),
         }
@@ -585,7 +462,7 @@ async fn release_batch(
     if locks.is_empty() {
         return Ok(Vec::new());
     }
-    let ids: Vec<TextUuid> = locks.iter().map(|l| l.id).collect();
+    let ids: Vec<&str> = locks.iter().map(|l| l.id.as_str()).collect();
     let mut release = resource_locks::Entity::update_many()
         .col_expr(resource_locks::Column::ReleasedAt, Expr::value(now))
         .col_expr(

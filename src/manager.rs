@@ -12,7 +12,7 @@ use crate::lifecycle::{self, Heartbeat, ShutdownReport};
 use crate::locks::{LockGrant, LockOptions, SweepReport};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::query::{
-    self, AgentInfo, AuditFilter, AuditRecord, LockFilter, SessionFilter, SessionInfo,
+    self, AgentInfo, AuditFilter, AuditRecord, LockFilter, LockInfo, SessionFilter, SessionInfo,
 };
 use crate::session::recovery::RecoveryReport;
 use crate::session::EndSessionReport;
@@ -68,7 +68,7 @@ impl SessionManager {
     /// Wraps a connection the app owns. The app runs `migration::Migrator`
     /// itself, and sets SQLite's pragmas (foreign keys on, WAL, busy timeout).
     pub fn new(db: DatabaseConnection, config: Config) -> Self {
-        let store = db::Store::new(db, config.busy_timeout);
+        let store = db::Store::new(db, config.busy_timeout, config.cleanup_timeout);
         Self::from_store(store, config)
     }
 
@@ -395,10 +395,7 @@ impl SessionManager {
     ///
     /// # Errors
     /// [`Error::Database`](crate::Error::Database).
-    pub async fn locks(
-        &self,
-        filter: LockFilter,
-    ) -> Result<Vec<crate::entity::resource_locks::Model>> {
+    pub async fn locks(&self, filter: LockFilter) -> Result<Vec<LockInfo>> {
         query::locks(&self.db, &filter).await
     }
 

@@ -9,7 +9,7 @@ use uuid::Uuid;
 use entity::{agent_executions, audit_log, global_sessions, resource_locks};
 
 use crate::status::{AgentStatus, SessionStatus};
-use crate::{validate, Error, Result};
+use crate::{db, validate, Error, Result};
 
 /// The page size when a filter gives none.
 pub const DEFAULT_PAGE: u64 = 50;
@@ -151,12 +151,12 @@ pub(crate) async fn agents(db: &DatabaseConnection, session_id: Uuid) -> Result<
         .into_iter()
         .map(|a| {
             Ok(AgentInfo {
-                id: a.id.0,
-                session_id: a.session_id.0,
+                id: db::stored_id("agent id", &a.id)?,
+                session_id: db::stored_id("agent session_id", &a.session_id)?,
                 agent_type: a.agent_type,
                 status: a.status.parse()?,
-                started_at: a.started_at,
-                completed_at: a.completed_at,
+                started_at: a.started_at.to_utc(),
+                completed_at: a.completed_at.map(|at| at.to_utc()),
             })
         })
         .collect()
@@ -172,10 +172,41 @@ pub struct LockFilter {
     pub offset: u64,
 }
 
-pub(crate) async fn locks(
-    db: &DatabaseConnection,
-    filter: &LockFilter,
-) -> Result<Vec<resource_locks::Model>> {
+/// One resource lock, held or released.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LockInfo {
+    pub id: Uuid,
+    pub session_id: Uuid,
+    pub agent_id: Uuid,
+    pub resource_type: String,
+    pub resource_key: String,
+    pub fencing_token: i64,
+    pub acquired_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    /// `None` while held.
+    pub released_at: Option<DateTime<Utc>>,
+    /// Why it was released: `released`, `session_end`, `expired` or `orphaned`.
+    pub release_reason: Option<String>,
+}
+
+impl LockInfo {
+    fn from_row(l: resource_locks::Model) -> Result<Self> {
+        Ok(Self {
+            id: db::stored_id("lock id", &l.id)?,
+            session_id: db::stored_id("lock session_id", &l.session_id)?,
+            agent_id: db::stored_id("lock agent_id", &l.agent_id)?,
+            resource_type: l.resource_type,
+            resource_key: l.resource_key,
+            fencing_token: l.fencing_token,
+            acquired_at: l.acquired_at.to_utc(),
+            expires_at: l.expires_at.map(|at| at.to_utc()),
+            released_at: l.released_at.map(|at| at.to_utc()),
+            release_reason: l.release_reason,
+        })
+    }
+}
+
+pub(crate) async fn locks(db: &DatabaseConnection, filter: &LockFilter) -> Result<Vec<LockInfo>> {
     let mut query = resource_locks::Entity::find();
     if let Some(session) = filter.session_id {
         query = query.filter(resource_locks::Column::SessionId.eq(TextUuid(session)));
@@ -183,12 +214,15 @@ pub(crate) async fn locks(
     if filter.held_only {
         query = query.filter(resource_locks::Column::ReleasedAt.is_null());
     }
-    Ok(query
+    query
         .order_by_desc(resource_locks::Column::FencingToken)
         .limit(filter.limit.unwrap_or(DEFAULT_PAGE))
         .offset(filter.offset)
         .all(db)
-        .await?)
+        .await?
+        .into_iter()
+        .map(LockInfo::from_row)
+        .collect()
 }
 
 /// Which audit rows `audit_events` returns.
@@ -232,7 +266,7 @@ pub(crate) async fn audit_events(
     if let Some(until) = filter.until {
         query = query.filter(audit_log::Column::EventTime.lt(until));
     }
-    Ok(query
+    query
         .order_by_desc(audit_log::Column::EventTime)
         .order_by_desc(audit_log::Column::Id)
         .limit(filter.limit.unwrap_or(DEFAULT_PAGE))
@@ -240,12 +274,14 @@ pub(crate) async fn audit_events(
         .all(db)
         .await?
         .into_iter()
-        .map(|r| AuditRecord {
-            id: r.id.0,
-            event_type: r.event_type,
-            event_time: r.event_time,
-            session_id: r.session_id,
-            details: r.details,
+        .map(|r| {
+            Ok(AuditRecord {
+                id: db::stored_id("audit id", &r.id)?,
+                event_type: r.event_type,
+                event_time: r.event_time.to_utc(),
+                session_id: r.session_id,
+                details: r.details,
+            })
         })
-        .collect())
+        .collect()
 }

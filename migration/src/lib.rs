@@ -6,8 +6,6 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261124_000001_core_schema;
 mod m20261124_000002_session_ownership;
-mod m20261124_000003_release_on_session_end;
-mod m20261124_000004_end_session_function;
 
 pub struct Migrator;
 
@@ -17,8 +15,6 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261124_000001_core_schema::Migration),
             Box::new(m20261124_000002_session_ownership::Migration),
-            Box::new(m20261124_000003_release_on_session_end::Migration),
-            Box::new(m20261124_000004_end_session_function::Migration),
         ]
     }
 }

@@ -3,8 +3,10 @@
 use std::time::Duration;
 
 use sea_orm::entity::prelude::TextUuid;
-use sea_orm::sea_query::Expr;
-use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QuerySelect};
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, EntityTrait, IntoActiveModel,
+    QueryFilter, QuerySelect,
+};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -12,8 +14,8 @@ use entity::global_sessions;
 
 use crate::audit::{self, AuditEvent};
 use crate::context::{self, ContextWindow};
-use crate::session::end::{close_session, Closed};
-use crate::status::SessionStatus;
+use crate::session::end::{close_holdings, Closed};
+use crate::status::{ReleaseReason, SessionStatus};
 use crate::{db, validate, Error, Result, SessionManager};
 
 pub(crate) async fn session_context(
@@ -115,44 +117,43 @@ pub(crate) async fn recover_stale(
         .all(manager.connection())
         .await?;
     let mut report = RecoveryReport::default();
-    for id in candidates {
+    for TextUuid(id) in candidates {
         let txn = db::begin_write(manager.store()).await?;
         let now = db::now();
         // Re-checked under the row lock: an owner that heartbeated or ended
-        // the session meanwhile keeps it. The status trigger releases the
-        // session's held locks (reason `orphaned`) and cancels its running
-        // agents in the same statement.
-        let interrupt = global_sessions::Entity::update_many()
-            .col_expr(
-                global_sessions::Column::Status,
-                Expr::value(SessionStatus::Interrupted.as_str()),
-            )
-            .col_expr(global_sessions::Column::UpdatedAt, Expr::value(now))
-            .filter(global_sessions::Column::Id.eq(id))
-            .filter(stale(now - stale_after, me));
-        let Some(Closed {
-            locks_released,
-            agents_cancelled,
-        }) = close_session(&txn, interrupt, id).await?
-        else {
+        // the session meanwhile keeps it.
+        let session = global_sessions::Entity::find_by_id(id.to_string())
+            .filter(stale(now - stale_after, me))
+            .lock_exclusive()
+            .one(&*txn)
+            .await?;
+        let Some(session) = session else {
             txn.rollback().await?;
             continue;
         };
+        let mut session = session.into_active_model();
+        session.status = Set(SessionStatus::Interrupted.as_str().to_owned());
+        session.updated_at = Set(now.into());
+        session.update_without_returning(&*txn).await?;
+        let Closed {
+            locks_released,
+            agents_cancelled,
+        } = close_holdings(&*txn, id, ReleaseReason::Orphaned, now).await?;
         let details = serde_json::json!({
-            "session_id": id.0,
+            "session_id": id,
             "locks_released": locks_released,
             "agents_cancelled": agents_cancelled,
         });
         audit::append(
             &*txn,
             AuditEvent::SessionInterrupted,
-            Some(id.0),
+            Some(id),
             details,
             now,
         )
         .await?;
         txn.commit().await?;
-        report.interrupted.push(id.0);
+        report.interrupted.push(id);
         report.locks_released += locks_released;
         report.agents_cancelled += agents_cancelled;
     }

@@ -33,14 +33,14 @@ pub(crate) async fn insert_session(
     let now = db::now();
     let txn = db::begin_write(conn).await?;
     let row = global_sessions::ActiveModel {
-        id: Set(TextUuid(id)),
+        id: Set(id.to_string()),
         status: Set(SessionStatus::Active.as_str().to_owned()),
-        started_at: Set(now),
-        updated_at: Set(now),
+        started_at: Set(now.into()),
+        updated_at: Set(now.into()),
         completed_at: Set(None),
         context_data: Set(None),
         owner_instance: Set(Some(owner.to_string())),
-        last_heartbeat_at: Set(Some(now)),
+        last_heartbeat_at: Set(Some(now.into())),
     };
     global_sessions::Entity::insert(row)
         .exec_without_returning(&*txn)
@@ -61,11 +61,11 @@ pub(crate) async fn register_agent(
     lock_active_session(&txn, session_id).await?;
     let id = Uuid::new_v4();
     let row = agent_executions::ActiveModel {
-        id: Set(TextUuid(id)),
-        session_id: Set(TextUuid(session_id)),
+        id: Set(id.to_string()),
+        session_id: Set(session_id.to_string()),
         agent_type: Set(agent_type.to_owned()),
         status: Set(AgentStatus::Running.as_str().to_owned()),
-        started_at: Set(db::now()),
+        started_at: Set(db::now().into()),
         completed_at: Set(None),
     };
     agent_executions::Entity::insert(row)

@@ -4,12 +4,11 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use demiarch_sessions::entity::{agent_executions, resource_locks};
+use demiarch_sessions::entity::agent_executions;
 use demiarch_sessions::{
-    AuditFilter, Config, Error, LockFilter, SessionFilter, SessionInfo, SessionManager,
+    AuditFilter, Config, Error, LockFilter, LockInfo, SessionFilter, SessionInfo, SessionManager,
     SessionStatus, CONTEXT_FORMAT_VERSION,
 };
-use sea_orm::entity::prelude::TextUuid;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -480,25 +479,25 @@ impl Ctx {
     }
 
     /// The agent type of each lock's holder, in one query.
-    async fn agent_types(
-        &self,
-        locks: &[resource_locks::Model],
-    ) -> Result<HashMap<Uuid, String>, Failure> {
-        let ids: BTreeSet<Uuid> = locks.iter().map(|l| l.agent_id.0).collect();
+    async fn agent_types(&self, locks: &[LockInfo]) -> Result<HashMap<Uuid, String>, Failure> {
+        let ids: BTreeSet<Uuid> = locks.iter().map(|l| l.agent_id).collect();
         if ids.is_empty() {
             return Ok(HashMap::new());
         }
         let agents = agent_executions::Entity::find()
-            .filter(agent_executions::Column::Id.is_in(ids.into_iter().map(TextUuid)))
+            .filter(agent_executions::Column::Id.is_in(ids.into_iter().map(|id| id.to_string())))
             .all(self.manager.connection())
             .await
             .map_err(|e| Failure::during("reading agents", Error::Database(e)))?;
-        Ok(agents.into_iter().map(|a| (a.id.0, a.agent_type)).collect())
+        Ok(agents
+            .into_iter()
+            .filter_map(|a| Some((Uuid::parse_str(&a.id).ok()?, a.agent_type)))
+            .collect())
     }
 
     pub fn lock_table(
         &self,
-        locks: &[resource_locks::Model],
+        locks: &[LockInfo],
         agent_types: &HashMap<Uuid, String>,
         with_session: bool,
     ) -> comfy_table::Table {
@@ -509,16 +508,16 @@ impl Ctx {
         header.extend(["AGENT", "ACQUIRED", "STATE"]);
         let mut table = output::table(header);
         for l in locks {
-            let agent = match agent_types.get(&l.agent_id.0) {
-                Some(kind) => format!("{kind} {}", short(l.agent_id.0)),
-                None => short(l.agent_id.0),
+            let agent = match agent_types.get(&l.agent_id) {
+                Some(kind) => format!("{kind} {}", short(l.agent_id)),
+                None => short(l.agent_id),
             };
             let mut row = vec![
                 l.fencing_token.to_string(),
                 format!("{}/{}", l.resource_type, l.resource_key),
             ];
             if with_session {
-                row.push(short(l.session_id.0));
+                row.push(short(l.session_id));
             }
             row.extend([
                 agent,
@@ -530,7 +529,7 @@ impl Ctx {
         table
     }
 
-    fn lock_state(&self, l: &resource_locks::Model) -> String {
+    fn lock_state(&self, l: &LockInfo) -> String {
         match (l.released_at, l.expires_at) {
             (Some(at), _) => format!(
                 "released {} ({})",
@@ -683,15 +682,12 @@ impl Ctx {
     }
 }
 
-pub fn lock_view<'a>(
-    l: &'a resource_locks::Model,
-    agent_types: &'a HashMap<Uuid, String>,
-) -> LockView<'a> {
+pub fn lock_view<'a>(l: &'a LockInfo, agent_types: &'a HashMap<Uuid, String>) -> LockView<'a> {
     LockView {
-        id: l.id.0,
-        session_id: l.session_id.0,
-        agent_id: l.agent_id.0,
-        agent_type: agent_types.get(&l.agent_id.0).map(String::as_str),
+        id: l.id,
+        session_id: l.session_id,
+        agent_id: l.agent_id,
+        agent_type: agent_types.get(&l.agent_id).map(String::as_str),
         resource_type: &l.resource_type,
         resource_key: &l.resource_key,
         fencing_token: l.fencing_token,
