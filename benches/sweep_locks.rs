@@ -9,10 +9,8 @@
 //! starts, 100 sessions holding 10 locks each that the sweep must release:
 //! - `expired`: the locks' time to live ran out (their `expires_at` is an hour
 //!   ago);
-//! - `orphaned`: their sessions are interrupted yet the locks are still held.
-//!   Since migration 000003 the database releases a session's locks as it is
-//!   interrupted, so the bench puts them back to held afterwards: what data
-//!   written before that trigger, or a writer that bypassed it, leaves.
+//! - `orphaned`: their sessions are interrupted yet the locks are still held,
+//!   as a writer that bypassed the library leaves them.
 //!
 //! Only the `sweep_locks` call is timed; it must release exactly the 1 000 locks
 //! (one batch at the default `Config::sweep_batch`).
@@ -78,19 +76,7 @@ async fn time_sweeps(iters: u64, due: Due) -> BoxResult<Duration> {
             Due::Orphaned => {
                 global_sessions::Entity::update_many()
                     .col_expr(global_sessions::Column::Status, Expr::value("interrupted"))
-                    .filter(global_sessions::Column::Id.is_in(ids.clone()))
-                    .exec(fx.connection())
-                    .await?;
-                resource_locks::Entity::update_many()
-                    .col_expr(
-                        resource_locks::Column::ReleasedAt,
-                        Expr::value(Option::<chrono::DateTime<Utc>>::None),
-                    )
-                    .col_expr(
-                        resource_locks::Column::ReleaseReason,
-                        Expr::value(Option::<String>::None),
-                    )
-                    .filter(resource_locks::Column::SessionId.is_in(ids))
+                    .filter(global_sessions::Column::Id.is_in(ids))
                     .exec(fx.connection())
                     .await?;
             }

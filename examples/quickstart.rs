@@ -6,7 +6,6 @@
 //! ```
 use demiarch_sessions::entity::audit_log;
 use demiarch_sessions::SessionManager;
-use sea_orm::entity::prelude::TextUuid;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use serde_json::json;
 
@@ -37,13 +36,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("{}", serde_json::to_string_pretty(&report)?);
 
     let audit = audit_log::Entity::find()
-        .filter(audit_log::Column::SessionId.eq(TextUuid(session)))
+        .filter(audit_log::Column::SessionId.eq(session.to_string()))
         .filter(audit_log::Column::EventType.eq("session_end"))
         .one(manager.connection())
         .await?
         .ok_or("the session_end audit row is missing")?;
     let audit = json!({
-        "id": audit.id.0,
+        "id": audit.id,
         "event_type": audit.event_type,
         "event_time": audit.event_time,
         "session_id": audit.session_id,

@@ -15,9 +15,8 @@
 //! only the ends are timed, one at a time.
 //!
 //! `--impl both` times the library (`orm`) and the seed's SQL (`raw-seed`, see
-//! scale/raw_seed.rs), each on a database of its own made the same way (the
-//! seed's without the session-end trigger, which would do its release for
-//! it). `--impl raw-full` (in `--impl all`) adds a third: the seed's SQL
+//! scale/raw_seed.rs), each on a database of its own made the same way.
+//! `--impl raw-full` (in `--impl all`) adds a third: the seed's SQL
 //! plus the durable work the library's end does and the seed does not, to
 //! tell the cost of that work from the cost of the library. Lists (`--locks 0,100,10000`, `--background 1000,100000`,
 //! `--context-bytes 1024,1048576`) are timed in one interleaved loop: every
@@ -75,36 +74,25 @@ async fn main() -> Result<(), Box<dyn Error>> {
         Mode::Acquire => time_acquires(&args).await,
         Mode::Explain => {
             let locks = args.locks[0];
-            with_fixture(&args, Impl::Orm, |fx| async move {
-                explain::run(&fx, locks).await
-            })
-            .await
+            with_fixture(&args, |fx| async move { explain::run(&fx, locks).await }).await
         }
         Mode::WalPages => wal_pages::run(&args).await,
         Mode::Chart { out, from } => chart::draw(&out, &from),
     }
 }
 
-/// A fresh database holding `background` sessions, with the schema
-/// `implementation` runs on (see [`raw_seed::prepare`]).
-async fn open_populated(args: &Args, background: u64, implementation: Impl) -> BoxResult<Fixture> {
+/// A fresh database holding `background` sessions.
+async fn open_populated(args: &Args, background: u64) -> BoxResult<Fixture> {
     let config = Config {
         cleanup_timeout: Duration::from_millis(args.cleanup_timeout_ms),
         max_connections: args.max_connections,
         ..Config::default()
     };
     let fx = Fixture::open(args.backend, config).await?;
-    let prepared = match implementation {
-        Impl::Orm => Ok(()),
-        Impl::RawSeed | Impl::RawFull => raw_seed::prepare(&fx).await,
-    };
-    let populated = match prepared {
-        Ok(()) => fx
-            .populate_background(background)
-            .await
-            .map_err(|e| format!("populating {background} background sessions: {e}").into()),
-        Err(e) => Err(e),
-    };
+    let populated: BoxResult<()> = fx
+        .populate_background(background)
+        .await
+        .map_err(|e| format!("populating {background} background sessions: {e}").into());
     if let Err(e) = populated {
         fx.close().await?;
         return Err(e);
@@ -114,12 +102,12 @@ async fn open_populated(args: &Args, background: u64, implementation: Impl) -> B
 
 /// Opens a fresh database with the first `--background` count, runs `body`,
 /// and drops the database whether or not `body` succeeded.
-async fn with_fixture<F, Fut>(args: &Args, implementation: Impl, body: F) -> BoxResult<()>
+async fn with_fixture<F, Fut>(args: &Args, body: F) -> BoxResult<()>
 where
     F: FnOnce(Arc<Fixture>) -> Fut,
     Fut: std::future::Future<Output = BoxResult<()>>,
 {
-    let fx = Arc::new(open_populated(args, args.background[0], implementation).await?);
+    let fx = Arc::new(open_populated(args, args.background[0]).await?);
     // The body owns its clone and drops it when it finishes.
     let outcome = body(fx.clone()).await;
     match Arc::into_inner(fx) {
@@ -201,8 +189,8 @@ async fn time_ends_with(args: &Args, fixtures: &mut Vec<Fixture>) -> BoxResult<V
     for &background in &args.background {
         for &locks in &args.locks {
             let mut per_impl = Vec::with_capacity(args.impls.len());
-            for &implementation in &args.impls {
-                fixtures.push(open_populated(args, background, implementation).await?);
+            for _ in &args.impls {
+                fixtures.push(open_populated(args, background).await?);
                 per_impl.push(fixtures.len() - 1);
             }
             for &context_bytes in &args.context_bytes {
@@ -363,7 +351,7 @@ async fn throughput(
     for &implementation in &args.impls {
         let line: Arc<Mutex<Option<ThroughputLine>>> = Arc::default();
         let out = line.clone();
-        with_fixture(args, implementation, |fx| async move {
+        with_fixture(args, |fx| async move {
             let serial_errors = Arc::new(Errors::default());
             let concurrent_errors = Arc::new(Errors::default());
             let (mut serial, mut concurrent) = (Vec::new(), Vec::new());
@@ -439,7 +427,7 @@ async fn throughput(
 async fn time_acquires(args: &Args) -> BoxResult<()> {
     let line: Arc<Mutex<Option<AcquireLine>>> = Arc::default();
     let out = line.clone();
-    with_fixture(args, Impl::Orm, |fx| async move {
+    with_fixture(args, |fx| async move {
         let manager = &fx.manager;
         let session = manager.start_session().await?;
         let agent = manager.register_agent(session, "bench").await?;

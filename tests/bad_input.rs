@@ -4,6 +4,7 @@
 //! as it was. Plus, on SQLite, connecting to a file that is not a database and
 //! to a database migrated by a newer library.
 mod common;
+use common::id;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -444,14 +445,14 @@ async fn names_of_exactly_1024_bytes_are_accepted_verbatim() {
                     .await
                     .unwrap_or_else(|e| panic!("{what}: 1024-byte key with ttl refused: {e}"));
 
-                let agent_row = agent_executions::Entity::find_by_id(TextUuid(agent))
+                let agent_row = agent_executions::Entity::find_by_id(agent.to_string())
                     .one(m.connection())
                     .await
                     .expect("query agent")
                     .expect("agent row");
                 assert_eq!(agent_row.agent_type.as_bytes(), name.as_bytes(), "{what}");
                 for id in [grant.lock_id, ttl.lock_id] {
-                    let row = resource_locks::Entity::find_by_id(TextUuid(id))
+                    let row = resource_locks::Entity::find_by_id(id.to_string())
                         .one(m.connection())
                         .await
                         .expect("query lock")
@@ -529,7 +530,7 @@ async fn metacharacter_and_unicode_keys_are_stored_and_matched_verbatim() {
             let mut problems = Vec::new();
             for key in VERBATIM_KEYS {
                 let grant = grants[key];
-                let row = resource_locks::Entity::find_by_id(TextUuid(grant.lock_id))
+                let row = resource_locks::Entity::find_by_id(grant.lock_id.to_string())
                     .one(m.connection())
                     .await
                     .expect("query lock")
@@ -622,7 +623,7 @@ async fn metacharacter_and_unicode_keys_are_stored_and_matched_verbatim() {
             }
             let rival_locks = lock_rows(&db, s2).await;
             assert_eq!(rival_locks.len(), 1);
-            assert_eq!(rival_locks[0].id.0, again.lock_id);
+            assert_eq!(id(&rival_locks[0].id), again.lock_id);
             assert_eq!(rival_locks[0].resource_key, "key");
         },
     )
@@ -705,7 +706,7 @@ async fn audit_log_refuses_update_and_delete() {
         let before = everything(&db).await;
         assert_eq!(before.0.audit.len(), 2, "session_start and session_end");
 
-        let id = before.0.audit[0].id.0.to_string();
+        let id = before.0.audit[0].id.clone();
         let statements = [
             ("UPDATE audit_log SET event_type = 'x'", vec![]),
             ("DELETE FROM audit_log", vec![]),

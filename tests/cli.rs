@@ -506,10 +506,10 @@ async fn id_errors_name_the_id_and_exit_2_or_3() {
         "abcdef01-0000-4000-8000-000000000002",
     ] {
         let row = global_sessions::ActiveModel {
-            id: Set(TextUuid(Uuid::parse_str(id).unwrap())),
+            id: Set(id.to_owned()),
             status: Set("active".into()),
-            started_at: Set(now),
-            updated_at: Set(now),
+            started_at: Set(now.into()),
+            updated_at: Set(now.into()),
             completed_at: Set(None),
             context_data: Set(None),
             owner_instance: Set(None),
@@ -568,7 +568,7 @@ async fn sessions_end_refuses_a_live_owner_unless_forced() {
     assert_eq!(report["already_ended"], false);
 
     assert_eq!(status_of(&manager, session).await, SessionStatus::Completed);
-    let row = resource_locks::Entity::find_by_id(TextUuid(lock))
+    let row = resource_locks::Entity::find_by_id(lock.to_string())
         .one(manager.connection())
         .await
         .unwrap()
@@ -658,7 +658,7 @@ async fn locks_list_held_and_sweep() {
         text.contains("Released 1 lock: 1 expired, 0 orphaned"),
         "{text}"
     );
-    let row = resource_locks::Entity::find_by_id(TextUuid(expiring.lock_id))
+    let row = resource_locks::Entity::find_by_id(expiring.lock_id.to_string())
         .one(manager.connection())
         .await
         .unwrap()

@@ -2,6 +2,7 @@
 //! tasks go through a second manager with its own pool (a second app instance
 //! on the same database), so the database, not one process, has to serialize.
 mod common;
+use common::id;
 
 use std::collections::BTreeSet;
 
@@ -63,7 +64,10 @@ async fn sixteen_tasks_ending_one_session_end_it_exactly_once() {
                 assert_eq!(audit_of(&db, session, "session_end").await.len(), 1);
                 let row = session_row(&db, session).await;
                 assert_eq!(row.status, "completed");
-                assert_eq!(row.completed_at, completed_at.into_iter().next());
+                assert_eq!(
+                    row.completed_at.map(|at| at.to_utc()),
+                    completed_at.into_iter().next()
+                );
                 assert!(lock_rows(&db, session)
                     .await
                     .iter()
@@ -121,8 +125,8 @@ async fn sixteen_agents_racing_for_one_resource_get_one_grant() {
                     .await
                     .expect("held rows");
                 assert_eq!(held.len(), 1, "round {round}: one held row");
-                assert_eq!(held[0].id.0, grants[0].1.lock_id);
-                assert_eq!(held[0].agent_id.0, grants[0].0);
+                assert_eq!(id(&held[0].id), grants[0].1.lock_id);
+                assert_eq!(id(&held[0].agent_id), grants[0].0);
             }
         },
     )
@@ -272,7 +276,7 @@ async fn writes_do_not_wait_for_the_app_holding_the_read_pool() {
     let (session, agents) = populated_session(&db, 2, 3).await;
 
     let app = db.manager.connection().begin().await.expect("app's read");
-    let seen = entity::global_sessions::Entity::find_by_id(TextUuid(session))
+    let seen = entity::global_sessions::Entity::find_by_id(session.to_string())
         .one(&app)
         .await
         .expect("read in the app's transaction")
@@ -286,7 +290,7 @@ async fn writes_do_not_wait_for_the_app_holding_the_read_pool() {
         .expect("end while the app holds the read pool's only connection");
     assert_eq!(report.locks_released, 6);
 
-    let still = entity::global_sessions::Entity::find_by_id(TextUuid(session))
+    let still = entity::global_sessions::Entity::find_by_id(session.to_string())
         .one(&app)
         .await
         .expect("read again in the app's transaction")

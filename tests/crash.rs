@@ -27,6 +27,11 @@ const KILLS: u64 = 24;
 const AGENTS: usize = 2;
 const LOCKS_PER_AGENT: usize = 3;
 
+/// A UUID column as stored (its text), parsed.
+fn id(text: &str) -> Uuid {
+    Uuid::parse_str(text).unwrap_or_else(|e| panic!("stored id {text:?} is not a UUID: {e}"))
+}
+
 fn url_of(path: &Path) -> String {
     format!("sqlite://{}", path.display())
 }
@@ -188,10 +193,10 @@ async fn load(m: &SessionManager) -> Store {
         .await
         .expect("agents")
     {
-        store.agents.entry(a.session_id.0).or_default().push(a);
+        store.agents.entry(id(&a.session_id)).or_default().push(a);
     }
     for l in resource_locks::Entity::find().all(c).await.expect("locks") {
-        store.locks.entry(l.session_id.0).or_default().push(l);
+        store.locks.entry(id(&l.session_id)).or_default().push(l);
     }
     for r in audit_log::Entity::find().all(c).await.expect("audit") {
         let session = r
@@ -212,7 +217,8 @@ async fn classify(
     store: &Store,
     session: &global_sessions::Model,
 ) -> Result<State, String> {
-    let id = session.id.0;
+    let session_id = id(&session.id);
+    let id = session_id;
     let agents = store.agents.get(&id).map_or(&[][..], Vec::as_slice);
     let locks = store.locks.get(&id).map_or(&[][..], Vec::as_slice);
     let audit = store.audit.get(&id).map_or(&[][..], Vec::as_slice);
@@ -371,10 +377,10 @@ async fn killed_children_leave_every_session_fully_ended_or_untouched() {
         for session in &store.sessions {
             match classify(&m, &store, session).await {
                 Ok(State::Ended) => {
-                    ended.insert(session.id.0);
+                    ended.insert(id(&session.id));
                 }
                 Ok(State::Untouched) => untouched += 1,
-                Err(why) => half.push(format!("{}: {why}", session.id.0)),
+                Err(why) => half.push(format!("{}: {why}", id(&session.id))),
             }
         }
         assert!(

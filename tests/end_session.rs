@@ -1,6 +1,7 @@
 //! Integration tests for `SessionManager::end_session` (story 6.5) and the lock
 //! invariants it relies on. Every test asserts on the rows in the database.
 mod common;
+use common::id;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -43,8 +44,7 @@ async fn populated_with_released(
 enum Failing {
     /// The `session_end` audit INSERT.
     AuditInsert,
-    /// The release of a lock by the session-end trigger. On SQLite it comes
-    /// after the audit INSERT, which the end sends first.
+    /// The release of the session's held locks, before the audit INSERT.
     LockRelease,
 }
 
@@ -199,14 +199,14 @@ async fn end_releases_locks_and_cancels_agents_of_that_session_only() {
             let early_before = lock_rows(&db, session)
                 .await
                 .into_iter()
-                .find(|l| l.id.0 == early)
+                .find(|l| id(&l.id) == early)
                 .expect("early lock row");
             assert_eq!(early_before.release_reason.as_deref(), Some("released"));
             let early_released_at = early_before.released_at.expect("released early");
             let done_before = agent_rows(&db, session)
                 .await
                 .into_iter()
-                .find(|a| a.id.0 == done)
+                .find(|a| id(&a.id) == done)
                 .expect("finished agent row");
             let other_before = rows_of(&db, other).await;
             assert_eq!(other_before.2.len(), 13);
@@ -225,7 +225,7 @@ async fn end_releases_locks_and_cancels_agents_of_that_session_only() {
             assert_eq!(locks.len(), 13);
             let mut released_now = 0;
             for lock in &locks {
-                if lock.id.0 == early {
+                if id(&lock.id) == early {
                     assert_eq!(lock.release_reason.as_deref(), Some("released"));
                     assert_eq!(
                         lock.released_at,
@@ -249,7 +249,7 @@ async fn end_releases_locks_and_cancels_agents_of_that_session_only() {
                 all_locks(&db)
                     .await
                     .iter()
-                    .filter(|l| l.session_id.0 == session)
+                    .filter(|l| id(&l.session_id) == session)
                     .all(|l| l.released_at.is_some()),
                 "no held lock of the ended session remains"
             );
@@ -257,10 +257,10 @@ async fn end_releases_locks_and_cancels_agents_of_that_session_only() {
             let agent_models = agent_rows(&db, session).await;
             assert_eq!(agent_models.len(), 4);
             for agent in &agent_models {
-                if agent.id.0 == done {
+                if id(&agent.id) == done {
                     assert_eq!(agent, &done_before, "finished agent untouched");
                 } else {
-                    assert!(agents.contains(&agent.id.0));
+                    assert!(agents.contains(&id(&agent.id)));
                     assert_eq!(agent.status, "cancelled");
                     assert_eq!(agent.completed_at, Some(completed_at));
                 }
@@ -474,18 +474,30 @@ async fn ending_twice_is_a_no_op_and_paused_or_interrupted_sessions_end() {
             assert_eq!(audit_of(&db, session, "session_end").await.len(), 1);
             assert_eq!(
                 session_row(&db, session).await.completed_at,
-                Some(first.completed_at)
+                Some(first.completed_at.into())
             );
 
-            // Interrupting a session (here by hand, as an operator might)
-            // already released its locks and cancelled its agents, in the
-            // database: the end finds nothing left to release.
+            // Interrupting a session (by recovery, as another instance would)
+            // already released its locks and cancelled its agents: the end
+            // finds nothing left to release.
             for (status, released, cancelled, reason) in [
                 ("paused", 2, 1, "session_end"),
                 ("interrupted", 0, 0, "orphaned"),
             ] {
                 let (s, _) = populated_session(&db, 1, 2).await;
-                set_session_status(&db, s, status).await;
+                if status == "interrupted" {
+                    let other_instance = SessionManager::new(
+                        db.manager.connection().clone(),
+                        db.manager.config().clone(),
+                    );
+                    let recovered = other_instance
+                        .recover_stale(Duration::ZERO)
+                        .await
+                        .expect("recover");
+                    assert!(recovered.interrupted.contains(&s));
+                } else {
+                    set_session_status(&db, s, status).await;
+                }
                 assert_eq!(session_row(&db, s).await.status, status);
 
                 let report = db
@@ -499,7 +511,7 @@ async fn ending_twice_is_a_no_op_and_paused_or_interrupted_sessions_end() {
 
                 let row = session_row(&db, s).await;
                 assert_eq!(row.status, "completed", "{status} session completed");
-                assert_eq!(row.completed_at, Some(report.completed_at));
+                assert_eq!(row.completed_at, Some(report.completed_at.into()));
                 assert!(row.context_data.is_some());
                 assert!(lock_rows(&db, s)
                     .await
@@ -618,7 +630,7 @@ async fn failed_step_rolls_back_the_whole_end(name: &str, at: Failing) {
         assert_eq!(locks.len(), 4);
         assert!(locks
             .iter()
-            .all(|l| l.released_at == Some(report.completed_at)
+            .all(|l| l.released_at == Some(report.completed_at.into())
                 && l.release_reason.as_deref() == Some("session_end")));
         assert_eq!(audit_of(&db, session, "session_end").await.len(), 1);
         assert_eq!(session_row(&db, session).await.status, "completed");
@@ -861,8 +873,8 @@ async fn held_lock_is_refused_naming_its_holder() {
 
         let held = held_on(&db, "file", "src/main.rs").await;
         assert_eq!(held.len(), 1, "exactly one held row");
-        assert_eq!(held[0].id.0, grant.lock_id);
-        assert_eq!(held[0].agent_id.0, a1);
+        assert_eq!(id(&held[0].id), grant.lock_id);
+        assert_eq!(id(&held[0].agent_id), a1);
         assert_eq!(held[0].fencing_token, grant.fencing_token);
         assert!(
             lock_rows(&db, s2).await.is_empty(),
@@ -913,7 +925,7 @@ async fn fencing_tokens_increase_and_ended_sessions_free_their_resources() {
             let rows = lock_rows(&db, s1).await;
             assert_eq!(
                 rows.iter()
-                    .map(|r| (r.id.0, r.fencing_token))
+                    .map(|r| (id(&r.id), r.fencing_token))
                     .collect::<Vec<_>>(),
                 grants
                     .iter()
@@ -937,8 +949,8 @@ async fn fencing_tokens_increase_and_ended_sessions_free_their_resources() {
             );
             let held = held_on(&db, "file", "f0").await;
             assert_eq!(held.len(), 1);
-            assert_eq!(held[0].agent_id.0, a2);
-            assert_eq!(held[0].session_id.0, s2);
+            assert_eq!(id(&held[0].agent_id), a2);
+            assert_eq!(id(&held[0].session_id), s2);
             assert_eq!(held[0].fencing_token, again.fencing_token);
             let old = lock_rows(&db, s1).await;
             assert_eq!(old.len(), 6, "old rows are kept as history");
@@ -1067,13 +1079,13 @@ async fn database_refuses_a_second_held_lock_on_a_resource() {
             assert_eq!(rows.len(), before.len() + 1);
             let inserted = rows
                 .iter()
-                .find(|l| l.id.0 == released_id)
+                .find(|l| id(&l.id) == released_id)
                 .expect("inserted row");
             assert_eq!(inserted.release_reason.as_deref(), Some("released"));
             assert!(inserted.released_at.is_some());
             let held = held_on(&db, "file", "shared.txt").await;
             assert_eq!(held.len(), 1);
-            assert_eq!(held[0].id.0, grant.lock_id);
+            assert_eq!(id(&held[0].id), grant.lock_id);
         },
     )
     .await;
@@ -1081,14 +1093,14 @@ async fn database_refuses_a_second_held_lock_on_a_resource() {
 
 // ---- 6. The database itself releases an ended session's locks ---------------------
 
-/// The status trigger (migration 000003): whoever completes or interrupts a
-/// session, even by a hand-written UPDATE that bypasses the library, its held
-/// locks are released and its running agents cancelled in that statement, at
-/// the session's end time; other sessions are untouched.
+/// A session completed or interrupted by a hand-written UPDATE that bypasses
+/// the library releases nothing by itself (the database only refuses, it
+/// never performs a step of the end): its locks stay held until the sweep
+/// finds them orphaned and releases them, and other sessions are untouched.
 #[tokio::test]
-async fn hand_written_status_change_releases_locks_and_cancels_agents() {
+async fn hand_written_status_change_leaves_orphans_that_the_sweep_releases() {
     each_backend(
-        "hand_written_status_change_releases_locks_and_cancels_agents",
+        "hand_written_status_change_leaves_orphans_that_the_sweep_releases",
         |db| async move {
             let (bystander, _) = populated_session(&db, 1, 2).await;
             let bystander_before = (
@@ -1096,7 +1108,7 @@ async fn hand_written_status_change_releases_locks_and_cancels_agents() {
                 agent_rows(&db, bystander).await,
             );
             let ended_at = Utc::now().trunc_subsecs(6);
-            for (status, reason) in [("completed", "session_end"), ("interrupted", "orphaned")] {
+            for status in ["completed", "interrupted"] {
                 let (s, _) = populated_session(&db, 2, 3).await;
                 let sql = placeholders(
                     &db,
@@ -1119,20 +1131,27 @@ async fn hand_written_status_change_releases_locks_and_cancels_agents() {
                 .await
                 .unwrap_or_else(|e| panic!("hand-written {status}: {e}"));
                 assert_eq!(res.rows_affected(), 1);
-
                 let locks = lock_rows(&db, s).await;
                 assert_eq!(locks.len(), 6);
-                for lock in &locks {
-                    assert_eq!(lock.released_at, Some(ended_at), "{status}");
-                    assert_eq!(lock.release_reason.as_deref(), Some(reason), "{status}");
+                assert!(
+                    locks.iter().all(|l| l.released_at.is_none()),
+                    "{status}: the UPDATE alone releases nothing"
+                );
+
+                let swept = db.manager.sweep_locks().await.expect("sweep");
+                assert_eq!(swept.orphaned, 6, "{status}");
+                assert_eq!(swept.expired, 0, "{status}");
+                for lock in &lock_rows(&db, s).await {
+                    assert!(lock.released_at.is_some(), "{status}");
+                    assert_eq!(lock.release_reason.as_deref(), Some("orphaned"), "{status}");
                 }
-                let agents = agent_rows(&db, s).await;
-                assert_eq!(agents.len(), 2);
-                for agent in &agents {
-                    assert_eq!(agent.status, "cancelled", "{status}");
-                    assert_eq!(agent.completed_at, Some(ended_at), "{status}");
-                }
-                // The resources are free again at once.
+                let audit = snapshot(&db).await.audit;
+                assert!(
+                    audit.iter().any(|r| r.event_type == "locks_swept"
+                        && r.details["orphaned"] == json!(6)),
+                    "{status}: the sweep's audit row counts the orphans"
+                );
+                // The resources are free again.
                 let (_, agents) = populated_session(&db, 1, 0).await;
                 db.manager
                     .acquire_lock(agents[0], &locks[0].resource_type, &locks[0].resource_key)

@@ -8,6 +8,7 @@
 //! It also checks every refusal is one the model expects, never a raw
 //! database error. Runs on every backend the harness offers.
 mod common;
+use common::id;
 
 use std::collections::BTreeMap;
 
@@ -47,9 +48,9 @@ fn op() -> impl Strategy<Value = Op> {
 /// One row per table of everything outside `session`, to compare across an end.
 async fn rows_outside(db: &TestDb, session: Uuid) -> Snapshot {
     let mut all = snapshot(db).await;
-    all.sessions.retain(|s| s.id.0 != session);
-    all.agents.retain(|a| a.session_id.0 != session);
-    all.locks.retain(|l| l.session_id.0 != session);
+    all.sessions.retain(|s| id(&s.id) != session);
+    all.agents.retain(|a| id(&a.session_id) != session);
+    all.locks.retain(|l| id(&l.session_id) != session);
     all.audit.retain(|r| {
         r.session_id.as_deref() != Some(session.to_string().as_str())
             && r.event_type != "locks_swept"

@@ -197,7 +197,7 @@ async fn injection_shaped_values_are_stored_verbatim_and_tables_survive() {
                     .register_agent(session, nasty)
                     .await
                     .unwrap_or_else(|e| panic!("register {nasty:?}: {e}"));
-                let stored = agent_executions::Entity::find_by_id(TextUuid(agent))
+                let stored = agent_executions::Entity::find_by_id(agent.to_string())
                     .one(m.connection())
                     .await
                     .expect("query agent")
@@ -209,7 +209,7 @@ async fn injection_shaped_values_are_stored_verbatim_and_tables_survive() {
                     .acquire_lock(agent, nasty, nasty)
                     .await
                     .unwrap_or_else(|e| panic!("acquire {nasty:?}: {e}"));
-                let row = resource_locks::Entity::find_by_id(TextUuid(grant.lock_id))
+                let row = resource_locks::Entity::find_by_id(grant.lock_id.to_string())
                     .one(m.connection())
                     .await
                     .expect("query lock")
@@ -260,7 +260,7 @@ async fn injection_shaped_values_are_stored_verbatim_and_tables_survive() {
                     .await
                     .expect("renew");
                 m.release_lock(timed.lock_id).await.expect("release");
-                let row = resource_locks::Entity::find_by_id(TextUuid(timed.lock_id))
+                let row = resource_locks::Entity::find_by_id(timed.lock_id.to_string())
                     .one(m.connection())
                     .await
                     .expect("query lock")
@@ -305,7 +305,9 @@ async fn injection_shaped_values_are_stored_verbatim_and_tables_survive() {
                 .filter_map(|l| l.expires_at)
                 .max()
                 .expect("stale locks");
-            let left = (expires - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+            let left = (expires.to_utc() - Utc::now())
+                .to_std()
+                .unwrap_or(Duration::ZERO);
             tokio::time::sleep(left + Duration::from_millis(30)).await;
             let swept = m.sweep_locks().await.expect("sweep");
             assert_eq!(swept.expired, NASTY.len() as u64);

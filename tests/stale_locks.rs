@@ -2,11 +2,12 @@
 //! orphaned locks in batches, lock delay, fencing, and the metrics the
 //! manager keeps about ends and sweeps. Every test reads the rows back.
 mod common;
+use common::id;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, FixedOffset, Utc};
 use common::*;
 use demiarch_sessions::{Config, Error, LockGrant, LockOptions, MetricsSnapshot, SweepReport};
 use entity::{audit_log, resource_locks};
@@ -23,13 +24,15 @@ fn ttl_ms(ms: u64) -> LockOptions {
 }
 
 /// Sleeps until `at` has passed by a margin: the only kind of sleep here.
-async fn sleep_past(at: DateTime<Utc>) {
-    let left = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+async fn sleep_past(at: DateTime<FixedOffset>) {
+    let left = (at.to_utc() - Utc::now())
+        .to_std()
+        .unwrap_or(Duration::ZERO);
     tokio::time::sleep(left + Duration::from_millis(30)).await;
 }
 
 async fn lock_row(db: &TestDb, id: Uuid) -> resource_locks::Model {
-    resource_locks::Entity::find_by_id(TextUuid(id))
+    resource_locks::Entity::find_by_id(id.to_string())
         .one(db.manager.connection())
         .await
         .expect("query lock")
@@ -49,11 +52,11 @@ async fn swept_rows(db: &TestDb) -> Vec<audit_log::Model> {
 /// What a `locks_swept` row says about one lock it released.
 fn swept_entry(lock: &resource_locks::Model, reason: &str) -> serde_json::Value {
     json!({
-        "lock_id": lock.id.0.to_string(),
+        "lock_id": id(&lock.id).to_string(),
         "resource_type": lock.resource_type,
         "resource_key": lock.resource_key,
-        "agent_id": lock.agent_id.0.to_string(),
-        "session_id": lock.session_id.0.to_string(),
+        "agent_id": id(&lock.agent_id).to_string(),
+        "session_id": id(&lock.session_id).to_string(),
         "fencing_token": lock.fencing_token,
         "reason": reason,
     })
@@ -199,8 +202,8 @@ async fn acquiring_over_an_expired_unswept_holder_releases_it_and_fences_it_out(
             assert_eq!(old_now.release_reason.as_deref(), Some("expired"));
             let released_at = old_now.released_at.expect("released_at");
             let new_row = lock_row(&db, new.lock_id).await;
-            assert_eq!(new_row.agent_id.0, a2);
-            assert_eq!(new_row.session_id.0, s2);
+            assert_eq!(id(&new_row.agent_id), a2);
+            assert_eq!(id(&new_row.session_id), s2);
             assert!(new_row.released_at.is_none());
             assert_eq!(new_row.expires_at, None);
             assert!(new_row.acquired_at >= released_at);
@@ -363,15 +366,8 @@ async fn held_locks_of_interrupted_sessions_are_swept_as_orphaned() {
             let (interrupted, _) = populated_session(&db, 2, 2).await;
             let (active, _) = populated_session(&db, 1, 3).await;
             let (paused, _) = populated_session(&db, 1, 1).await;
+            // Interrupted by hand, bypassing the library: its locks stay held.
             set_session_status(&db, interrupted, "interrupted").await;
-            assert!(
-                lock_rows(&db, interrupted)
-                    .await
-                    .iter()
-                    .all(|l| l.release_reason.as_deref() == Some("orphaned")),
-                "interrupting released them already"
-            );
-            rehold_locks(&db, interrupted).await;
             set_session_status(&db, paused, "paused").await;
             let orphans = lock_rows(&db, interrupted).await;
             assert_eq!(orphans.len(), 4);
@@ -502,7 +498,7 @@ async fn a_sweep_releases_everything_in_batches_of_sweep_batch() {
             assert_eq!(named, ids, "every expired lock named exactly once");
             for lock in &control {
                 assert_eq!(
-                    &lock_row(&db, lock.id.0).await,
+                    &lock_row(&db, id(&lock.id)).await,
                     lock,
                     "no-ttl lock untouched"
                 );
@@ -634,7 +630,7 @@ async fn lock_delay_holds_back_involuntarily_released_resources_only() {
                 .await
                 .expect("free after the delay");
             assert!(second.fencing_token > first.fencing_token);
-            assert_eq!(lock_row(&db, second.lock_id).await.agent_id.0, a2);
+            assert_eq!(id(&lock_row(&db, second.lock_id).await.agent_id), a2);
 
             // A clean release frees the resource at once.
             m.release_lock(second.lock_id).await.expect("release");
@@ -661,7 +657,7 @@ async fn lock_delay_holds_back_involuntarily_released_resources_only() {
                 Some("session_end")
             );
             let held = lock_row(&db, fourth.lock_id).await;
-            assert_eq!((held.agent_id.0, held.session_id.0), (a2, s2));
+            assert_eq!((id(&held.agent_id), id(&held.session_id)), (a2, s2));
             assert!(held.released_at.is_none());
 
             // An orphan sweep is involuntary too.
@@ -670,7 +666,6 @@ async fn lock_delay_holds_back_involuntarily_released_resources_only() {
                 .await
                 .expect("acquire");
             set_session_status(&db, s3, "interrupted").await;
-            rehold_locks(&db, s3).await;
             assert_eq!(m.sweep_locks().await.expect("sweep").orphaned, 1);
             let before = (all_locks(&db).await, fencing_counter(&db).await);
             assert!(
@@ -749,21 +744,14 @@ async fn only_the_current_holders_token_passes_the_fence() {
             assert_eq!(rows.len(), 2);
             assert_eq!(
                 rows.iter()
-                    .map(|l| (l.id.0, l.fencing_token, l.release_reason.as_deref()))
+                    .map(|l| (id(&l.id), l.fencing_token, l.release_reason.as_deref()))
                     .collect::<Vec<_>>(),
                 vec![
                     (first.lock_id, first.fencing_token, Some("released")),
                     (second.lock_id, second.fencing_token, Some("released")),
                 ]
             );
-            if db.is_sqlite() {
-                // SQLite's one-statement acquire takes the next token from the
-                // locks themselves and only steps over the counter: it must
-                // never be ahead of a granted token.
-                assert!(fencing_counter(&db).await < second.fencing_token);
-            } else {
-                assert_eq!(fencing_counter(&db).await, second.fencing_token);
-            }
+            assert_eq!(fencing_counter(&db).await, second.fencing_token);
         },
     )
     .await;

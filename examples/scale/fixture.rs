@@ -13,7 +13,6 @@ use demiarch_sessions::entity::{
     agent_executions, audit_log, global_sessions, lock_fencing, resource_locks,
 };
 use demiarch_sessions::{Config, SessionManager};
-use sea_orm::entity::prelude::TextUuid;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, Database, DatabaseBackend, DatabaseConnection,
@@ -226,10 +225,10 @@ async fn insert_sessions(
     let ids: Vec<Uuid> = (0..count).map(|_| Uuid::new_v4()).collect();
 
     let sessions = ids.iter().map(|&id| global_sessions::ActiveModel {
-        id: Set(TextUuid(id)),
+        id: Set(id.to_string()),
         status: Set("active".to_owned()),
-        started_at: Set(at),
-        updated_at: Set(at),
+        started_at: Set(at.into()),
+        updated_at: Set(at.into()),
         completed_at: Set(None),
         context_data: Set(None),
         ..Default::default()
@@ -240,9 +239,9 @@ async fn insert_sessions(
     .await?;
 
     let audit = ids.iter().map(|&id| audit_log::ActiveModel {
-        id: Set(TextUuid(Uuid::new_v4())),
+        id: Set(Uuid::new_v4().to_string()),
         event_type: Set("session_start".to_owned()),
-        event_time: Set(at),
+        event_time: Set(at.into()),
         session_id: Set(Some(id.to_string())),
         details: Set(serde_json::json!({ "session_id": id })),
     });
@@ -257,11 +256,11 @@ async fn insert_sessions(
         let agent_ids: Vec<Uuid> = (0..agents).map(|_| Uuid::new_v4()).collect();
         for (a, &agent) in agent_ids.iter().enumerate() {
             agent_rows.push(agent_executions::ActiveModel {
-                id: Set(TextUuid(agent)),
-                session_id: Set(TextUuid(session)),
+                id: Set(agent.to_string()),
+                session_id: Set(session.to_string()),
                 agent_type: Set(format!("agent-{a}")),
                 status: Set("running".to_owned()),
-                started_at: Set(at),
+                started_at: Set(at.into()),
                 completed_at: Set(None),
             });
         }
@@ -270,13 +269,13 @@ async fn insert_sessions(
                 .get(usize::try_from(l)? % agents.max(1))
                 .ok_or("a session with locks needs at least one agent")?;
             lock_rows.push(resource_locks::ActiveModel {
-                id: Set(TextUuid(Uuid::new_v4())),
-                agent_id: Set(TextUuid(*agent)),
-                session_id: Set(TextUuid(session)),
+                id: Set(Uuid::new_v4().to_string()),
+                agent_id: Set(agent.to_string()),
+                session_id: Set(session.to_string()),
                 resource_type: Set("file".to_owned()),
                 resource_key: Set(format!("{session}/{l}")),
                 fencing_token: Set(token),
-                acquired_at: Set(at),
+                acquired_at: Set(at.into()),
                 expires_at: Set(None),
                 released_at: Set(None),
                 release_reason: Set(None),

@@ -3,8 +3,7 @@
 //! through sqlx on the pool of the library's own writes (same pragmas, same server session
 //! settings), as prepared statements cached per connection, sqlx's default.
 //!
-//! It runs on a database of its own, made like the library's but without the
-//! session-end trigger (see [`prepare`]), so it does its own release; with
+//! It runs on a database of its own, made like the library's; with
 //! `--impl both` (or `all`) the databases are timed in one interleaved loop.
 //!
 //! Deviations from the seed, each forced by our schema or driver:
@@ -39,7 +38,6 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::args::Impl;
-use crate::fixture::Fixture;
 
 /// The seed's statements with `?` placeholders (SQLite, MariaDB/MySQL).
 pub const SEED_SQL: [&str; 3] = [
@@ -122,26 +120,6 @@ pub const FULL_SQL_POSTGRES: [&str; 4] = [
     "INSERT INTO audit_log (id, event_type, event_time, session_id, details)
      VALUES ($1, 'session_end', $2, $3, $4)",
 ];
-
-/// Gives the seed the schema it was written for: the library's, without the
-/// session-end trigger (migration 000003). With the trigger, the seed's first
-/// UPDATE would release the locks and cancel the agents for it, and its own
-/// release would find nothing: the yardstick would be measuring the library's
-/// design. Its database is its own, made the same way as the library's.
-pub async fn prepare(fx: &Fixture) -> Result<(), Box<dyn Error>> {
-    use sea_orm::ConnectionTrait;
-    let conn = fx.connection();
-    let drop = match conn.get_database_backend() {
-        DatabaseBackend::Postgres => {
-            "DROP TRIGGER global_sessions_release_on_end ON global_sessions"
-        }
-        _ => "DROP TRIGGER global_sessions_release_on_end",
-    };
-    conn.execute_unprepared(drop)
-        .await
-        .map_err(|e| format!("raw-seed: dropping the session-end trigger: {e}"))?;
-    Ok(())
-}
 
 /// What `context_data` holds, the same envelope the library writes, serialized
 /// straight into the bound parameter.

@@ -50,7 +50,7 @@ pub async fn run(args: &Args) -> BoxResult<()> {
     let context_bytes = args.context_bytes[0];
     for &locks in &args.locks {
         for &implementation in &args.impls {
-            let fx = open_populated(args, background, implementation).await?;
+            let fx = open_populated(args, background).await?;
             let counted = count_pages(&fx, implementation, locks, context_bytes, args.iters).await;
             fx.close().await?;
             let (total, by_object) = counted?;

@@ -154,7 +154,7 @@ impl MigrationTrait for Migration {
             .create_table(
                 table_for(backend)
                     .table(LockFencing::Table)
-                    .col(integer(LockFencing::Id).primary_key())
+                    .col(big_integer(LockFencing::Id).primary_key())
                     .col(big_integer(LockFencing::LastToken))
                     .to_owned(),
             )

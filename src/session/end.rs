@@ -20,37 +20,19 @@
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::Expr;
-use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel,
-    QueryFilter, QuerySelect,
-};
-use serde::Serialize;
+use sea_orm::entity::prelude::DateTimeWithTimeZone;
+use sea_orm::ActiveValue::{Set, Unchanged};
+use sea_orm::{ActiveModelTrait, ConnectionTrait, EntityTrait, QuerySelect};
 use tracing::{field, info_span, warn, Instrument};
 use uuid::Uuid;
 
-use entity::{agent_executions, global_sessions, resource_locks};
+use entity::global_sessions;
 
+use super::{close_holdings, Closed, EndSessionReport};
 use crate::audit::{self, AuditEvent};
 use crate::context::SavedContext;
-use crate::status::{AgentStatus, ReleaseReason, SessionStatus};
+use crate::status::{ReleaseReason, SessionStatus};
 use crate::{db, validate, Error, Result, SessionManager};
-
-/// What `end_session` did.
-#[derive(Clone, Debug, Serialize)]
-pub struct EndSessionReport {
-    pub session_id: Uuid,
-    /// When the session was ended (the first end's time if `already_ended`).
-    pub completed_at: DateTime<Utc>,
-    /// The session was already completed: nothing was written.
-    pub already_ended: bool,
-    pub locks_released: u64,
-    pub agents_cancelled: u64,
-    pub context_windows: u64,
-    pub context_bytes: u64,
-    /// Wall time of the whole call, commit included.
-    pub cleanup_ms: u64,
-}
 
 pub(crate) async fn end_session(
     manager: &SessionManager,
@@ -70,40 +52,32 @@ pub(crate) async fn end_session(
 
         let work = async {
             let txn = db::begin_write(manager.store()).await?; // 2.
-            let closed = end_in(&*txn, session_id, context, started).await?;
-            Ok::<_, Error>((txn, closed))
+            let ended = end_in(&*txn, session_id, context, started).await?;
+            Ok::<_, Error>((txn, ended))
         };
-        let (txn, closed) = db::within_budget(tokio::time::timeout(budget, work).await, started)?;
+        let (txn, ended) = db::within_budget(tokio::time::timeout(budget, work).await, started)?;
         // 9. A cancelled COMMIT would leave the caller unsure whether the
         // session ended, so it runs to completion.
-        let report = match closed {
-            Ended::Already { completed_at } => {
-                txn.rollback().await?;
-                report(
-                    session_id,
-                    completed_at,
-                    true,
-                    Closed::default(),
-                    (0, 0),
-                    started,
-                )
-            }
-            Ended::Now {
-                completed_at,
-                closed,
-            } => {
-                txn.commit().await?;
-                // 10.
-                manager.context_source().clear(session_id);
-                report(
-                    session_id,
-                    completed_at,
-                    false,
-                    closed,
-                    (windows, bytes),
-                    started,
-                )
-            }
+        if ended.already_ended {
+            txn.rollback().await?;
+        } else {
+            txn.commit().await?;
+            manager.context_source().clear(session_id); // 10.
+        }
+        let (windows, bytes) = if ended.already_ended {
+            (0, 0)
+        } else {
+            (windows, bytes)
+        };
+        let report = EndSessionReport {
+            session_id,
+            completed_at: ended.completed_at,
+            already_ended: ended.already_ended,
+            locks_released: ended.closed.locks_released,
+            agents_cancelled: ended.closed.agents_cancelled,
+            context_windows: windows,
+            context_bytes: bytes,
+            cleanup_ms: millis(started.elapsed()),
         };
         let took = started.elapsed();
         manager
@@ -133,30 +107,44 @@ async fn end_in(
     context: SavedContext,
     started: Instant,
 ) -> Result<Ended> {
-    // 3.
-    let session = global_sessions::Entity::find_by_id(session_id.to_string())
-        .lock_exclusive()
-        .one(txn)
-        .await?;
+    // 3. Only what the decision needs: the saved context stays unread.
+    let id = session_id.to_string();
+    let session: Option<(String, Option<DateTimeWithTimeZone>)> =
+        global_sessions::Entity::find_by_id(id.as_str())
+            .select_only()
+            .columns([
+                global_sessions::Column::Status,
+                global_sessions::Column::CompletedAt,
+            ])
+            .lock_exclusive()
+            .into_tuple()
+            .one(txn)
+            .await?;
     // 4.
-    let session = session.ok_or(Error::SessionNotFound(session_id))?;
-    if session.status == SessionStatus::Completed.as_str() {
-        let completed_at = session.completed_at.ok_or_else(|| {
+    let (status, completed_at) = session.ok_or(Error::SessionNotFound(session_id))?;
+    if status == SessionStatus::Completed.as_str() {
+        let completed_at = completed_at.ok_or_else(|| {
             Error::CorruptRow(format!(
                 "session {session_id} is completed without completed_at"
             ))
         })?;
-        return Ok(Ended::Already {
+        let closed = Closed::default();
+        return Ok(Ended {
             completed_at: completed_at.to_utc(),
+            already_ended: true,
+            closed,
         });
     }
     // 5.
     let now = db::now();
-    let mut session = session.into_active_model();
-    session.status = Set(SessionStatus::Completed.as_str().to_owned());
-    session.completed_at = Set(Some(now.into()));
-    session.updated_at = Set(now.into());
-    session.context_data = Set(Some(context.data));
+    let session = global_sessions::ActiveModel {
+        id: Unchanged(id),
+        status: Set(SessionStatus::Completed.as_str().to_owned()),
+        completed_at: Set(Some(now.into())),
+        updated_at: Set(now.into()),
+        context_data: Set(Some(context.data)),
+        ..Default::default()
+    };
     session.update_without_returning(txn).await?;
     // 6, 7.
     let closed = close_holdings(txn, session_id, ReleaseReason::SessionEnd, now).await?;
@@ -171,86 +159,19 @@ async fn end_in(
         "agents_cancelled": closed.agents_cancelled,
     });
     audit::append(txn, AuditEvent::SessionEnd, Some(session_id), details, now).await?;
-    Ok(Ended::Now {
+    Ok(Ended {
         completed_at: now,
+        already_ended: false,
         closed,
     })
 }
 
 /// What the end's transaction came to.
-enum Ended {
-    /// The session was already completed; nothing was written.
-    Already { completed_at: DateTime<Utc> },
-    Now {
-        completed_at: DateTime<Utc>,
-        closed: Closed,
-    },
-}
-
-/// What [`close_holdings`] released and cancelled.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct Closed {
-    pub locks_released: u64,
-    pub agents_cancelled: u64,
-}
-
-/// Releases every held lock of the session (with `reason`) and cancels its
-/// running agents, inside the caller's transaction, which has already read the
-/// session row exclusively. Ending a session and recovering a stale one both
-/// close it this way.
-pub(crate) async fn close_holdings(
-    txn: &impl ConnectionTrait,
-    session_id: Uuid,
-    reason: ReleaseReason,
-    now: DateTime<Utc>,
-) -> Result<Closed> {
-    let session = session_id.to_string();
-    let locks_released = resource_locks::Entity::update_many()
-        .col_expr(resource_locks::Column::ReleasedAt, Expr::value(now))
-        .col_expr(
-            resource_locks::Column::ReleaseReason,
-            Expr::value(reason.as_str()),
-        )
-        .filter(resource_locks::Column::SessionId.eq(session.as_str()))
-        .filter(resource_locks::Column::ReleasedAt.is_null())
-        .exec(txn)
-        .await?
-        .rows_affected;
-    let agents_cancelled = agent_executions::Entity::update_many()
-        .col_expr(
-            agent_executions::Column::Status,
-            Expr::value(AgentStatus::Cancelled.as_str()),
-        )
-        .col_expr(agent_executions::Column::CompletedAt, Expr::value(now))
-        .filter(agent_executions::Column::SessionId.eq(session.as_str()))
-        .filter(agent_executions::Column::Status.eq(AgentStatus::Running.as_str()))
-        .exec(txn)
-        .await?
-        .rows_affected;
-    Ok(Closed {
-        locks_released,
-        agents_cancelled,
-    })
-}
-
-fn report(
-    session_id: Uuid,
+struct Ended {
     completed_at: DateTime<Utc>,
+    /// The session was already completed; nothing was written.
     already_ended: bool,
     closed: Closed,
-    (context_windows, context_bytes): (u64, u64),
-    started: Instant,
-) -> EndSessionReport {
-    EndSessionReport {
-        session_id,
-        completed_at,
-        already_ended,
-        locks_released: closed.locks_released,
-        agents_cancelled: closed.agents_cancelled,
-        context_windows,
-        context_bytes,
-        cleanup_ms: millis(started.elapsed()),
-    }
 }
 
 pub(crate) fn millis(d: Duration) -> u64 {

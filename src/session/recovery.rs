@@ -14,7 +14,7 @@ use entity::global_sessions;
 
 use crate::audit::{self, AuditEvent};
 use crate::context::{self, ContextWindow};
-use crate::session::end::{close_holdings, Closed};
+use crate::session::{close_holdings, Closed};
 use crate::status::{ReleaseReason, SessionStatus};
 use crate::{db, validate, Error, Result, SessionManager};
 

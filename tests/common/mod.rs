@@ -292,7 +292,7 @@ where
 // ---- Reading rows back, so tests assert on the database, not on return values.
 
 pub async fn session_row(db: &TestDb, id: Uuid) -> global_sessions::Model {
-    global_sessions::Entity::find_by_id(TextUuid(id))
+    global_sessions::Entity::find_by_id(id.to_string())
         .one(db.manager.connection())
         .await
         .expect("query session")
@@ -450,27 +450,6 @@ pub async fn set_session_status(db: &TestDb, session: Uuid, status: &str) {
     );
 }
 
-/// Puts a session's released locks back to held. Since migration 000003 the
-/// database releases a session's locks as it is completed or interrupted, so
-/// this is the only way to make the orphans the sweep exists for: what data
-/// written before that trigger, or a writer that bypassed the library, leaves.
-pub async fn rehold_locks(db: &TestDb, session: Uuid) {
-    use sea_orm::sea_query::Expr;
-    resource_locks::Entity::update_many()
-        .col_expr(
-            resource_locks::Column::ReleasedAt,
-            Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
-        )
-        .col_expr(
-            resource_locks::Column::ReleaseReason,
-            Expr::value(Option::<String>::None),
-        )
-        .filter(resource_locks::Column::SessionId.eq(TextUuid(session)))
-        .exec(db.manager.connection())
-        .await
-        .expect("re-hold locks");
-}
-
 /// Everything stored about one session, sorted by id so two reads compare equal.
 pub type SessionRows = (
     global_sessions::Model,
@@ -481,11 +460,11 @@ pub type SessionRows = (
 
 pub async fn rows_of(db: &TestDb, session: Uuid) -> SessionRows {
     let mut agents = agent_rows(db, session).await;
-    agents.sort_by_key(|a| a.id.0);
+    agents.sort_by_key(|a| a.id.clone());
     let mut locks = lock_rows(db, session).await;
-    locks.sort_by_key(|l| l.id.0);
+    locks.sort_by_key(|l| l.id.clone());
     let mut audit = audit_rows(db, session).await;
-    audit.sort_by_key(|a| a.id.0);
+    audit.sort_by_key(|a| a.id.clone());
     (session_row(db, session).await, agents, locks, audit)
 }
 
@@ -548,4 +527,9 @@ pub async fn lock_row_of(
     .unwrap_or_else(|e| panic!("lock a row of {table}: {e}"))
     .unwrap_or_else(|| panic!("no row of {table} to lock"));
     (blocker, txn)
+}
+
+/// A UUID column as stored (its text), parsed.
+pub fn id(text: &str) -> Uuid {
+    Uuid::parse_str(text).unwrap_or_else(|e| panic!("stored id {text:?} is not a UUID: {e}"))
 }
