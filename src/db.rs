@@ -158,6 +158,7 @@ fn configure_server_sessions(options: &mut ConnectOptions, config: &Config) {
     let lock_wait_ms = config.cleanup_timeout.as_millis().max(1);
     #[cfg(feature = "postgres")]
     {
+        // Session settings on each new connection: SeaORM has no API for them.
         let setup = format!(
             "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED; \
              SET lock_timeout = '{lock_wait_ms}ms'"
@@ -179,6 +180,7 @@ fn configure_server_sessions(options: &mut ConnectOptions, config: &Config) {
     {
         // innodb_lock_wait_timeout counts whole seconds.
         let lock_wait_s = lock_wait_ms.div_ceil(1000);
+        // Session settings on each new connection: SeaORM has no API for them.
         let setup = [
             "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED".to_owned(),
             format!("SET SESSION innodb_lock_wait_timeout = {lock_wait_s}"),

@@ -1,6 +1,6 @@
 //! Schema migrations for `demiarch-sessions`.
 //!
-//! Run them with the standard SeaORM CLI (`cargo run -p migration -- up`), or let
+//! Run them with the standard SeaORM CLI (`cargo run -p demiarch-sessions-migration -- up`), or let
 //! `SessionManager::connect` apply pending ones.
 pub use sea_orm_migration::prelude::*;
 

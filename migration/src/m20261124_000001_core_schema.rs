@@ -235,6 +235,7 @@ impl MigrationTrait for Migration {
                      ADD UNIQUE INDEX ux_audit_log_session_end (session_end_key)",
                 )
                 .await?;
+                // Raw DDL: sea-query cannot create triggers. These only refuse.
                 for (name, op) in [("no_update", "UPDATE"), ("no_delete", "DELETE")] {
                     db.execute_unprepared(&format!(
                         "CREATE TRIGGER audit_log_{name} BEFORE {op} ON audit_log FOR EACH ROW \
@@ -245,6 +246,7 @@ impl MigrationTrait for Migration {
             }
             DatabaseBackend::Postgres => {
                 create_partial_indexes(manager).await?;
+                // Raw DDL: sea-query cannot create triggers. This one only refuses.
                 db.execute_unprepared(
                     "CREATE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS \
                      $$ BEGIN RAISE EXCEPTION 'audit_log is append-only'; END $$",
@@ -258,6 +260,7 @@ impl MigrationTrait for Migration {
             }
             _ => {
                 create_partial_indexes(manager).await?;
+                // Raw DDL: sea-query cannot create triggers. These only refuse.
                 for (name, op) in [("no_update", "UPDATE"), ("no_delete", "DELETE")] {
                     db.execute_unprepared(&format!(
                         "CREATE TRIGGER audit_log_{name} BEFORE {op} ON audit_log \
@@ -271,6 +274,7 @@ impl MigrationTrait for Migration {
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        // Raw DDL: sea-query cannot drop triggers or functions.
         let db = manager.get_connection();
         match manager.get_database_backend() {
             DatabaseBackend::Postgres => {
