@@ -34,7 +34,7 @@ async fn time_ends(iters: u64, locks: u64) -> BoxResult<Duration> {
     for &id in &sessions {
         fx.manager
             .contexts()
-            .put(id, "window-0", serde_json::Value::String(text.clone()));
+            .put(id, "window-0", serde_json::Value::String(text.clone()))?;
     }
     let mut total = Duration::ZERO;
     for id in sessions {

@@ -27,10 +27,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         session,
         "plan",
         json!({"goal": "end sessions cleanly", "step": 3}),
-    );
+    )?;
     manager
         .contexts()
-        .put(session, "notes", json!(["locks released", "context saved"]));
+        .put(session, "notes", json!(["locks released", "context saved"]))?;
 
     let report = manager.end_session(session).await?;
     println!("{}", serde_json::to_string_pretty(&report)?);

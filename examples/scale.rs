@@ -268,7 +268,7 @@ async fn target_sessions(
     for &id in &ids {
         fx.manager
             .contexts()
-            .put(id, "window-0", serde_json::Value::String(text.clone()));
+            .put(id, "window-0", serde_json::Value::String(text.clone()))?;
     }
     Ok(ids)
 }

@@ -37,6 +37,78 @@ pub struct Config {
     pub max_connections: u32,
 }
 
+/// The longest timeout or interval a [`Config`] takes: one day. (PostgreSQL
+/// refuses a `lock_timeout` of 2^31 ms, about 24.8 days, or more.)
+pub const MAX_CONFIG_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The most bytes of context one session may save: 256 MiB (PostgreSQL's
+/// `jsonb` holds at most 255 MiB; MariaDB's default packet limit is smaller).
+pub const MAX_CONTEXT_BYTES_LIMIT: usize = 256 * 1024 * 1024;
+
+impl Config {
+    /// Refuses a value the library cannot honour, naming the field: under
+    /// 1 ms or over [`MAX_CONFIG_DURATION`] for `cleanup_timeout`,
+    /// `connect_timeout`, `heartbeat_interval`, `busy_timeout` and
+    /// `lock_delay` (the last two may be zero, which turns them off); `sweep_batch` and
+    /// `max_connections` of zero or over a million / ten thousand;
+    /// `max_context_bytes` under 64 (the empty context needs 26) or over
+    /// [`MAX_CONTEXT_BYTES_LIMIT`].
+    /// `SessionManager::connect_with` and `new` call it.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) naming the field.
+    pub fn validate(&self) -> crate::Result<()> {
+        for (field, value, zero_ok) in [
+            ("cleanup_timeout", self.cleanup_timeout, false),
+            ("connect_timeout", self.connect_timeout, false),
+            ("heartbeat_interval", self.heartbeat_interval, false),
+            ("busy_timeout", self.busy_timeout, true),
+            ("lock_delay", self.lock_delay, true),
+        ] {
+            if value.is_zero() && zero_ok {
+                continue;
+            }
+            if value < Duration::from_millis(1) {
+                let reason = if zero_ok {
+                    format!("{value:?} is under 1 ms (zero turns it off)")
+                } else {
+                    format!("{value:?} is under 1 ms")
+                };
+                return Err(invalid(field, reason));
+            }
+            if value > MAX_CONFIG_DURATION {
+                return Err(invalid(field, format!("{value:?} is longer than one day")));
+            }
+        }
+        if !(1..=1_000_000).contains(&self.sweep_batch) {
+            return Err(invalid(
+                "sweep_batch",
+                format!("{} is not between 1 and 1 000 000", self.sweep_batch),
+            ));
+        }
+        if !(1..=10_000).contains(&self.max_connections) {
+            return Err(invalid(
+                "max_connections",
+                format!("{} is not between 1 and 10 000", self.max_connections),
+            ));
+        }
+        if !(64..=MAX_CONTEXT_BYTES_LIMIT).contains(&self.max_context_bytes) {
+            return Err(invalid(
+                "max_context_bytes",
+                format!(
+                    "{} is not between 64 bytes (the empty context) and 256 MiB",
+                    self.max_context_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn invalid(field: &'static str, reason: String) -> crate::Error {
+    crate::Error::InvalidInput { field, reason }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {

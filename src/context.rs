@@ -18,6 +18,12 @@ pub struct ContextWindow {
 /// [`ContextRegistry`] implements it; an app that keeps its windows elsewhere
 /// implements it too and passes it to
 /// [`SessionManager::with_context_source`](crate::SessionManager::with_context_source).
+/// An end refuses windows that could not be read back (nested deeper than
+/// [`MAX_CONTEXT_DEPTH`], or holding a NUL character) with
+/// [`Error::ContextRefused`](crate::Error::ContextRefused), changing nothing;
+/// an implementation should refuse such values when they come in, as the
+/// registry does, since copying or dropping a value nested thousands of
+/// levels deep overflows the stack.
 pub trait ContextSource: Send + Sync {
     /// The session's windows, in the order they should be saved.
     fn windows(&self, session_id: Uuid) -> Vec<ContextWindow>;
@@ -41,14 +47,35 @@ impl ContextRegistry {
 
     /// Adds a window; a window with the same key is replaced in place, keeping
     /// its position.
-    pub fn put(&self, session_id: Uuid, key: impl Into<String>, data: serde_json::Value) {
+    ///
+    /// # Errors
+    /// [`Error::ContextRefused`](crate::Error::ContextRefused), and nothing is
+    /// stored, when the window could not be saved by an end: its data nests
+    /// deeper than [`MAX_CONTEXT_DEPTH`], or its key or data holds a NUL
+    /// character. A refused value is taken apart without recursion, so even a
+    /// value nested a million levels deep is refused safely.
+    pub fn put(
+        &self,
+        session_id: Uuid,
+        key: impl Into<String>,
+        data: serde_json::Value,
+    ) -> crate::Result<()> {
         let key = key.into();
+        if let Some(reason) = unsavable(&key, &data) {
+            dismantle(data);
+            return Err(crate::Error::ContextRefused {
+                session_id,
+                key,
+                reason,
+            });
+        }
         let mut sessions = self.guard();
         let windows = sessions.entry(session_id).or_default();
         match windows.iter_mut().find(|w| w.key == key) {
             Some(window) => window.data = data,
             None => windows.push(ContextWindow { key, data }),
         }
+        Ok(())
     }
 
     /// The session's windows in insertion order (empty if it has none).
@@ -74,6 +101,57 @@ impl ContextSource for ContextRegistry {
 
     fn clear(&self, session_id: Uuid) {
         self.remove(session_id);
+    }
+}
+
+/// The deepest a window's data may nest (arrays and objects inside each
+/// other). The saved envelope adds three levels, and every backend must store
+/// and read back the whole: MariaDB's JSON validation refuses 32 levels.
+pub const MAX_CONTEXT_DEPTH: usize = 28;
+
+/// Why a window cannot be saved, if it cannot: data nested deeper than
+/// [`MAX_CONTEXT_DEPTH`], or a NUL character in its key or anywhere in its
+/// data (PostgreSQL's `jsonb` cannot hold one). Walks without recursion.
+pub(crate) fn unsavable(key: &str, data: &serde_json::Value) -> Option<String> {
+    use serde_json::Value;
+    const NUL: &str = "holds a NUL character (U+0000), which PostgreSQL cannot store";
+    if key.contains('\0') {
+        return Some(format!("its key {NUL}"));
+    }
+    let mut pending = vec![(data, 0usize)];
+    while let Some((value, depth)) = pending.pop() {
+        let inner = depth + 1;
+        match value {
+            Value::String(text) if text.contains('\0') => return Some(NUL.to_owned()),
+            Value::Array(_) | Value::Object(_) if inner > MAX_CONTEXT_DEPTH => {
+                return Some(format!("nests deeper than {MAX_CONTEXT_DEPTH} levels"));
+            }
+            Value::Array(items) => pending.extend(items.iter().map(|v| (v, inner))),
+            Value::Object(fields) => {
+                for (name, v) in fields {
+                    if name.contains('\0') {
+                        return Some(NUL.to_owned());
+                    }
+                    pending.push((v, inner));
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Drops a JSON value without recursion: serde_json's own drop recurses once
+/// per level and would overflow the stack on a deeply nested value.
+fn dismantle(value: serde_json::Value) {
+    use serde_json::Value;
+    let mut pending = vec![value];
+    while let Some(value) = pending.pop() {
+        match value {
+            Value::Array(items) => pending.extend(items),
+            Value::Object(fields) => pending.extend(fields.into_iter().map(|(_, v)| v)),
+            _ => {}
+        }
     }
 }
 
@@ -104,9 +182,24 @@ pub(crate) struct SavedContext {
 }
 
 impl SavedContext {
-    /// Measures the windows against the size limit and wraps them in the
-    /// envelope. The windows are moved into it, never copied.
-    pub fn capture(windows: Vec<ContextWindow>, limit: usize) -> crate::Result<Self> {
+    /// Checks every window can be saved, measures them against the size
+    /// limit and wraps them in the envelope. The windows are moved into it,
+    /// never copied.
+    pub fn capture(
+        session_id: Uuid,
+        windows: Vec<ContextWindow>,
+        limit: usize,
+    ) -> crate::Result<Self> {
+        if let Some((key, reason)) = windows
+            .iter()
+            .find_map(|w| unsavable(&w.key, &w.data).map(|reason| (w.key.clone(), reason)))
+        {
+            return Err(crate::Error::ContextRefused {
+                session_id,
+                key,
+                reason,
+            });
+        }
         let envelope = EnvelopeRef {
             version: CONTEXT_FORMAT_VERSION,
             windows: &windows,

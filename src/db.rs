@@ -65,7 +65,51 @@ pub(crate) async fn connect(url: &str, config: &Config) -> Result<Store> {
     } else {
         None
     };
-    Ok(Store::with_writer(db, writer, config.busy_timeout))
+    let mut store = Store::with_writer(db, writer, config.busy_timeout);
+    if sqlite && !memory {
+        store.file = FileIdentity::of(url);
+    }
+    Ok(store)
+}
+
+/// The SQLite file a store opened, as the file system knew it then: a write
+/// first checks the path still names that file, since SQLite would go on
+/// writing to a deleted or replaced file (its open descriptor) and
+/// acknowledge work that no reader of the path will ever see.
+#[derive(Clone, Debug)]
+struct FileIdentity {
+    path: std::path::PathBuf,
+    #[cfg(unix)]
+    id: (u64, u64),
+}
+
+impl FileIdentity {
+    fn of(url: &str) -> Option<Self> {
+        let options: sea_orm::sqlx::sqlite::SqliteConnectOptions = url.parse().ok()?;
+        let path = std::fs::canonicalize(options.get_filename()).ok()?;
+        Some(Self {
+            #[cfg(unix)]
+            id: Self::id_of(&path)?,
+            path,
+        })
+    }
+
+    #[cfg(unix)]
+    fn id_of(path: &Path) -> Option<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+    }
+
+    /// [`Error::DatabaseMoved`] unless the path still names the file opened.
+    fn check(&self) -> Result<()> {
+        #[cfg(unix)]
+        if Self::id_of(&self.path) != Some(self.id) {
+            return Err(Error::DatabaseMoved {
+                path: self.path.display().to_string(),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// The pool's settings: SQLite's pragmas, or the servers' session setup.
@@ -142,7 +186,9 @@ fn is_not_a_database(err: &sea_orm::DbErr) -> bool {
 }
 
 /// Every pooled server connection runs at READ COMMITTED and gives up waiting
-/// for a row lock after `Config::cleanup_timeout`, on the server itself.
+/// for a row lock on the server itself: on PostgreSQL after four fifths of
+/// `Config::cleanup_timeout` ([`server_lock_wait`]), on MariaDB after
+/// `cleanup_timeout` rounded up to whole seconds.
 ///
 /// READ COMMITTED is what closes the end/acquire race together with the row
 /// locks taken on the session (see `session::end` and `locks::acquire`): each
@@ -157,11 +203,13 @@ fn is_not_a_database(err: &sea_orm::DbErr) -> bool {
 fn configure_server_sessions(options: &mut ConnectOptions, config: &Config) {
     let lock_wait_ms = config.cleanup_timeout.as_millis().max(1);
     #[cfg(feature = "postgres")]
+    let pg_lock_wait_ms = server_lock_wait(config.cleanup_timeout).as_millis();
+    #[cfg(feature = "postgres")]
     {
         // Session settings on each new connection: SeaORM has no API for them.
         let setup = format!(
             "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED; \
-             SET lock_timeout = '{lock_wait_ms}ms'"
+             SET lock_timeout = '{pg_lock_wait_ms}ms'"
         );
         options.map_sqlx_postgres_pool_opts(move |pool| {
             let setup = setup.clone();
@@ -202,6 +250,14 @@ fn configure_server_sessions(options: &mut ConnectOptions, config: &Config) {
             })
         });
     }
+}
+
+/// How long PostgreSQL waits for a row lock within a write bounded by
+/// `budget`: four fifths of it, so that the server, not the client's timer,
+/// ends a blocked statement. The statement then fails and its transaction
+/// rolls back cleanly; the timer stays the backstop for any other stall.
+fn server_lock_wait(budget: Duration) -> Duration {
+    (budget * 4 / 5).max(Duration::from_millis(1))
 }
 
 /// Whether the call gave up waiting: for a lock (SQLite busy, a PostgreSQL
@@ -295,6 +351,8 @@ pub(crate) struct Store {
     /// PostgreSQL's `lock_timeout` for each write transaction, on a connection
     /// the app set up (the library's own connections set it when they open).
     txn_lock_timeout: Option<Duration>,
+    /// The SQLite file opened by [`connect`], checked before each write.
+    file: Option<FileIdentity>,
 }
 
 impl Store {
@@ -306,7 +364,7 @@ impl Store {
         lock_timeout: Duration,
     ) -> Self {
         let mut store = Self::with_writer(conn, None, gate_timeout);
-        store.txn_lock_timeout = Some(lock_timeout);
+        store.txn_lock_timeout = Some(server_lock_wait(lock_timeout));
         store
     }
 
@@ -323,6 +381,7 @@ impl Store {
             gate,
             gate_timeout,
             txn_lock_timeout: None,
+            file: None,
         }
     }
 
@@ -379,17 +438,23 @@ impl std::ops::Deref for WriteTxn {
 
 /// Waits for the manager's SQLite write gate (none on the servers), at most
 /// `Config::busy_timeout`. Hold the guard for the life of the write.
+///
+/// On a SQLite file opened by [`connect`] it then checks that the path still
+/// names the file opened ([`Error::DatabaseMoved`] if not).
 pub(crate) async fn write_gate(store: &Store) -> Result<Option<tokio::sync::OwnedMutexGuard<()>>> {
     let Some(gate) = &store.gate else {
         return Ok(None);
     };
     let started = std::time::Instant::now();
-    tokio::time::timeout(store.gate_timeout, gate.clone().lock_owned())
+    let guard = tokio::time::timeout(store.gate_timeout, gate.clone().lock_owned())
         .await
-        .map(Some)
         .map_err(|_| Error::Timeout {
             elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-        })
+        })?;
+    if let Some(file) = &store.file {
+        file.check()?;
+    }
+    Ok(Some(guard))
 }
 
 /// Opens the transaction every write goes through. On SQLite it is

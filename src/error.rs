@@ -83,6 +83,28 @@ pub enum Error {
     /// A stored row does not have the form this library writes (edited by hand?).
     #[error("stored row is malformed: {0}")]
     CorruptRow(String),
+    /// The manager (or a clone) was shut down: its heartbeat has stopped, so
+    /// it starts no session, agent or lock that other instances would then
+    /// recover from under it. Ending, reading and sweeping still work.
+    #[error(
+        "this manager was shut down and takes no new sessions, agents or locks; connect a new one"
+    )]
+    ManagerShutDown,
+    /// The manager (or a clone) was closed: its connections are gone.
+    #[error("this manager was closed; connect a new one")]
+    ManagerClosed,
+    /// The session's live context cannot be saved as it is. Nothing changed
+    /// and the windows are kept: fix the named window and retry.
+    #[error("context window {key:?} of session {session_id} cannot be saved: {reason}")]
+    ContextRefused {
+        session_id: Uuid,
+        key: String,
+        reason: String,
+    },
+    /// The SQLite file this manager opened was deleted or replaced while it
+    /// ran; nothing was written, since the write would go to the old file.
+    #[error("the database file {path} was deleted or replaced while in use; reconnect to the file now at that path")]
+    DatabaseMoved { path: String },
     /// Waiting for a shutdown signal failed.
     #[error("cannot listen for shutdown signals: {0}")]
     Signal(#[from] std::io::Error),

@@ -19,7 +19,7 @@
 //! let session = manager.start_session().await?;
 //! let agent = manager.register_agent(session, "coder").await?;
 //! let grant = manager.acquire_lock(agent, "file", "src/main.rs").await?;
-//! manager.contexts().put(session, "plan", serde_json::json!({"step": 1}));
+//! manager.contexts().put(session, "plan", serde_json::json!({"step": 1}))?;
 //!
 //! let report = manager.end_session(session).await?;
 //! assert_eq!(report.locks_released, 1);
@@ -52,8 +52,10 @@ mod status;
 mod validate;
 
 pub use audit::AuditEvent;
-pub use config::Config;
-pub use context::{ContextRegistry, ContextSource, ContextWindow, CONTEXT_FORMAT_VERSION};
+pub use config::{Config, MAX_CONFIG_DURATION, MAX_CONTEXT_BYTES_LIMIT};
+pub use context::{
+    ContextRegistry, ContextSource, ContextWindow, CONTEXT_FORMAT_VERSION, MAX_CONTEXT_DEPTH,
+};
 pub use error::{Error, Result};
 pub use lifecycle::{ShutdownFailure, ShutdownReport};
 pub use locks::{LockGrant, LockOptions, SweepReport};
@@ -64,7 +66,7 @@ pub use query::{
 };
 pub use session::{EndSessionReport, RecoveryReport};
 pub use status::{AgentStatus, ReleaseReason, SessionStatus};
-pub use validate::MAX_NAME_BYTES;
+pub use validate::{MAX_ARGUMENT_DURATION, MAX_NAME_BYTES};
 
 /// The generated entities, for apps that query the store directly.
 pub use entity;

@@ -491,14 +491,5 @@ async fn release_batch(
 }
 
 fn to_chrono(field: &'static str, d: Duration) -> Result<chrono::Duration> {
-    if d.is_zero() {
-        return Err(Error::InvalidInput {
-            field,
-            reason: "must be longer than zero".into(),
-        });
-    }
-    chrono::Duration::from_std(d).map_err(|_| Error::InvalidInput {
-        field,
-        reason: format!("{d:?} is too long"),
-    })
+    validate::duration(field, d, false)
 }

@@ -1,6 +1,7 @@
 //! `SessionManager`: connecting, accessors, and the public operations. Each
 //! operation opens at most one transaction and delegates to the module that
 //! owns the behaviour.
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use sea_orm::DatabaseConnection;
@@ -16,7 +17,7 @@ use crate::query::{
 };
 use crate::session::recovery::RecoveryReport;
 use crate::session::EndSessionReport;
-use crate::{db, locks, session, Config, Result};
+use crate::{db, locks, session, Config, Error, Result};
 
 /// The handle apps keep: cheap to clone, safe to share across tasks.
 #[derive(Clone)]
@@ -28,7 +29,13 @@ pub struct SessionManager {
     metrics: Arc<Metrics>,
     instance_id: Uuid,
     heartbeat: Arc<Heartbeat>,
+    state: Arc<AtomicU8>,
 }
+
+/// Where a manager is in its life; shared by its clones.
+const OPEN: u8 = 0;
+const SHUT_DOWN: u8 = 1;
+const CLOSED: u8 = 2;
 
 impl std::fmt::Debug for SessionManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -61,15 +68,21 @@ impl SessionManager {
     /// opened or migrated; [`Error::InvalidInput`](crate::Error::InvalidInput)
     /// when the URL is malformed or the file cannot be created.
     pub async fn connect_with(url: &str, config: Config) -> Result<Self> {
+        config.validate()?;
         let store = db::connect(url, &config).await?;
         Ok(Self::from_store(store, config))
     }
 
     /// Wraps a connection the app owns. The app runs `migration::Migrator`
     /// itself, and sets SQLite's pragmas (foreign keys on, WAL, busy timeout).
-    pub fn new(db: DatabaseConnection, config: Config) -> Self {
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) naming a `config`
+    /// field out of range (see [`Config::validate`]).
+    pub fn new(db: DatabaseConnection, config: Config) -> Result<Self> {
+        config.validate()?;
         let store = db::Store::new(db, config.busy_timeout, config.cleanup_timeout);
-        Self::from_store(store, config)
+        Ok(Self::from_store(store, config))
     }
 
     fn from_store(db: db::Store, config: Config) -> Self {
@@ -82,6 +95,7 @@ impl SessionManager {
             metrics: Arc::default(),
             instance_id: Uuid::new_v4(),
             heartbeat: Arc::default(),
+            state: Arc::default(),
         }
     }
 
@@ -126,6 +140,7 @@ impl SessionManager {
     /// # Errors
     /// [`Error::Database`](crate::Error::Database) if closing failed.
     pub async fn close(&self) -> Result<()> {
+        self.state.store(CLOSED, Ordering::SeqCst);
         self.heartbeat.stop().await;
         Ok(self.db.close().await?)
     }
@@ -173,12 +188,32 @@ impl SessionManager {
         self.metrics.snapshot()
     }
 
+    /// Refuses every call once the manager was closed.
+    fn usable(&self) -> Result<()> {
+        match self.state.load(Ordering::SeqCst) {
+            CLOSED => Err(Error::ManagerClosed),
+            _ => Ok(()),
+        }
+    }
+
+    /// Refuses new sessions, agents and locks once the manager was shut down
+    /// (its heartbeat has stopped, so other instances would recover them) or
+    /// closed.
+    fn takes_new_work(&self) -> Result<()> {
+        match self.state.load(Ordering::SeqCst) {
+            OPEN => Ok(()),
+            SHUT_DOWN => Err(Error::ManagerShutDown),
+            _ => Err(Error::ManagerClosed),
+        }
+    }
+
     /// Starts an `active` session and records `session_start` in the audit log.
     ///
     /// # Errors
     /// [`Error::Database`](crate::Error::Database) when the write fails.
     #[instrument(skip(self), err)]
     pub async fn start_session(&self) -> Result<Uuid> {
+        self.takes_new_work()?;
         let id = session::start::start_session(&self.db, self.instance_id).await?;
         self.start_heartbeat();
         Ok(id)
@@ -193,6 +228,7 @@ impl SessionManager {
     /// `agent_type`.
     #[instrument(skip(self), err)]
     pub async fn register_agent(&self, session_id: Uuid, agent_type: &str) -> Result<Uuid> {
+        self.takes_new_work()?;
         session::start::register_agent(&self.db, session_id, agent_type).await
     }
 
@@ -236,6 +272,7 @@ impl SessionManager {
         resource_key: &str,
         options: LockOptions,
     ) -> Result<LockGrant> {
+        self.takes_new_work()?;
         locks::acquire(
             &self.db,
             &self.config,
@@ -255,6 +292,7 @@ impl SessionManager {
     /// or has expired (renewing cannot revive it).
     #[instrument(skip(self), err)]
     pub async fn renew_lock(&self, lock_id: Uuid, ttl: std::time::Duration) -> Result<()> {
+        self.usable()?;
         locks::renew(&self.db, lock_id, ttl).await
     }
 
@@ -267,6 +305,7 @@ impl SessionManager {
     /// [`Error::Database`](crate::Error::Database); batches already committed stay.
     #[instrument(skip(self), err)]
     pub async fn sweep_locks(&self) -> Result<SweepReport> {
+        self.usable()?;
         let report = locks::sweep(&self.db, self.config.sweep_batch).await?;
         self.metrics.record_sweep(report.expired + report.orphaned);
         Ok(report)
@@ -285,6 +324,7 @@ impl SessionManager {
         resource_key: &str,
         fencing_token: i64,
     ) -> Result<bool> {
+        self.usable()?;
         locks::validate_fence(&self.db, resource_type, resource_key, fencing_token).await
     }
 
@@ -296,6 +336,7 @@ impl SessionManager {
     /// [`Error::InvalidInput`](crate::Error::InvalidInput) for the nil id.
     #[instrument(skip(self), err)]
     pub async fn release_lock(&self, lock_id: Uuid) -> Result<()> {
+        self.usable()?;
         locks::release(&self.db, lock_id).await
     }
 
@@ -308,10 +349,23 @@ impl SessionManager {
     /// # Errors
     /// [`Error::SessionNotFound`](crate::Error::SessionNotFound),
     /// [`Error::ContextTooLarge`](crate::Error::ContextTooLarge),
+    /// [`Error::ContextRefused`](crate::Error::ContextRefused),
     /// [`Error::Timeout`](crate::Error::Timeout),
     /// [`Error::Database`](crate::Error::Database); on every error nothing changed.
     pub async fn end_session(&self, session_id: Uuid) -> Result<EndSessionReport> {
-        let result = session::end::end_session(self, session_id).await;
+        self.end_session_within(session_id, self.config.cleanup_timeout)
+            .await
+    }
+
+    /// [`end_session`](Self::end_session) with everything before its commit
+    /// bounded by `budget` instead of `Config::cleanup_timeout`.
+    pub(crate) async fn end_session_within(
+        &self,
+        session_id: Uuid,
+        budget: std::time::Duration,
+    ) -> Result<EndSessionReport> {
+        self.usable()?;
+        let result = session::end::end_session(self, session_id, budget).await;
         match &result {
             Ok(_) => {}
             Err(crate::Error::Timeout { .. }) => self.metrics.record_end_timeout(),
@@ -328,6 +382,7 @@ impl SessionManager {
     /// JSON is not what this library wrote.
     #[instrument(skip(self), err)]
     pub async fn session_context(&self, session_id: Uuid) -> Result<Vec<ContextWindow>> {
+        self.usable()?;
         session::recovery::session_context(self, session_id).await
     }
 
@@ -341,6 +396,7 @@ impl SessionManager {
     /// [`Error::Database`](crate::Error::Database); sessions already recovered stay so.
     #[instrument(skip(self), err)]
     pub async fn recover_stale(&self, stale_after: std::time::Duration) -> Result<RecoveryReport> {
+        self.usable()?;
         session::recovery::recover_stale(self, stale_after).await
     }
 
@@ -354,6 +410,7 @@ impl SessionManager {
     /// [`Error::CorruptContext`](crate::Error::CorruptContext).
     #[instrument(skip(self), err)]
     pub async fn resume_session(&self, from: Uuid) -> Result<Uuid> {
+        self.takes_new_work()?;
         session::recovery::resume_session(self, from).await
     }
 
@@ -362,6 +419,7 @@ impl SessionManager {
     /// # Errors
     /// [`Error::Database`](crate::Error::Database).
     pub async fn list_sessions(&self, filter: SessionFilter) -> Result<Vec<SessionInfo>> {
+        self.usable()?;
         query::list_sessions(&self.db, &filter).await
     }
 
@@ -370,6 +428,7 @@ impl SessionManager {
     /// # Errors
     /// [`Error::SessionNotFound`](crate::Error::SessionNotFound).
     pub async fn session(&self, session_id: Uuid) -> Result<SessionInfo> {
+        self.usable()?;
         query::session(&self.db, session_id).await
     }
 
@@ -380,6 +439,7 @@ impl SessionManager {
     /// match; [`Error::InvalidInput`](crate::Error::InvalidInput) for a short
     /// or non-hex prefix.
     pub async fn find_session(&self, prefix: &str) -> Result<Uuid> {
+        self.usable()?;
         query::session_by_prefix(&self.db, prefix).await
     }
 
@@ -388,6 +448,7 @@ impl SessionManager {
     /// # Errors
     /// [`Error::Database`](crate::Error::Database).
     pub async fn agents(&self, session_id: Uuid) -> Result<Vec<AgentInfo>> {
+        self.usable()?;
         query::agents(&self.db, session_id).await
     }
 
@@ -396,6 +457,7 @@ impl SessionManager {
     /// # Errors
     /// [`Error::Database`](crate::Error::Database).
     pub async fn locks(&self, filter: LockFilter) -> Result<Vec<LockInfo>> {
+        self.usable()?;
         query::locks(&self.db, &filter).await
     }
 
@@ -404,6 +466,7 @@ impl SessionManager {
     /// # Errors
     /// [`Error::Database`](crate::Error::Database).
     pub async fn audit_events(&self, filter: AuditFilter) -> Result<Vec<AuditRecord>> {
+        self.usable()?;
         query::audit_events(&self.db, &filter).await
     }
 
@@ -417,6 +480,10 @@ impl SessionManager {
     /// cannot be listed.
     #[instrument(skip(self), err)]
     pub async fn shutdown(&self, deadline: std::time::Duration) -> Result<ShutdownReport> {
+        self.usable()?;
+        let _ = self
+            .state
+            .compare_exchange(OPEN, SHUT_DOWN, Ordering::SeqCst, Ordering::SeqCst);
         lifecycle::shutdown(self, deadline).await
     }
 

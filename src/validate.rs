@@ -1,4 +1,6 @@
 //! Checks on caller input, done before any database work.
+use std::time::Duration;
+
 use uuid::Uuid;
 
 use crate::{Error, Result};
@@ -29,6 +31,30 @@ pub(crate) fn name(field: &'static str, value: &str) -> Result<()> {
         "must not contain a NUL character".to_owned()
     } else {
         return Ok(());
+    };
+    Err(Error::InvalidInput { field, reason })
+}
+
+/// The longest duration an argument takes (a lock's `ttl`, `stale_after`):
+/// ten years, so every time computed from it is one every backend stores.
+pub const MAX_ARGUMENT_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
+
+/// A duration argument as chrono's, refused by name when zero (unless
+/// `zero_ok`) or longer than [`MAX_ARGUMENT_DURATION`].
+pub(crate) fn duration(
+    field: &'static str,
+    value: Duration,
+    zero_ok: bool,
+) -> Result<chrono::Duration> {
+    let reason = if value.is_zero() && !zero_ok {
+        "must be longer than zero".to_owned()
+    } else if value > MAX_ARGUMENT_DURATION {
+        format!("{value:?} is longer than ten years")
+    } else {
+        return chrono::Duration::from_std(value).map_err(|e| Error::InvalidInput {
+            field,
+            reason: format!("{value:?}: {e}"),
+        });
     };
     Err(Error::InvalidInput { field, reason })
 }

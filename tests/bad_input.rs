@@ -663,7 +663,10 @@ async fn corrupt_saved_context_is_reported_not_panicked_on() {
             );
             for value in values {
                 let (session, _) = populated_session(&db, 1, 1).await;
-                db.manager.contexts().put(session, "k", json!({"x": 1}));
+                db.manager
+                    .contexts()
+                    .put(session, "k", json!({"x": 1}))
+                    .expect("put window");
                 db.manager.end_session(session).await.expect("end");
                 let res = exec_sql(&db, &sql, vec![value.into(), session.to_string().into()])
                     .await

@@ -230,7 +230,9 @@ async fn eight_way_write_contention_surfaces_no_busy_error() {
                         if i % 2 == 0 {
                             m.release_lock(grant.lock_id).await?;
                         }
-                        m.contexts().put(session, "k", serde_json::json!(i));
+                        m.contexts()
+                            .put(session, "k", serde_json::json!(i))
+                            .expect("put window");
                         m.end_session(session).await?;
                     }
                     Ok::<(), Error>(())

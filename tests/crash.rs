@@ -70,7 +70,9 @@ async fn crash_child_loop() {
                     .expect("child: acquire");
             }
         }
-        m.contexts().put(session, "w", window_of(session));
+        m.contexts()
+            .put(session, "w", window_of(session))
+            .expect("put window");
         if round % 5 == 0 {
             // Left open on purpose, as a crashed app would leave it.
             continue;

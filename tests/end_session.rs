@@ -286,10 +286,16 @@ async fn end_saves_context_windows_in_order_and_clears_registry() {
         |db| async move {
             let (session, _) = populated_session(&db, 1, 1).await;
             let contexts = db.manager.contexts();
-            contexts.put(session, "b", json!({"plan": ["step 1", "step 2"], "n": 1}));
-            contexts.put(session, "a", json!(["file.rs", 42, null, {"nested": true}]));
+            contexts
+                .put(session, "b", json!({"plan": ["step 1", "step 2"], "n": 1}))
+                .expect("put window");
+            contexts
+                .put(session, "a", json!(["file.rs", 42, null, {"nested": true}]))
+                .expect("put window");
             let new_b = json!({"plan": ["step 3"], "n": 2, "text": "héllo \"quoted\"\n"});
-            contexts.put(session, "b", new_b.clone());
+            contexts
+                .put(session, "b", new_b.clone())
+                .expect("put window");
 
             let expected_windows = vec![
                 ContextWindow {
@@ -350,7 +356,10 @@ async fn end_writes_one_audit_row_and_ids_are_text() {
         "end_writes_one_audit_row_and_ids_are_text",
         |db| async move {
             let (session, _) = populated_session(&db, 2, 3).await;
-            db.manager.contexts().put(session, "k", json!({"x": 1}));
+            db.manager
+                .contexts()
+                .put(session, "k", json!({"x": 1}))
+                .expect("put window");
 
             let report = db.manager.end_session(session).await.expect("end");
             let completed_at = session_row(&db, session)
@@ -454,13 +463,19 @@ async fn ending_twice_is_a_no_op_and_paused_or_interrupted_sessions_end() {
         "ending_twice_is_a_no_op_and_paused_or_interrupted_sessions_end",
         |db| async move {
             let (session, _) = populated_session(&db, 2, 2).await;
-            db.manager.contexts().put(session, "k", json!("v"));
+            db.manager
+                .contexts()
+                .put(session, "k", json!("v"))
+                .expect("put window");
             let first = db.manager.end_session(session).await.expect("first end");
             assert!(!first.already_ended);
             assert_eq!(first.locks_released, 4);
 
             // Windows put after the end must not be counted or saved by a second end.
-            db.manager.contexts().put(session, "late", json!("ignored"));
+            db.manager
+                .contexts()
+                .put(session, "late", json!("ignored"))
+                .expect("put window");
             let before = snapshot(&db).await;
             let second = db.manager.end_session(session).await.expect("second end");
             assert_eq!(snapshot(&db).await, before, "second end wrote nothing");
@@ -489,7 +504,8 @@ async fn ending_twice_is_a_no_op_and_paused_or_interrupted_sessions_end() {
                     let other_instance = SessionManager::new(
                         db.manager.connection().clone(),
                         db.manager.config().clone(),
-                    );
+                    )
+                    .expect("manager");
                     let recovered = other_instance
                         .recover_stale(Duration::ZERO)
                         .await
@@ -586,7 +602,8 @@ async fn failed_step_rolls_back_the_whole_end(name: &str, at: Failing) {
         }];
         db.manager
             .contexts()
-            .put(session, "plan", json!({"step": 3}));
+            .put(session, "plan", json!({"step": 3}))
+            .expect("put window");
         create_failing_trigger(&db, at).await;
         let before = snapshot(&db).await;
 
@@ -657,7 +674,8 @@ async fn oversized_context_is_refused_and_kept() {
             let (session, _) = populated_session(&db, 1, 1).await;
             db.manager
                 .contexts()
-                .put(session, "big", json!("x".repeat(1000)));
+                .put(session, "big", json!("x".repeat(1000)))
+                .expect("put window");
             let windows = db.manager.contexts().windows(session);
             let before = snapshot(&db).await;
 
@@ -676,7 +694,10 @@ async fn oversized_context_is_refused_and_kept() {
                 "windows kept"
             );
 
-            db.manager.contexts().put(session, "big", json!("small"));
+            db.manager
+                .contexts()
+                .put(session, "big", json!("small"))
+                .expect("put window");
             let report = db
                 .manager
                 .end_session(session)
@@ -716,7 +737,10 @@ async fn cleanup_times_out_when_the_write_lock_is_held_and_rolls_back() {
                 return;
             }
             let (session, _) = populated_session(&db, 2, 2).await;
-            db.manager.contexts().put(session, "k", json!(1));
+            db.manager
+                .contexts()
+                .put(session, "k", json!(1))
+                .expect("put window");
             let before = snapshot(&db).await;
 
             // Another process holds what the end needs: SQLite's write lock, or
@@ -795,7 +819,8 @@ async fn end_on_a_connection_set_up_by_the_app_is_still_bounded() {
                     );
                     return;
                 }
-                let manager = SessionManager::new(db.second_connection().await, config);
+                let manager =
+                    SessionManager::new(db.second_connection().await, config).expect("manager");
                 for row in ["global_sessions", "resource_locks"] {
                     let (session, _) = populated_session(&db, 2, 2).await;
                     let before = snapshot(&db).await;

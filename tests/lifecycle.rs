@@ -33,7 +33,8 @@ async fn other_instance(db: &TestDb) -> SessionManager {
     let peer = db.peer_manager().await;
     if db.backend == Backend::SqliteMemory {
         // One in-memory database per pool: share the connection, new identity.
-        return SessionManager::new(db.manager.connection().clone(), db.manager.config().clone());
+        return SessionManager::new(db.manager.connection().clone(), db.manager.config().clone())
+            .expect("manager");
     }
     peer
 }
@@ -167,8 +168,12 @@ async fn resume_starts_a_new_session_from_saved_context() {
         |db| async move {
             let m = &db.manager;
             let from = m.start_session().await.expect("start");
-            m.contexts().put(from, "plan", json!({"step": 4}));
-            m.contexts().put(from, "notes", json!(["a", "b"]));
+            m.contexts()
+                .put(from, "plan", json!({"step": 4}))
+                .expect("put window");
+            m.contexts()
+                .put(from, "notes", json!(["a", "b"]))
+                .expect("put window");
             let saved = m.contexts().windows(from);
 
             match m.resume_session(from).await {
@@ -412,7 +417,8 @@ async fn listings_are_newest_first_filtered_and_paged() {
 fn a_manager_built_outside_a_runtime_does_not_panic() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let db = rt.block_on(TestDb::new(Backend::SqliteMemory));
-    let outside = SessionManager::new(db.manager.connection().clone(), Config::default());
+    let outside =
+        SessionManager::new(db.manager.connection().clone(), Config::default()).expect("manager");
     let session = rt.block_on(outside.start_session()).expect("start");
     let row = rt.block_on(session_row(&db, session));
     assert_eq!(row.owner_instance, Some(outside.instance_id().to_string()));

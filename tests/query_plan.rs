@@ -57,10 +57,11 @@ async fn every_statement_of_end_session_uses_an_index() {
             .unwrap_or_else(PoisonError::into_inner)
             .push(info.statement.clone());
     });
-    let recorder = SessionManager::new(conn, db.manager.config().clone());
+    let recorder = SessionManager::new(conn, db.manager.config().clone()).expect("manager");
     recorder
         .contexts()
-        .put(session, "plan", serde_json::json!({"step": 1}));
+        .put(session, "plan", serde_json::json!({"step": 1}))
+        .expect("put window");
     let report = recorder.end_session(session).await.expect("end_session");
     assert_eq!(report.locks_released, 40);
     // Ending again takes the already-ended path, which reads the session row.

@@ -42,7 +42,8 @@ async fn write_something(m: &SessionManager) -> Uuid {
         .await
         .expect("acquire");
     m.contexts()
-        .put(session, "prompt", json!("secret user prompt"));
+        .put(session, "prompt", json!("secret user prompt"))
+        .expect("put window");
     m.end_session(session).await.expect("end");
     assert_eq!(
         m.session_context(session).await.expect("saved context")[0].data,
@@ -284,7 +285,9 @@ async fn injection_shaped_values_are_stored_verbatim_and_tables_survive() {
 
                 // As the key and content of a context window.
                 let data = json!({ "i": i, "text": nasty });
-                m.contexts().put(session, *nasty, data.clone());
+                m.contexts()
+                    .put(session, *nasty, data.clone())
+                    .expect("put window");
                 expected_windows.push(ContextWindow {
                     key: nasty.to_string(),
                     data,

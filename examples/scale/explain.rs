@@ -22,7 +22,7 @@ pub async fn orm_statements(fx: &Fixture, locks: u64) -> BoxResult<Vec<Statement
             .unwrap_or_else(PoisonError::into_inner)
             .push(info.statement.clone());
     });
-    let recorder = SessionManager::new(conn, Config::default());
+    let recorder = SessionManager::new(conn, Config::default())?;
     let session = fx.target_session(locks, 1024).await?;
     let first = recorder.end_session(session).await?;
     if first.locks_released != locks {

@@ -172,7 +172,7 @@ impl Fixture {
             id,
             "window-0",
             serde_json::Value::String(context_text(context_bytes)),
-        );
+        )?;
         Ok(id)
     }
 }

@@ -37,19 +37,27 @@ use crate::{db, validate, Error, Result, SessionManager};
 pub(crate) async fn end_session(
     manager: &SessionManager,
     session_id: Uuid,
+    budget: Duration,
 ) -> Result<EndSessionReport> {
     let span = info_span!("end_session", %session_id, locks_released = field::Empty,
         cleanup_ms = field::Empty, already_ended = field::Empty);
     async move {
         let started = Instant::now();
         validate::id("session_id", session_id)?;
-        let budget = manager.config().cleanup_timeout;
         // 1. Before the transaction: the write lock is never held while user
         // data is serialized.
         let windows = manager.context_source().windows(session_id);
-        let context = SavedContext::capture(windows, manager.config().max_context_bytes)?;
+        let context =
+            SavedContext::capture(session_id, windows, manager.config().max_context_bytes)?;
         let (windows, bytes) = (context.windows, context.bytes);
 
+        if budget < MIN_BUDGET {
+            // Too short to finish anything: refuse before touching the
+            // database rather than cut a statement midway.
+            return Err(Error::Timeout {
+                elapsed_ms: millis(started.elapsed()),
+            });
+        }
         let work = async {
             let txn = db::begin_write(manager.store()).await?; // 2.
             let ended = end_in(&*txn, session_id, context, started).await?;
@@ -62,13 +70,24 @@ pub(crate) async fn end_session(
             txn.rollback().await?;
         } else {
             txn.commit().await?;
-            manager.context_source().clear(session_id); // 10.
         }
-        let (windows, bytes) = if ended.already_ended {
-            (0, 0)
+        // 10. The live windows go either way: saved now, or never to be saved
+        // since the session was ended first elsewhere (counted as discarded,
+        // so the app learns it).
+        if windows > 0 {
+            manager.context_source().clear(session_id);
+        }
+        let (windows, bytes, discarded) = if ended.already_ended {
+            (0, 0, windows)
         } else {
-            (windows, bytes)
+            (windows, bytes, 0)
         };
+        if discarded > 0 {
+            warn!(
+                discarded,
+                "session already ended: its live context windows were not saved"
+            );
+        }
         let report = EndSessionReport {
             session_id,
             completed_at: ended.completed_at,
@@ -77,6 +96,7 @@ pub(crate) async fn end_session(
             agents_cancelled: ended.closed.agents_cancelled,
             context_windows: windows,
             context_bytes: bytes,
+            context_windows_discarded: discarded,
             cleanup_ms: millis(started.elapsed()),
         };
         let took = started.elapsed();
@@ -173,6 +193,9 @@ struct Ended {
     already_ended: bool,
     closed: Closed,
 }
+
+/// The shortest budget an end is attempted with (see `Config::validate`).
+const MIN_BUDGET: Duration = Duration::from_millis(1);
 
 pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)

@@ -27,8 +27,12 @@ pub struct EndSessionReport {
     pub already_ended: bool,
     pub locks_released: u64,
     pub agents_cancelled: u64,
+    /// Context windows saved with the session.
     pub context_windows: u64,
     pub context_bytes: u64,
+    /// Live windows dropped without being saved, because the session had
+    /// already been ended (by another call, instance or the operator CLI).
+    pub context_windows_discarded: u64,
     /// Wall time of the whole call, commit included.
     pub cleanup_ms: u64,
 }

@@ -104,10 +104,7 @@ pub(crate) async fn recover_stale(
     manager: &SessionManager,
     stale_after: Duration,
 ) -> Result<RecoveryReport> {
-    let stale_after = chrono::Duration::from_std(stale_after).map_err(|_| Error::InvalidInput {
-        field: "stale_after",
-        reason: format!("{stale_after:?} is too long"),
-    })?;
+    let stale_after = validate::duration("stale_after", stale_after, true)?;
     let me = manager.instance_id();
     let candidates: Vec<TextUuid> = global_sessions::Entity::find()
         .select_only()

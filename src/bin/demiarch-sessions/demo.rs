@@ -93,14 +93,18 @@ async fn steps(ctx: &Ctx) -> Result<String, Failure> {
         ),
     };
 
-    manager.contexts().put(
-        session,
-        "plan",
-        json!({"goal": "end sessions cleanly", "step": 3}),
-    );
     manager
         .contexts()
-        .put(session, "notes", json!(["locks released", "context saved"]));
+        .put(
+            session,
+            "plan",
+            json!({"goal": "end sessions cleanly", "step": 3}),
+        )
+        .map_err(|e| Failure::during("putting a context window", e))?;
+    manager
+        .contexts()
+        .put(session, "notes", json!(["locks released", "context saved"]))
+        .map_err(|e| Failure::during("putting a context window", e))?;
 
     let report = manager
         .end_session(session)
