@@ -41,6 +41,10 @@ pub struct Config {
 /// refuses a `lock_timeout` of 2^31 ms, about 24.8 days, or more.)
 pub const MAX_CONFIG_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// The shortest budget or interval a [`Config`] takes, and the shortest
+/// budget an end is attempted with.
+pub(crate) const MIN_BUDGET: Duration = Duration::from_millis(1);
+
 /// The most bytes of context one session may save: 256 MiB (PostgreSQL's
 /// `jsonb` holds at most 255 MiB; MariaDB's default packet limit is smaller).
 pub const MAX_CONTEXT_BYTES_LIMIT: usize = 256 * 1024 * 1024;
@@ -68,7 +72,7 @@ impl Config {
             if value.is_zero() && zero_ok {
                 continue;
             }
-            if value < Duration::from_millis(1) {
+            if value < MIN_BUDGET {
                 let reason = if zero_ok {
                     format!("{value:?} is under 1 ms (zero turns it off)")
                 } else {

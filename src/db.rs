@@ -186,9 +186,8 @@ fn is_not_a_database(err: &sea_orm::DbErr) -> bool {
 }
 
 /// Every pooled server connection runs at READ COMMITTED and gives up waiting
-/// for a row lock on the server itself: on PostgreSQL after four fifths of
-/// `Config::cleanup_timeout` ([`server_lock_wait`]), on MariaDB after
-/// `cleanup_timeout` rounded up to whole seconds.
+/// for a row lock after `Config::cleanup_timeout` on the server itself (on
+/// MariaDB rounded up to whole seconds); the client's timer is [`backstop`].
 ///
 /// READ COMMITTED is what closes the end/acquire race together with the row
 /// locks taken on the session (see `session::end` and `locks::acquire`): each
@@ -203,13 +202,11 @@ fn is_not_a_database(err: &sea_orm::DbErr) -> bool {
 fn configure_server_sessions(options: &mut ConnectOptions, config: &Config) {
     let lock_wait_ms = config.cleanup_timeout.as_millis().max(1);
     #[cfg(feature = "postgres")]
-    let pg_lock_wait_ms = server_lock_wait(config.cleanup_timeout).as_millis();
-    #[cfg(feature = "postgres")]
     {
         // Session settings on each new connection: SeaORM has no API for them.
         let setup = format!(
             "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED; \
-             SET lock_timeout = '{pg_lock_wait_ms}ms'"
+             SET lock_timeout = '{lock_wait_ms}ms'"
         );
         options.map_sqlx_postgres_pool_opts(move |pool| {
             let setup = setup.clone();
@@ -252,12 +249,14 @@ fn configure_server_sessions(options: &mut ConnectOptions, config: &Config) {
     }
 }
 
-/// How long PostgreSQL waits for a row lock within a write bounded by
-/// `budget`: four fifths of it, so that the server, not the client's timer,
-/// ends a blocked statement. The statement then fails and its transaction
-/// rolls back cleanly; the timer stays the backstop for any other stall.
-fn server_lock_wait(budget: Duration) -> Duration {
-    (budget * 4 / 5).max(Duration::from_millis(1))
+/// The client's timer for a write whose lock waits the server bounds by
+/// `budget`: a quarter later (at least 20 ms), so that the server, not the
+/// timer, ends a blocked statement. The statement then fails and its
+/// transaction rolls back cleanly; a statement cut midway by the timer can
+/// leave its pooled connection unusable. The timer stays the bound for every
+/// other stall (a busy SQLite file, an unreachable server).
+pub(crate) fn backstop(budget: Duration) -> Duration {
+    budget.saturating_add((budget / 4).max(Duration::from_millis(20)))
 }
 
 /// Whether the call gave up waiting: for a lock (SQLite busy, a PostgreSQL
@@ -364,7 +363,7 @@ impl Store {
         lock_timeout: Duration,
     ) -> Self {
         let mut store = Self::with_writer(conn, None, gate_timeout);
-        store.txn_lock_timeout = Some(server_lock_wait(lock_timeout));
+        store.txn_lock_timeout = Some(lock_timeout);
         store
     }
 
@@ -489,6 +488,11 @@ pub(crate) async fn begin_write(store: &Store) -> Result<WriteTxn> {
     Ok(WriteTxn { txn, _gate: gate })
 }
 
+/// A duration in whole milliseconds, saturating.
+pub(crate) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// What a write bounded by `budget` (with `tokio::time::timeout`) came to.
 /// The budget running out, and the server (or SQLite's busy handler) giving up
 /// on a lock first, both mean the write was rolled back: [`Error::Timeout`].
@@ -497,7 +501,7 @@ pub(crate) fn within_budget<T>(
     started: std::time::Instant,
 ) -> Result<T> {
     let timed_out = || {
-        let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let elapsed_ms = millis(started.elapsed());
         tracing::warn!(elapsed_ms, "write timed out and was rolled back");
         Err(Error::Timeout { elapsed_ms })
     };

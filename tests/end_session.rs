@@ -799,7 +799,7 @@ async fn cleanup_times_out_when_the_write_lock_is_held_and_rolls_back() {
 /// A manager built with `SessionManager::new` on a connection the library did
 /// not set up (no server-side lock timeout of its own) is bounded all the
 /// same, whether the end waits for the session's row or, inside the
-/// session-end trigger, for one of its lock rows.
+/// release of its held locks, for one of its lock rows.
 #[tokio::test]
 async fn end_on_a_connection_set_up_by_the_app_is_still_bounded() {
     let config = Config {

@@ -15,8 +15,9 @@
 //! 9. commit, never cancelled midway;
 //! 10. drop the live windows, record metrics, close the span.
 //!
-//! Steps 2 to 8 are bounded by `Config::cleanup_timeout` on the client, and
-//! every lock wait by the server's own lock timeout (see `db::begin_write`).
+//! Every lock wait in steps 2 to 8 is bounded by the server's lock timeout
+//! (`Config::cleanup_timeout`), and the whole by the client's timer a little
+//! later (`db::backstop`).
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -30,9 +31,11 @@ use entity::global_sessions;
 
 use super::{close_holdings, Closed, EndSessionReport};
 use crate::audit::{self, AuditEvent};
+use crate::config::MIN_BUDGET;
 use crate::context::SavedContext;
+use crate::db::{self, millis};
 use crate::status::{ReleaseReason, SessionStatus};
-use crate::{db, validate, Error, Result, SessionManager};
+use crate::{validate, Error, Result, SessionManager};
 
 pub(crate) async fn end_session(
     manager: &SessionManager,
@@ -52,8 +55,7 @@ pub(crate) async fn end_session(
         let (windows, bytes) = (context.windows, context.bytes);
 
         if budget < MIN_BUDGET {
-            // Too short to finish anything: refuse before touching the
-            // database rather than cut a statement midway.
+            // Too short to finish: refused before touching the database.
             return Err(Error::Timeout {
                 elapsed_ms: millis(started.elapsed()),
             });
@@ -63,7 +65,8 @@ pub(crate) async fn end_session(
             let ended = end_in(&*txn, session_id, context, started).await?;
             Ok::<_, Error>((txn, ended))
         };
-        let (txn, ended) = db::within_budget(tokio::time::timeout(budget, work).await, started)?;
+        let work = tokio::time::timeout(db::backstop(budget), work).await;
+        let (txn, ended) = db::within_budget(work, started)?;
         // 9. A cancelled COMMIT would leave the caller unsure whether the
         // session ended, so it runs to completion.
         if ended.already_ended {
@@ -71,9 +74,8 @@ pub(crate) async fn end_session(
         } else {
             txn.commit().await?;
         }
-        // 10. The live windows go either way: saved now, or never to be saved
-        // since the session was ended first elsewhere (counted as discarded,
-        // so the app learns it).
+        // 10. The live windows go either way: saved, or (the session ended
+        // first elsewhere) never to be saved, counted as discarded.
         if windows > 0 {
             manager.context_source().clear(session_id);
         }
@@ -192,11 +194,4 @@ struct Ended {
     /// The session was already completed; nothing was written.
     already_ended: bool,
     closed: Closed,
-}
-
-/// The shortest budget an end is attempted with (see `Config::validate`).
-const MIN_BUDGET: Duration = Duration::from_millis(1);
-
-pub(crate) fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
