@@ -534,22 +534,28 @@ async fn every_duration_argument_is_honoured_or_refused_by_name() {
 
 // ---- 7: the database file deleted or replaced under a running manager ------------
 
+/// A manager on `url` and a session of it whose one agent holds three locks.
+async fn session_holding_three_locks(url: &str) -> (SessionManager, Uuid) {
+    let m = SessionManager::connect_with(url, test_config())
+        .await
+        .expect("connect");
+    let s = m.start_session().await.expect("start");
+    let a = m.register_agent(s, "coder").await.expect("agent");
+    for k in 0..3 {
+        m.acquire_lock(a, "file", &format!("k{k}"))
+            .await
+            .expect("lock");
+    }
+    (m, s)
+}
+
 #[tokio::test]
 async fn a_deleted_or_replaced_database_file_is_refused_not_acknowledged() {
     for replace in [false, true] {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("sessions.db");
         let url = format!("sqlite://{}", path.display());
-        let m = SessionManager::connect_with(&url, test_config())
-            .await
-            .expect("connect");
-        let s = m.start_session().await.expect("start");
-        let a = m.register_agent(s, "coder").await.expect("agent");
-        for k in 0..3 {
-            m.acquire_lock(a, "file", &format!("k{k}"))
-                .await
-                .expect("lock");
-        }
+        let (m, s) = session_holding_three_locks(&url).await;
         m.contexts().put(s, "plan", json!(1)).expect("put window");
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
@@ -644,16 +650,7 @@ async fn a_full_disk_fails_an_end_cleanly_and_the_same_manager_ends_it_once_spac
         }
     };
     let url = format!("sqlite://{}", tmpfs.path().join("sessions.db").display());
-    let m = SessionManager::connect_with(&url, test_config())
-        .await
-        .expect("connect");
-    let s = m.start_session().await.expect("start");
-    let a = m.register_agent(s, "coder").await.expect("agent");
-    for k in 0..3 {
-        m.acquire_lock(a, "file", &format!("k{k}"))
-            .await
-            .expect("lock");
-    }
+    let (m, s) = session_holding_three_locks(&url).await;
     // A context larger than anything written so far, so the end must grow
     // the WAL, on a disk with no room left.
     let big = json!("x".repeat(512 * 1024));
