@@ -138,11 +138,13 @@ pub(crate) async fn shutdown(
         .into_tuple()
         .all(manager.connection())
         .await?;
-    // Each end is bounded by the deadline up to its commit, and its commit
-    // runs to completion, so the report says what the rows say. Only a
-    // commit that hangs past the deadline plus that budget is given up on.
-    let budget = deadline.min(manager.config().cleanup_timeout);
-    let give_up = deadline.saturating_add(budget);
+    // Each end is bounded by the deadline up to its commit (its own timer,
+    // `db::backstop`), and its commit runs to completion, so the report says
+    // what the rows say. Only a commit still running `cleanup_timeout` after
+    // that is given up on, and then the row is read.
+    let cleanup = manager.config().cleanup_timeout;
+    let budget = deadline.min(cleanup);
+    let give_up = crate::db::backstop(budget).saturating_add(cleanup);
     let mut ends = JoinSet::new();
     for id in open {
         let manager = manager.clone();
