@@ -7,8 +7,11 @@ use std::time::Duration;
 /// works.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
-    /// Upper bound on the whole of `end_session` (story 6.5 AC6: 2 s). Past it
-    /// the call returns [`Error::Timeout`](crate::Error::Timeout) and rolls back.
+    /// The budget of `end_session` (story 6.5 AC6: 2 s): each lock wait on the
+    /// server is bounded by it, and everything up to the commit by a timer a
+    /// quarter later (at least 20 ms). Past it the call returns
+    /// [`Error::Timeout`](crate::Error::Timeout) and rolls back. The commit
+    /// itself is never cut short.
     pub cleanup_timeout: Duration,
     /// Largest serialized context (`context_data`) one session may save.
     pub max_context_bytes: usize,

@@ -27,8 +27,10 @@ pub struct ContextWindow {
 pub trait ContextSource: Send + Sync {
     /// The session's windows, in the order they should be saved.
     fn windows(&self, session_id: Uuid) -> Vec<ContextWindow>;
-    /// Called once the session's end has committed: its windows are saved and
-    /// may be dropped. Not called when the end fails.
+    /// Called once the session's end has committed (its windows are saved),
+    /// or once an end found it already ended elsewhere (they can no longer be
+    /// saved; the report counts them as discarded). Not called when the end
+    /// fails.
     fn clear(&self, session_id: Uuid);
 }
 
@@ -194,6 +196,7 @@ impl SavedContext {
             .iter()
             .find_map(|w| unsavable(&w.key, &w.data).map(|reason| (w.key.clone(), reason)))
         {
+            windows.into_iter().for_each(|w| dismantle(w.data));
             return Err(crate::Error::ContextRefused {
                 session_id,
                 key,

@@ -68,6 +68,12 @@ pub(crate) async fn connect(url: &str, config: &Config) -> Result<Store> {
     let mut store = Store::with_writer(db, writer, config.busy_timeout);
     if sqlite && !memory {
         store.file = FileIdentity::of(url);
+        if store.file.is_none() {
+            tracing::warn!(
+                url,
+                "cannot identify the SQLite file; a deleted or replaced file will not be noticed"
+            );
+        }
     }
     Ok(store)
 }

@@ -162,13 +162,24 @@ pub(crate) async fn shutdown(
             Ok(Ok(end)) if end.already_ended => report.already_ended.push(session_id),
             Ok(Ok(_)) => report.ended.push(session_id),
             Ok(Err(Error::Timeout { .. })) => report.timed_out.push(session_id),
-            // A commit hung past the deadline: report what the row says.
+            // Its commit did not return in time: the row says whether it
+            // landed; if it does not yet, the outcome is unknown, not a
+            // timeout (a timed-out end is one that rolled back).
             Err(_) => {
-                if ended_anyway(manager, session_id).await {
+                if crate::session::completed_at(manager.connection(), session_id)
+                    .await
+                    .is_some()
+                {
                     manager.context_source().clear(session_id);
                     report.ended.push(session_id);
                 } else {
-                    report.timed_out.push(session_id);
+                    report.failed.push(ShutdownFailure {
+                        session_id,
+                        error: format!(
+                            "its end did not return within {give_up:?}; whether it \
+                             committed is unknown until the session's row says so"
+                        ),
+                    });
                 }
             }
             Ok(Err(e)) => report.failed.push(ShutdownFailure {
@@ -185,19 +196,6 @@ pub(crate) async fn shutdown(
         list.sort();
     }
     Ok(report)
-}
-
-/// Whether the session's row says it was ended, after its end was dropped at
-/// the deadline. A read that fails counts as not ended.
-async fn ended_anyway(manager: &SessionManager, session_id: Uuid) -> bool {
-    let status: std::result::Result<Option<String>, _> =
-        global_sessions::Entity::find_by_id(session_id.to_string())
-            .select_only()
-            .column(global_sessions::Column::Status)
-            .into_tuple()
-            .one(manager.connection())
-            .await;
-    matches!(status, Ok(Some(status)) if status == SessionStatus::Completed.as_str())
 }
 
 /// Resolves on Ctrl-C, or on SIGTERM on Unix.

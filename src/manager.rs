@@ -470,10 +470,14 @@ impl SessionManager {
         query::audit_events(&self.db, &filter).await
     }
 
-    /// Ends, concurrently and within `deadline`, every open session this
-    /// instance owns, after stopping its heartbeat. What it cannot end stays
-    /// open, never half-ended, for another instance's `recover_stale`.
-    /// Calling it again is harmless.
+    /// Ends, concurrently, every open session this instance owns, after
+    /// stopping its heartbeat, and then takes no new sessions, agents or
+    /// locks. Each end has `deadline` (at most `Config::cleanup_timeout`) up
+    /// to its commit, and its commit is never cut short, so shutdown can take
+    /// a little longer than `deadline`. What it cannot end stays open, never
+    /// half-ended, for another instance's `recover_stale`; an end whose commit
+    /// has not returned `cleanup_timeout` later is reported among the
+    /// failures, its outcome unknown. Calling it again is harmless.
     ///
     /// # Errors
     /// [`Error::Database`](crate::Error::Database) when the open sessions

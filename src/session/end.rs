@@ -67,18 +67,19 @@ pub(crate) async fn end_session(
         };
         let work = tokio::time::timeout(db::backstop(budget), work).await;
         let (txn, ended) = db::within_budget(work, started)?;
-        // 9. A cancelled COMMIT would leave the caller unsure whether the
-        // session ended, so it runs to completion.
+        // 9. Never cancelled midway; one whose reply is lost may still have
+        // applied, so then the row decides.
         if ended.already_ended {
             txn.rollback().await?;
-        } else {
-            txn.commit().await?;
+        } else if let Err(e) = txn.commit().await {
+            let row = super::completed_at(manager.connection(), session_id).await;
+            if row != Some(ended.completed_at) {
+                return Err(e.into());
+            }
         }
         // 10. The live windows go either way: saved, or (the session ended
         // first elsewhere) never to be saved, counted as discarded.
-        if windows > 0 {
-            manager.context_source().clear(session_id);
-        }
+        manager.context_source().clear(session_id);
         let (windows, bytes, discarded) = if ended.already_ended {
             (0, 0, windows)
         } else {

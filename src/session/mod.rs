@@ -8,11 +8,11 @@ pub use recovery::RecoveryReport;
 
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::Expr;
-use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter};
+use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect};
 use serde::Serialize;
 use uuid::Uuid;
 
-use entity::{agent_executions, resource_locks};
+use entity::{agent_executions, global_sessions, resource_locks};
 
 use crate::status::{AgentStatus, ReleaseReason};
 use crate::Result;
@@ -81,4 +81,21 @@ pub(crate) async fn close_holdings(
         locks_released,
         agents_cancelled,
     })
+}
+
+/// When the session was completed, as its row says now; `None` when it is not
+/// completed, or the read failed. Settles an end whose COMMIT gave no answer.
+pub(crate) async fn completed_at(
+    db: &impl ConnectionTrait,
+    session_id: Uuid,
+) -> Option<DateTime<Utc>> {
+    let row: Option<Option<sea_orm::entity::prelude::DateTimeWithTimeZone>> =
+        global_sessions::Entity::find_by_id(session_id.to_string())
+            .select_only()
+            .column(global_sessions::Column::CompletedAt)
+            .into_tuple()
+            .one(db)
+            .await
+            .ok()?;
+    row.flatten().map(|at| at.to_utc())
 }

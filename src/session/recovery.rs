@@ -3,10 +3,8 @@
 use std::time::Duration;
 
 use sea_orm::entity::prelude::TextUuid;
-use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, EntityTrait, IntoActiveModel,
-    QueryFilter, QuerySelect,
-};
+use sea_orm::ActiveValue::{Set, Unchanged};
+use sea_orm::{ActiveModelTrait, ColumnTrait, Condition, EntityTrait, QueryFilter, QuerySelect};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -119,18 +117,25 @@ pub(crate) async fn recover_stale(
         let now = db::now();
         // Re-checked under the row lock: an owner that heartbeated or ended
         // the session meanwhile keeps it.
-        let session = global_sessions::Entity::find_by_id(id.to_string())
+        // Only the id: the saved context stays unread.
+        let locked: Option<String> = global_sessions::Entity::find_by_id(id.to_string())
+            .select_only()
+            .column(global_sessions::Column::Id)
             .filter(stale(now - stale_after, me))
             .lock_exclusive()
+            .into_tuple()
             .one(&*txn)
             .await?;
-        let Some(session) = session else {
+        let Some(locked) = locked else {
             txn.rollback().await?;
             continue;
         };
-        let mut session = session.into_active_model();
-        session.status = Set(SessionStatus::Interrupted.as_str().to_owned());
-        session.updated_at = Set(now.into());
+        let session = global_sessions::ActiveModel {
+            id: Unchanged(locked),
+            status: Set(SessionStatus::Interrupted.as_str().to_owned()),
+            updated_at: Set(now.into()),
+            ..Default::default()
+        };
         session.update_without_returning(&*txn).await?;
         let Closed {
             locks_released,
