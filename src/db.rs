@@ -454,7 +454,7 @@ pub(crate) async fn write_gate(store: &Store) -> Result<Option<tokio::sync::Owne
     let guard = tokio::time::timeout(store.gate_timeout, gate.clone().lock_owned())
         .await
         .map_err(|_| Error::Timeout {
-            elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            elapsed_ms: millis(started.elapsed()),
         })?;
     if let Some(file) = &store.file {
         file.check()?;

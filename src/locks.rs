@@ -62,7 +62,10 @@ pub(crate) async fn acquire(
     validate::id("agent_id", agent_id)?;
     validate::name("resource_type", resource_type)?;
     validate::name("resource_key", resource_key)?;
-    let ttl = options.ttl.map(|ttl| to_chrono("ttl", ttl)).transpose()?;
+    let ttl = options
+        .ttl
+        .map(|ttl| validate::duration("ttl", ttl, false))
+        .transpose()?;
 
     // At most two attempts: the second only after releasing an expired holder.
     let mut attempt = 0;
@@ -183,7 +186,7 @@ async fn check_lock_delay(
     resource_key: &str,
     now: DateTime<Utc>,
 ) -> Result<()> {
-    let delay = to_chrono("lock_delay", delay)?;
+    let delay = validate::duration("lock_delay", delay, false)?;
     let last: Option<Option<DateTime<Utc>>> = resource_locks::Entity::find()
         .select_only()
         .column(resource_locks::Column::ReleasedAt)
@@ -301,7 +304,7 @@ pub(crate) async fn release(conn: &db::Store, lock_id: Uuid) -> Result<()> {
 
 pub(crate) async fn renew(conn: &db::Store, lock_id: Uuid, ttl: Duration) -> Result<()> {
     validate::id("lock_id", lock_id)?;
-    let ttl = to_chrono("ttl", ttl)?;
+    let ttl = validate::duration("ttl", ttl, false)?;
     let txn = db::begin_write(conn).await?;
     let now = db::now();
     let renewed = resource_locks::Entity::update_many()
@@ -488,8 +491,4 @@ async fn release_batch(
         .all(txn)
         .await?;
     Ok(ours.iter().map(|l| SweptLock::new(l, reason)).collect())
-}
-
-fn to_chrono(field: &'static str, d: Duration) -> Result<chrono::Duration> {
-    validate::duration(field, d, false)
 }

@@ -707,10 +707,7 @@ impl PrivatePostgres {
             "chown",
             &["-R", "postgres", &dir.path().display().to_string()],
         )?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| e.to_string())?
-            .port();
+        let port = free_port()?;
         let pg = Self { dir, bin, port };
         pg.as_postgres(
             "initdb",
@@ -769,6 +766,14 @@ impl Drop for PrivatePostgres {
     fn drop(&mut self) {
         let _ = self.crash();
     }
+}
+
+/// A loopback port nobody listens on right now.
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|addr| addr.port())
+        .map_err(|e| e.to_string())
 }
 
 fn run(program: &str, args: &[&str]) -> Result<(), String> {
@@ -1124,10 +1129,7 @@ impl PrivateMariaDb {
                 "--auth-root-authentication-method=normal",
             ],
         )?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| e.to_string())?
-            .port();
+        let port = free_port()?;
         let db = Self {
             dir,
             port,
