@@ -38,6 +38,11 @@ pub struct Config {
     /// writes. An in-memory SQLite database always uses one connection, since
     /// each connection would be its own database.
     pub max_connections: u32,
+    /// How often a waiting acquire (`LockOptions::wait`) looks at its queue:
+    /// the bound on noticing a hand-over or the end of its own session where
+    /// no wake-up reaches it (another process on a SQLite file, another
+    /// instance on MariaDB). 100 ms by default.
+    pub lock_poll_interval: Duration,
 }
 
 /// The longest timeout or interval a [`Config`] takes: one day. (PostgreSQL
@@ -55,7 +60,7 @@ pub const MAX_CONTEXT_BYTES_LIMIT: usize = 256 * 1024 * 1024;
 impl Config {
     /// Refuses a value the library cannot honour, naming the field: under
     /// 1 ms or over [`MAX_CONFIG_DURATION`] for `cleanup_timeout`,
-    /// `connect_timeout`, `heartbeat_interval`, `busy_timeout` and
+    /// `connect_timeout`, `heartbeat_interval`, `lock_poll_interval`, `busy_timeout` and
     /// `lock_delay` (the last two may be zero, which turns them off); `sweep_batch` and
     /// `max_connections` of zero or over a million / ten thousand;
     /// `max_context_bytes` under 64 (the empty context needs 26) or over
@@ -71,6 +76,7 @@ impl Config {
             ("heartbeat_interval", self.heartbeat_interval, false),
             ("busy_timeout", self.busy_timeout, true),
             ("lock_delay", self.lock_delay, true),
+            ("lock_poll_interval", self.lock_poll_interval, false),
         ] {
             if value.is_zero() && zero_ok {
                 continue;
@@ -127,6 +133,7 @@ impl Default for Config {
             heartbeat_interval: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             max_connections: 8,
+            lock_poll_interval: Duration::from_millis(100),
         }
     }
 }

@@ -42,6 +42,30 @@ pub enum Error {
         resource_key: String,
         retry_after_ms: u64,
     },
+    /// A waiting acquire's `wait` ran out. The agent has left the queue and
+    /// this call never gets the lock. `holder_agent_id` is the holder seen
+    /// at the end (`None`: free, with others queued ahead, or in lock delay).
+    #[error("waited {waited_ms} ms for {resource_type}/{resource_key}, held by agent {}; not queued any more",
+        .holder_agent_id.map(|a| a.to_string()).unwrap_or_else(|| "none (others queued ahead)".into()))]
+    LockWaitTimeout {
+        resource_type: String,
+        resource_key: String,
+        waited_ms: u64,
+        holder_agent_id: Option<Uuid>,
+    },
+    /// Waiting would close a cycle of agents, each waiting for a lock the
+    /// next holds: `agents` in waits-for order, starting with the caller's
+    /// agent, each once. Nothing was queued; release a lock and retry.
+    #[error("deadlock: waiting would close the cycle {}; nothing was queued", .agents.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(" -> "))]
+    Deadlock { agents: Vec<Uuid> },
+    /// The agent already waits for a resource (an agent waits for one at a time).
+    #[error("agent {agent_id} already waits for {}/{}; an agent waits for one resource at a time",
+        .resource_type.as_deref().unwrap_or("?"), .resource_key.as_deref().unwrap_or("?"))]
+    AlreadyWaiting {
+        agent_id: Uuid,
+        resource_type: Option<String>,
+        resource_key: Option<String>,
+    },
     /// The lock exists but is no longer held (released, swept or expired).
     #[error("lock {lock_id} is no longer held ({reason}); acquire the resource again")]
     LockNotHeld { lock_id: Uuid, reason: String },

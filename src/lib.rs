@@ -58,7 +58,7 @@ pub use context::{
 };
 pub use error::{Error, Result};
 pub use lifecycle::{ShutdownFailure, ShutdownReport};
-pub use locks::{LockGrant, LockOptions, SweepReport};
+pub use locks::{LockGrant, LockOptions, LockWaiter, SweepReport};
 pub use manager::SessionManager;
 pub use metrics::MetricsSnapshot;
 pub use query::{

@@ -10,7 +10,8 @@ use uuid::Uuid;
 
 use crate::context::{ContextRegistry, ContextSource, ContextWindow};
 use crate::lifecycle::{self, Heartbeat, ShutdownReport};
-use crate::locks::{LockGrant, LockOptions, SweepReport};
+use crate::locks::wake::{self, Freed, Wakers};
+use crate::locks::{LockGrant, LockOptions, LockWaiter, SweepReport};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::query::{
     self, AgentInfo, AuditFilter, AuditRecord, LockFilter, LockInfo, SessionFilter, SessionInfo,
@@ -30,6 +31,7 @@ pub struct SessionManager {
     instance_id: Uuid,
     heartbeat: Arc<Heartbeat>,
     state: Arc<AtomicU8>,
+    lock_wakers: Arc<Wakers>,
 }
 
 /// Where a manager is in its life; shared by its clones.
@@ -96,6 +98,7 @@ impl SessionManager {
             instance_id: Uuid::new_v4(),
             heartbeat: Arc::default(),
             state: Arc::default(),
+            lock_wakers: Arc::default(),
         }
     }
 
@@ -142,6 +145,7 @@ impl SessionManager {
     pub async fn close(&self) -> Result<()> {
         self.state.store(CLOSED, Ordering::SeqCst);
         self.heartbeat.stop().await;
+        self.lock_wakers.stop();
         Ok(self.db.close().await?)
     }
 
@@ -176,6 +180,17 @@ impl SessionManager {
     pub(crate) fn start_heartbeat(&self) {
         self.heartbeat
             .ensure_started(&self.db, self.instance_id, self.config.heartbeat_interval);
+    }
+
+    /// This manager's lock waiters, for waking them.
+    pub(crate) fn lock_wakers(&self) -> &Arc<Wakers> {
+        &self.lock_wakers
+    }
+
+    /// Wakes the waiters of what a committed write freed, here and on other
+    /// instances.
+    async fn announce(&self, freed: Freed) {
+        wake::announce(&self.db, &self.lock_wakers, self.instance_id, freed).await;
     }
 
     pub(crate) fn metrics_recorder(&self) -> &Metrics {
@@ -233,11 +248,13 @@ impl SessionManager {
     }
 
     /// Takes the lock on (`resource_type`, `resource_key`) for a running agent
-    /// of an active session. The database's unique index over held locks
-    /// decides: two callers can never both hold it.
+    /// of an active session, at once. The database's unique index over held
+    /// locks decides: two callers can never both hold it. While other agents
+    /// wait for the resource it is refused even if free: they come first.
     ///
     /// # Errors
-    /// [`Error::LockHeld`](crate::Error::LockHeld) when someone holds it;
+    /// [`Error::LockHeld`](crate::Error::LockHeld) when someone holds it or
+    /// waits for it;
     /// [`Error::AgentNotFound`](crate::Error::AgentNotFound),
     /// [`Error::AgentNotRunning`](crate::Error::AgentNotRunning),
     /// [`Error::SessionNotActive`](crate::Error::SessionNotActive),
@@ -258,12 +275,38 @@ impl SessionManager {
         .await
     }
 
-    /// [`acquire_lock`](Self::acquire_lock) with options, such as a time to live.
+    /// [`acquire_lock`](Self::acquire_lock) with options: a time to live, and
+    /// waiting in the resource's queue.
+    ///
+    /// With `wait: Some(d)`, a held resource puts the agent in the queue,
+    /// which lives in the database and is shared by every manager on it.
+    /// Waiters are handed the resource in arrival order as each holder lets
+    /// go: released, its session ended or recovered, or its time to live run
+    /// out (no `sweep_locks` needed). Each hand-over is a new grant with a
+    /// higher fencing token. A wake-up reaches this manager's waiters at once,
+    /// other instances' on PostgreSQL through `NOTIFY`, and every waiter also
+    /// looks at the queue every `Config::lock_poll_interval`. Waiting also
+    /// waits out a lock delay.
+    ///
+    /// A wait that would close a cycle of agents, each waiting for a lock
+    /// another holds, is refused at once with [`Error::Deadlock`]. An agent
+    /// waits for one resource at a time.
+    ///
+    /// Dropping the future (a timeout or `select!` around it) leaves the
+    /// queue within one write transaction, done by a spawned task, and never
+    /// leaves a grant that nobody received. [`lock_waiters`](Self::lock_waiters)
+    /// shows the queue.
     ///
     /// # Errors
     /// As `acquire_lock`, plus [`Error::LockDelay`](crate::Error::LockDelay)
-    /// while the resource is in its lock delay, and
-    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a zero `ttl`.
+    /// while the resource is in its lock delay (without `wait`);
+    /// [`Error::LockWaitTimeout`](crate::Error::LockWaitTimeout) when `wait`
+    /// ran out (the agent is no longer queued and never gets the lock from
+    /// this call); [`Error::Deadlock`](crate::Error::Deadlock);
+    /// [`Error::AlreadyWaiting`](crate::Error::AlreadyWaiting);
+    /// `SessionNotActive` or `AgentNotRunning` when the waiter's session ends
+    /// while it waits; [`Error::InvalidInput`](crate::Error::InvalidInput) for
+    /// a zero `ttl`, or a `ttl` or `wait` over ten years.
     #[instrument(skip(self), err)]
     pub async fn acquire_lock_with(
         &self,
@@ -273,15 +316,25 @@ impl SessionManager {
         options: LockOptions,
     ) -> Result<LockGrant> {
         self.takes_new_work()?;
-        locks::acquire(
-            &self.db,
-            &self.config,
-            agent_id,
-            resource_type,
-            resource_key,
-            &options,
-        )
-        .await
+        locks::acquire(self, agent_id, resource_type, resource_key, &options).await
+    }
+
+    /// The agents waiting for a resource, head first, from every manager on
+    /// the store.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a bad name;
+    /// [`Error::Database`](crate::Error::Database).
+    pub async fn lock_waiters(
+        &self,
+        resource_type: &str,
+        resource_key: &str,
+    ) -> Result<Vec<LockWaiter>> {
+        self.usable()?;
+        crate::validate::name("resource_type", resource_type)?;
+        crate::validate::name("resource_key", resource_key)?;
+        let resource = (resource_type.to_owned(), resource_key.to_owned());
+        locks::waiters(&*self.db, &resource, db::now()).await
     }
 
     /// Extends a held lock's time to live to `ttl` from now.
@@ -308,6 +361,9 @@ impl SessionManager {
         self.usable()?;
         let report = locks::sweep(&self.db, self.config.sweep_batch).await?;
         self.metrics.record_sweep(report.expired + report.orphaned);
+        if report.expired + report.orphaned > 0 {
+            self.announce(Freed::All).await;
+        }
         Ok(report)
     }
 
@@ -328,8 +384,8 @@ impl SessionManager {
         locks::validate_fence(&self.db, resource_type, resource_key, fencing_token).await
     }
 
-    /// Releases a held lock (reason `released`). Releasing a lock that is
-    /// already released is a no-op.
+    /// Releases a held lock (reason `released`), and wakes the resource's
+    /// head waiter. Releasing a lock that is already released is a no-op.
     ///
     /// # Errors
     /// [`Error::LockNotFound`](crate::Error::LockNotFound),
@@ -337,7 +393,10 @@ impl SessionManager {
     #[instrument(skip(self), err)]
     pub async fn release_lock(&self, lock_id: Uuid) -> Result<()> {
         self.usable()?;
-        locks::release(&self.db, lock_id).await
+        if let Some(resource) = locks::release(&self.db, lock_id).await? {
+            self.announce(Freed::One(resource)).await;
+        }
+        Ok(())
     }
 
     /// Ends a session with cleanup (story 6.5): saves its context windows,
@@ -367,7 +426,8 @@ impl SessionManager {
         self.usable()?;
         let result = session::end::end_session(self, session_id, budget).await;
         match &result {
-            Ok(_) => {}
+            Ok(report) if report.already_ended => {}
+            Ok(_) => self.announce(Freed::All).await,
             Err(crate::Error::Timeout { .. }) => self.metrics.record_end_timeout(),
             Err(_) => self.metrics.record_end_failure(),
         }
@@ -397,7 +457,11 @@ impl SessionManager {
     #[instrument(skip(self), err)]
     pub async fn recover_stale(&self, stale_after: std::time::Duration) -> Result<RecoveryReport> {
         self.usable()?;
-        session::recovery::recover_stale(self, stale_after).await
+        let report = session::recovery::recover_stale(self, stale_after).await?;
+        if !report.interrupted.is_empty() {
+            self.announce(Freed::All).await;
+        }
+        Ok(report)
     }
 
     /// Starts a new active session from an interrupted or completed one: the

@@ -83,6 +83,11 @@ async fn everything_as_text(db: &TestDb) -> (TextRows, Snapshot, i64) {
             .all(c)
             .await
             .expect("audit"),
+        waiters: entity::lock_waiters::Entity::find()
+            .order_by_asc(entity::lock_waiters::Column::Ticket)
+            .all(c)
+            .await
+            .expect("lock waiters"),
     };
     (sessions, others, fencing_counter(db).await)
 }
@@ -110,7 +115,15 @@ impl Call {
                 m.acquire_lock(*agent, rtype, key).await.map(drop)
             }
             Call::AcquireLockWith(agent, rtype, key, ttl) => m
-                .acquire_lock_with(*agent, rtype, key, LockOptions { ttl: *ttl })
+                .acquire_lock_with(
+                    *agent,
+                    rtype,
+                    key,
+                    LockOptions {
+                        ttl: *ttl,
+                        wait: None,
+                    },
+                )
                 .await
                 .map(drop),
             Call::ReleaseLock(lock) => m.release_lock(*lock).await,
@@ -440,6 +453,7 @@ async fn names_of_exactly_1024_bytes_are_accepted_verbatim() {
                         &name,
                         LockOptions {
                             ttl: Some(Duration::from_secs(60)),
+                            wait: None,
                         },
                     )
                     .await

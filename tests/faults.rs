@@ -466,7 +466,10 @@ async fn every_duration_argument_is_honoured_or_refused_by_name() {
             for (n, ttl) in EXTREMES.into_iter().enumerate() {
                 let before = snapshot(&db).await;
                 let key = format!("ttl-{n}");
-                let options = LockOptions { ttl: Some(ttl) };
+                let options = LockOptions {
+                    ttl: Some(ttl),
+                    wait: None,
+                };
                 match within(
                     "acquire",
                     m.acquire_lock_with(agents[0], "file", &key, options),

@@ -134,6 +134,7 @@ async fn run_ops(db: &TestDb, ops: Vec<Op>) {
                 };
                 let options = LockOptions {
                     ttl: ttl.then(|| std::time::Duration::from_millis(1)),
+                    wait: None,
                 };
                 let key = format!("{case}/{resource}");
                 match m.acquire_lock_with(agent, "file", &key, options).await {

@@ -253,6 +253,7 @@ async fn injection_shaped_values_are_stored_verbatim_and_tables_survive() {
                         nasty,
                         LockOptions {
                             ttl: Some(Duration::from_secs(60)),
+                            wait: None,
                         },
                     )
                     .await
@@ -277,6 +278,7 @@ async fn injection_shaped_values_are_stored_verbatim_and_tables_survive() {
                     nasty,
                     LockOptions {
                         ttl: Some(Duration::from_millis(100)),
+                        wait: None,
                     },
                 )
                 .await

@@ -20,6 +20,7 @@ use uuid::Uuid;
 fn ttl_ms(ms: u64) -> LockOptions {
     LockOptions {
         ttl: Some(Duration::from_millis(ms)),
+        wait: None,
     }
 }
 

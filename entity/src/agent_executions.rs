@@ -29,6 +29,8 @@ pub enum Relation {
         on_delete = "Restrict"
     )]
     GlobalSessions,
+    #[sea_orm(has_many = "super::lock_waiters::Entity")]
+    LockWaiters,
     #[sea_orm(has_many = "super::resource_locks::Entity")]
     ResourceLocks,
 }
@@ -36,6 +38,12 @@ pub enum Relation {
 impl Related<super::global_sessions::Entity> for Entity {
     fn to() -> RelationDef {
         Relation::GlobalSessions.def()
+    }
+}
+
+impl Related<super::lock_waiters::Entity> for Entity {
+    fn to() -> RelationDef {
+        Relation::LockWaiters.def()
     }
 }
 

@@ -6,4 +6,5 @@ pub mod agent_executions;
 pub mod audit_log;
 pub mod global_sessions;
 pub mod lock_fencing;
+pub mod lock_waiters;
 pub mod resource_locks;

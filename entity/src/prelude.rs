@@ -4,4 +4,5 @@ pub use super::agent_executions::Entity as AgentExecutions;
 pub use super::audit_log::Entity as AuditLog;
 pub use super::global_sessions::Entity as GlobalSessions;
 pub use super::lock_fencing::Entity as LockFencing;
+pub use super::lock_waiters::Entity as LockWaiters;
 pub use super::resource_locks::Entity as ResourceLocks;

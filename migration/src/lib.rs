@@ -6,6 +6,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261124_000001_core_schema;
 mod m20261124_000002_session_ownership;
+mod m20261201_000003_lock_waiters;
 
 pub struct Migrator;
 
@@ -15,6 +16,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261124_000001_core_schema::Migration),
             Box::new(m20261124_000002_session_ownership::Migration),
+            Box::new(m20261201_000003_lock_waiters::Migration),
         ]
     }
 }

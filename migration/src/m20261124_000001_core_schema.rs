@@ -18,7 +18,7 @@ pub struct Migration;
 
 /// UUIDs are kept as their 36-character hyphenated text so an operator can
 /// read and query them by hand (SQLite would otherwise store 16-byte BLOBs).
-const UUID_TEXT_LEN: u32 = 36;
+pub(crate) const UUID_TEXT_LEN: u32 = 36;
 
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
@@ -307,7 +307,7 @@ impl MigrationTrait for Migration {
 
 /// A `CREATE TABLE` with the backend's table options: on MySQL/MariaDB, a
 /// binary collation so keys are matched byte for byte, as on the other backends.
-fn table_for(backend: DatabaseBackend, collation: &str) -> TableCreateStatement {
+pub(crate) fn table_for(backend: DatabaseBackend, collation: &str) -> TableCreateStatement {
     let mut table = Table::create();
     if backend == DatabaseBackend::MySql {
         table.character_set("utf8mb4").collate(collation);
@@ -318,7 +318,7 @@ fn table_for(backend: DatabaseBackend, collation: &str) -> TableCreateStatement 
 /// A binary, NO PAD collation: `utf8mb4_bin` is PAD SPACE, so `=` would find
 /// `"key"` when asked for `"key "`. MariaDB calls the no-pad one
 /// `utf8mb4_nopad_bin`; MySQL 8's `utf8mb4_0900_bin` is already no-pad.
-async fn binary_collation(manager: &SchemaManager<'_>) -> Result<&'static str, DbErr> {
+pub(crate) async fn binary_collation(manager: &SchemaManager<'_>) -> Result<&'static str, DbErr> {
     if manager.get_database_backend() != DatabaseBackend::MySql {
         return Ok("");
     }
@@ -342,7 +342,7 @@ async fn binary_collation(manager: &SchemaManager<'_>) -> Result<&'static str, D
 /// Timestamps in UTC with microseconds: `timestamptz` on PostgreSQL, RFC 3339
 /// text on SQLite, `DATETIME(6)` on MySQL/MariaDB (its `TIMESTAMP` stops in
 /// 2038 and would keep whole seconds only).
-fn timestamp_col(backend: DatabaseBackend, col: DynIden, nullable: bool) -> ColumnDef {
+pub(crate) fn timestamp_col(backend: DatabaseBackend, col: DynIden, nullable: bool) -> ColumnDef {
     let mut def = if backend == DatabaseBackend::MySql {
         ColumnDef::new(col)
             .custom(Alias::new("DATETIME(6)"))

@@ -44,8 +44,8 @@ pub(crate) struct Closed {
     pub agents_cancelled: u64,
 }
 
-/// Releases every held lock of the session (with `reason`) and cancels its
-/// running agents, inside the caller's transaction, which has already read the
+/// Releases every held lock of the session (with `reason`), removes its
+/// agents from the lock queues and cancels its running agents, inside the caller's transaction, which has already read the
 /// session row exclusively. Ending a session and recovering a stale one both
 /// close it this way.
 pub(crate) async fn close_holdings(
@@ -66,6 +66,7 @@ pub(crate) async fn close_holdings(
         .exec(txn)
         .await?
         .rows_affected;
+    crate::locks::leave_session(txn, session_id).await?;
     let agents_cancelled = agent_executions::Entity::update_many()
         .col_expr(
             agent_executions::Column::Status,

@@ -15,7 +15,7 @@ use std::sync::{Arc, Once};
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
 
 use demiarch_sessions::{Config, SessionManager};
-use entity::{agent_executions, audit_log, global_sessions, resource_locks};
+use entity::{agent_executions, audit_log, global_sessions, lock_waiters, resource_locks};
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
 use tempfile::TempDir;
 use uuid::Uuid;
@@ -349,6 +349,7 @@ pub struct Snapshot {
     pub agents: Vec<agent_executions::Model>,
     pub locks: Vec<resource_locks::Model>,
     pub audit: Vec<audit_log::Model>,
+    pub waiters: Vec<lock_waiters::Model>,
 }
 
 pub async fn snapshot(db: &TestDb) -> Snapshot {
@@ -374,6 +375,11 @@ pub async fn snapshot(db: &TestDb) -> Snapshot {
             .all(c)
             .await
             .expect("audit"),
+        waiters: lock_waiters::Entity::find()
+            .order_by_asc(lock_waiters::Column::Ticket)
+            .all(c)
+            .await
+            .expect("lock waiters"),
     }
 }
 

@@ -1,22 +1,34 @@
-//! Resource locks: acquire, renew, release, sweep, and fencing.
+//! Resource locks: acquire (at once or by waiting in a queue), renew,
+//! release, sweep, and fencing.
 //!
-//! Whether a resource is free is decided by the database's unique index over
-//! held locks, never by a read-then-write check: the insert either succeeds or
-//! fails with a unique violation, which becomes [`Error::LockHeld`].
+//! Two holders at once are impossible by the database's unique index over
+//! held locks. Who gets a free resource is decided in one transaction that
+//! draws from the fencing counter, which serializes grants: the first live
+//! waiter in the queue (`queue`), or, when nobody waits, whoever asks.
+mod queue;
+mod wait;
+pub(crate) mod wake;
+
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sea_orm::entity::prelude::TextUuid;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr,
-    EntityTrait, JoinType, QueryFilter, QueryOrder, QuerySelect, RelationDef, SqlErr,
+    ActiveValue::Set, ColumnTrait, DatabaseConnection, DatabaseTransaction, EntityTrait, JoinType,
+    QueryFilter, QueryOrder, QuerySelect, RelationDef, SqlErr,
 };
 use serde::Serialize;
 use uuid::Uuid;
 
 use entity::{agent_executions, global_sessions, lock_fencing, resource_locks};
 
+pub use queue::LockWaiter;
+pub(crate) use queue::{leave_session, waiters};
+pub(crate) use wait::acquire;
+
+use self::queue::Entry;
+use self::wake::Resource;
 use crate::audit::{self, AuditEvent};
 use crate::status::{AgentStatus, ReleaseReason, SessionStatus};
 use crate::{db, validate, Config, Error, Result};
@@ -35,8 +47,15 @@ pub struct LockGrant {
 pub struct LockOptions {
     /// Time to live. A lock past it is released (reason `expired`) by
     /// `sweep_locks`, or by the next acquire of the same resource; keep it with
-    /// `renew_lock`. `None`: held until released or its session ends.
+    /// `renew_lock`. `None`: held until released or its session ends. A lock
+    /// handed over after a wait counts its time to live from the hand-over.
     pub ttl: Option<Duration>,
+    /// Queue for the resource up to this long when it is held (or others
+    /// already wait for it), and take it when it is handed over: in arrival
+    /// order, across every manager on the store. `None`: refuse at once
+    /// ([`Error::LockHeld`]). See
+    /// [`SessionManager::acquire_lock_with`](crate::SessionManager::acquire_lock_with).
+    pub wait: Option<Duration>,
 }
 
 /// What one `sweep_locks` call released.
@@ -51,102 +70,159 @@ pub struct SweepReport {
     pub batches: u64,
 }
 
-pub(crate) async fn acquire(
+/// What one attempt at a resource came to, short of an error.
+pub(crate) enum Attempt {
+    Granted(LockGrant),
+    Refused(Box<Refusal>),
+}
+
+/// Why an attempt was not granted, and the caller's place in the queue.
+pub(crate) struct Refusal {
+    /// The holder; `None` when the resource is free but waiters are queued
+    /// ahead, or it is in its lock delay.
+    pub holder: Option<resource_locks::Model>,
+    /// Time left of the resource's lock delay, if it is in one.
+    pub delay_ms: Option<u64>,
+    /// The caller's entry, when it waits.
+    pub entry: Option<Entry>,
+    /// The attempt released an expired holder: the head waiter can go.
+    pub expired_one: bool,
+}
+
+/// One acquire's inputs.
+#[derive(Clone)]
+pub(crate) struct Request {
+    pub agent_id: Uuid,
+    pub resource: Resource,
+    pub ttl: Option<chrono::Duration>,
+    /// For a waiting acquire, when its queue entry counts as abandoned.
+    pub wait_until: Option<DateTime<Utc>>,
+}
+
+/// Tries for the resource in one transaction: grants it when it is free (an
+/// expired holder is released first), out of its lock delay and nobody is
+/// queued ahead of the caller; otherwise, for a waiting acquire not yet
+/// queued, queues it at the tail unless that would close a waits-for cycle
+/// ([`Error::Deadlock`], nothing queued). `queued` is the caller's entry.
+pub(crate) async fn attempt(
     conn: &db::Store,
     config: &Config,
-    agent_id: Uuid,
-    resource_type: &str,
-    resource_key: &str,
-    options: &LockOptions,
-) -> Result<LockGrant> {
-    validate::id("agent_id", agent_id)?;
-    validate::name("resource_type", resource_type)?;
-    validate::name("resource_key", resource_key)?;
-    let ttl = options
-        .ttl
-        .map(|ttl| validate::duration("ttl", ttl, false))
-        .transpose()?;
-
-    // At most two attempts: the second only after releasing an expired holder.
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match try_acquire(conn, config, agent_id, resource_type, resource_key, ttl).await? {
-            Acquired::Granted(grant) => return Ok(grant),
-            Acquired::Held => {
-                let now = db::now();
-                let holder = current_holder(&**conn, resource_type, resource_key).await;
-                if let Ok(Some(holder)) = &holder {
-                    let expired = holder.expires_at.is_some_and(|at| at <= now);
-                    if expired && attempt == 1 && expire_lock(conn, holder).await? {
-                        continue;
-                    }
-                }
-                let holder = holder.ok().flatten();
-                return Err(Error::LockHeld {
-                    resource_type: resource_type.to_owned(),
-                    resource_key: resource_key.to_owned(),
-                    holder_agent_id: holder
-                        .as_ref()
-                        .and_then(|h| db::stored_id("agent_id", &h.agent_id).ok()),
-                    fencing_token: holder.as_ref().map(|h| h.fencing_token),
-                });
+    request: &Request,
+    queued: Option<Entry>,
+    lock_id: Uuid,
+) -> Result<Attempt> {
+    let resource = &request.resource;
+    let txn = db::begin_write(conn).await?;
+    let session_id = check_holder(&txn, request.agent_id).await?;
+    // The counter's row lock serializes every grant and every queueing on
+    // every instance (see `queue`): what follows sees the queue and the
+    // holder as the previous such transaction left them.
+    let ticket = next_fencing_token(&txn).await?;
+    let now = db::now();
+    let mut holder = queue::holder_of(&*txn, resource).await?;
+    let mut expired_one = false;
+    if let Some(expired) = holder.as_ref().filter(|h| is_expired(h, now)) {
+        expired_one = expire_in(&txn, expired, now).await?;
+        holder = if expired_one {
+            None
+        } else {
+            queue::holder_of(&*txn, resource).await?
+        };
+    }
+    let delay_ms = match config.lock_delay.is_zero() {
+        true => None,
+        false => lock_delay_left(&txn, config.lock_delay, resource, now).await?,
+    };
+    let head = queue::head(&*txn, resource, now).await?;
+    let ahead = head.is_some_and(|head| Some(head) != queued);
+    if holder.is_none() && delay_ms.is_none() && !ahead {
+        if insert_lock(&txn, request, session_id, ticket, lock_id, now).await? {
+            if let Some(entry) = queued {
+                queue::leave(&*txn, entry).await?;
+            }
+            txn.commit().await?;
+            return Ok(Attempt::Granted(LockGrant {
+                lock_id,
+                fencing_token: ticket,
+            }));
+        }
+        // Taken by a writer outside the queue (the app's own SQL).
+        txn.rollback().await?;
+        return Ok(Attempt::Refused(Box::new(Refusal {
+            holder: queue::holder_of(&**conn, resource).await?,
+            delay_ms,
+            entry: queued,
+            expired_one: false,
+        })));
+    }
+    let mut entry = queued;
+    let mut changed = expired_one;
+    if let (Some(expires_at), None) = (request.wait_until, entry) {
+        if let Some(holder) = &holder {
+            let holder_agent = db::stored_id("agent_id", &holder.agent_id)?;
+            if let Some(agents) = queue::cycle(&*txn, request.agent_id, holder_agent, now).await? {
+                txn.rollback().await?;
+                return Err(Error::Deadlock { agents });
             }
         }
+        let arrival = queue::Arrival {
+            agent_id: request.agent_id,
+            session_id,
+            resource,
+            ticket,
+            expires_at,
+        };
+        entry = Some(queue::enqueue(&*txn, arrival, now).await?);
+        changed = true;
     }
+    if changed {
+        txn.commit().await?;
+    } else {
+        txn.rollback().await?;
+    }
+    Ok(Attempt::Refused(Box::new(Refusal {
+        holder,
+        delay_ms,
+        entry,
+        expired_one,
+    })))
 }
 
-enum Acquired {
-    Granted(LockGrant),
-    Held,
+fn is_expired(lock: &resource_locks::Model, now: DateTime<Utc>) -> bool {
+    lock.expires_at.is_some_and(|at| at.to_utc() <= now)
 }
 
-async fn try_acquire(
-    conn: &db::Store,
-    config: &Config,
-    agent_id: Uuid,
-    resource_type: &str,
-    resource_key: &str,
-    ttl: Option<chrono::Duration>,
-) -> Result<Acquired> {
-    let txn = db::begin_write(conn).await?;
-    let session_id = check_holder(&txn, agent_id).await?;
-    let now = db::now();
-    if !config.lock_delay.is_zero() {
-        check_lock_delay(&txn, config.lock_delay, resource_type, resource_key, now).await?;
-    }
-    let fencing_token = next_fencing_token(&txn).await?;
-    let lock_id = Uuid::new_v4();
+/// Inserts the granted lock; false if the held-lock index refused it.
+async fn insert_lock(
+    txn: &DatabaseTransaction,
+    request: &Request,
+    session_id: Uuid,
+    fencing_token: i64,
+    lock_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<bool> {
     let row = resource_locks::ActiveModel {
         id: Set(lock_id.to_string()),
-        agent_id: Set(agent_id.to_string()),
+        agent_id: Set(request.agent_id.to_string()),
         session_id: Set(session_id.to_string()),
-        resource_type: Set(resource_type.to_owned()),
-        resource_key: Set(resource_key.to_owned()),
+        resource_type: Set(request.resource.0.clone()),
+        resource_key: Set(request.resource.1.clone()),
         fencing_token: Set(fencing_token),
         acquired_at: Set(now.into()),
-        expires_at: Set(ttl.map(|ttl| (now + ttl).into())),
+        expires_at: Set(request.ttl.map(|ttl| (now + ttl).into())),
         released_at: Set(None),
         release_reason: Set(None),
     };
     match resource_locks::Entity::insert(row)
-        .exec_without_returning(&*txn)
+        .exec_without_returning(txn)
         .await
     {
-        Ok(_) => {}
+        Ok(_) => Ok(true),
         // The only unique keys are the random id, the counter-issued fencing
         // token and the held-lock index: a violation here means "held".
-        Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
-            txn.rollback().await?;
-            return Ok(Acquired::Held);
-        }
-        Err(e) => return Err(e.into()),
+        Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => Ok(false),
+        Err(e) => Err(e.into()),
     }
-    txn.commit().await?;
-    Ok(Acquired::Granted(LockGrant {
-        lock_id,
-        fencing_token,
-    }))
 }
 
 /// The agent must be running and its session active; returns the session.
@@ -178,20 +254,20 @@ async fn check_holder(txn: &DatabaseTransaction, agent_id: Uuid) -> Result<Uuid>
     Ok(session_id.0)
 }
 
-/// Refuses a resource released involuntarily less than `delay` ago.
-async fn check_lock_delay(
+/// How long the resource stays in its lock delay (released involuntarily
+/// less than `delay` ago), if it is in one.
+async fn lock_delay_left(
     txn: &DatabaseTransaction,
     delay: Duration,
-    resource_type: &str,
-    resource_key: &str,
+    resource: &Resource,
     now: DateTime<Utc>,
-) -> Result<()> {
+) -> Result<Option<u64>> {
     let delay = validate::duration("lock_delay", delay, false)?;
     let last: Option<Option<DateTime<Utc>>> = resource_locks::Entity::find()
         .select_only()
         .column(resource_locks::Column::ReleasedAt)
-        .filter(resource_locks::Column::ResourceType.eq(resource_type))
-        .filter(resource_locks::Column::ResourceKey.eq(resource_key))
+        .filter(resource_locks::Column::ResourceType.eq(resource.0.as_str()))
+        .filter(resource_locks::Column::ResourceKey.eq(resource.1.as_str()))
         .filter(resource_locks::Column::ReleaseReason.is_in([
             ReleaseReason::Expired.as_str(),
             ReleaseReason::Orphaned.as_str(),
@@ -201,15 +277,10 @@ async fn check_lock_delay(
         .into_tuple()
         .one(txn)
         .await?;
-    if let Some(Some(released_at)) = last {
-        let wait = (released_at + delay - now).num_milliseconds().max(1);
-        return Err(Error::LockDelay {
-            resource_type: resource_type.to_owned(),
-            resource_key: resource_key.to_owned(),
-            retry_after_ms: u64::try_from(wait).unwrap_or(1),
-        });
-    }
-    Ok(())
+    Ok(last.flatten().map(|released_at| {
+        let left = (released_at + delay - now).num_milliseconds().max(1);
+        u64::try_from(left).unwrap_or(1)
+    }))
 }
 
 /// Issues the next fencing token from the single-row counter. The row update
@@ -232,50 +303,43 @@ async fn next_fencing_token(txn: &DatabaseTransaction) -> Result<i64> {
     })
 }
 
-/// The held lock on a resource, if any.
-async fn current_holder<C: ConnectionTrait>(
-    conn: &C,
-    resource_type: &str,
-    resource_key: &str,
-) -> std::result::Result<Option<resource_locks::Model>, DbErr> {
-    resource_locks::Entity::find()
-        .filter(resource_locks::Column::ResourceType.eq(resource_type))
-        .filter(resource_locks::Column::ResourceKey.eq(resource_key))
-        .filter(resource_locks::Column::ReleasedAt.is_null())
-        .one(conn)
-        .await
-}
-
-/// Releases one held lock whose time to live ran out; false if it was
-/// renewed or released meanwhile.
-async fn expire_lock(conn: &db::Store, lock: &resource_locks::Model) -> Result<bool> {
-    let txn = db::begin_write(conn).await?;
-    let now = db::now();
-    let released = release_batch(
-        &txn,
-        std::slice::from_ref(lock),
-        ReleaseReason::Expired,
-        now,
-    )
-    .await?;
+/// Releases one held lock whose time to live ran out, with its `locks_swept`
+/// audit row, inside the caller's transaction; false if it was renewed or
+/// released meanwhile.
+async fn expire_in(
+    txn: &DatabaseTransaction,
+    lock: &resource_locks::Model,
+    now: DateTime<Utc>,
+) -> Result<bool> {
+    let released =
+        release_batch(txn, std::slice::from_ref(lock), ReleaseReason::Expired, now).await?;
     if released.is_empty() {
         return Ok(false);
     }
     audit::append(
-        &*txn,
+        txn,
         AuditEvent::LocksSwept,
         None,
         swept_details(&released),
         now,
     )
     .await?;
-    txn.commit().await?;
     Ok(true)
 }
 
-pub(crate) async fn release(conn: &db::Store, lock_id: Uuid) -> Result<()> {
+/// Releases a held lock; returns its resource, which may now be handed over,
+/// or `None` if it was already released.
+pub(crate) async fn release(conn: &db::Store, lock_id: Uuid) -> Result<Option<Resource>> {
     validate::id("lock_id", lock_id)?;
     let txn = db::begin_write(conn).await?;
+    let lock: Option<(String, String)> = resource_locks::Entity::find_by_id(lock_id.to_string())
+        .select_only()
+        .column(resource_locks::Column::ResourceType)
+        .column(resource_locks::Column::ResourceKey)
+        .into_tuple()
+        .one(&*txn)
+        .await?;
+    let resource = lock.ok_or(Error::LockNotFound(lock_id))?;
     let released = resource_locks::Entity::update_many()
         .col_expr(resource_locks::Column::ReleasedAt, Expr::value(db::now()))
         .col_expr(
@@ -287,19 +351,8 @@ pub(crate) async fn release(conn: &db::Store, lock_id: Uuid) -> Result<()> {
         .exec(&*txn)
         .await?
         .rows_affected;
-    if released == 0 {
-        let exists = resource_locks::Entity::find_by_id(lock_id.to_string())
-            .select_only()
-            .column(resource_locks::Column::Id)
-            .into_tuple::<TextUuid>()
-            .one(&*txn)
-            .await?;
-        if exists.is_none() {
-            return Err(Error::LockNotFound(lock_id));
-        }
-    }
     txn.commit().await?;
-    Ok(())
+    Ok((released > 0).then_some(resource))
 }
 
 pub(crate) async fn renew(conn: &db::Store, lock_id: Uuid, ttl: Duration) -> Result<()> {
@@ -341,7 +394,8 @@ pub(crate) async fn validate_fence(
 ) -> Result<bool> {
     validate::name("resource_type", resource_type)?;
     validate::name("resource_key", resource_key)?;
-    let holder = current_holder(conn, resource_type, resource_key).await?;
+    let resource = (resource_type.to_owned(), resource_key.to_owned());
+    let holder = queue::holder_of(conn, &resource).await?;
     let now = db::now();
     Ok(holder.is_some_and(|h| {
         h.fencing_token == fencing_token && h.expires_at.is_none_or(|at| at > now)

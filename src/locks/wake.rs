@@ -1,0 +1,257 @@
+//! Waking the waiters of a resource that may have become free.
+//!
+//! The queue itself lives in the database (`lock_waiters`); this is only the
+//! wake-up, and losing one costs latency, never order or safety:
+//! - within one manager (and its clones), a release wakes the first of its
+//!   own waiters queued on that resource at once;
+//! - across instances on PostgreSQL, the releasing manager sends a `NOTIFY`
+//!   that every other manager on the database `LISTEN`s for;
+//! - everywhere, each waiter also looks at the queue every
+//!   `Config::lock_poll_interval`, which is what wakes waiters across
+//!   processes on a SQLite file and across instances on MariaDB.
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+
+use sea_orm::{ConnectionTrait, DatabaseBackend};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::db;
+
+/// A resource: its type and key.
+pub(crate) type Resource = (String, String);
+
+/// The channel every manager on a PostgreSQL database listens on.
+#[cfg(feature = "postgres")]
+const CHANNEL: &str = "demiarch_sessions_locks";
+
+/// PostgreSQL refuses a `NOTIFY` payload of 8000 bytes or more; a longer one
+/// becomes "everything may have changed".
+#[cfg(feature = "postgres")]
+const MAX_PAYLOAD: usize = 7900;
+
+/// One manager's waiters, by resource, and its `LISTEN` task.
+#[derive(Default)]
+pub(crate) struct Wakers {
+    slots: Mutex<HashMap<Resource, Arc<Slot>>>,
+    listener: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// The local waiters of one resource.
+#[derive(Default)]
+struct Slot {
+    notify: Notify,
+    /// Queue tickets of this manager's waiters that are queued on it.
+    tickets: Mutex<BTreeSet<i64>>,
+}
+
+impl Drop for Wakers {
+    fn drop(&mut self) {
+        if let Some(task) = lock(&self.listener).take() {
+            task.abort();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Wakers {
+    /// Registers a waiter on `resource`; it is woken until dropped.
+    pub(crate) fn register(self: &Arc<Self>, resource: &Resource) -> Registration {
+        let slot = lock(&self.slots)
+            .entry(resource.clone())
+            .or_default()
+            .clone();
+        Registration {
+            wakers: Arc::downgrade(self),
+            resource: resource.clone(),
+            slot,
+            ticket: Mutex::new(None),
+        }
+    }
+
+    /// Wakes this manager's first waiter on each resource.
+    fn wake_local(&self, resources: Option<&[Resource]>) {
+        let slots = lock(&self.slots);
+        match resources {
+            Some(resources) => resources
+                .iter()
+                .filter_map(|r| slots.get(r))
+                .for_each(|s| s.notify.notify_waiters()),
+            None => slots.values().for_each(|s| s.notify.notify_waiters()),
+        }
+    }
+
+    /// Stops listening for other instances' releases.
+    pub(crate) fn stop(&self) {
+        if let Some(task) = lock(&self.listener).take() {
+            task.abort();
+        }
+    }
+
+    /// On PostgreSQL, starts listening for other instances' releases, once.
+    #[allow(unused_variables)]
+    pub(crate) fn ensure_listening(self: &Arc<Self>, store: &db::Store, instance: Uuid) {
+        #[cfg(feature = "postgres")]
+        if store.get_database_backend() == DatabaseBackend::Postgres {
+            let mut listener = lock(&self.listener);
+            if listener.is_some() {
+                return;
+            }
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                return;
+            };
+            let pool = store.get_postgres_connection_pool().clone();
+            *listener = Some(runtime.spawn(listen(pool, Arc::downgrade(self), instance)));
+        }
+    }
+}
+
+/// Resources a write may have freed.
+pub(crate) enum Freed {
+    One(Resource),
+    /// Unknown which (a session's end releases all its locks at once).
+    All,
+}
+
+/// Wakes the waiters of what a committed write freed: this manager's at once,
+/// and on PostgreSQL other instances' through `NOTIFY`. Failing to notify is
+/// logged and otherwise ignored: waiters also poll.
+pub(crate) async fn announce(store: &db::Store, wakers: &Wakers, instance: Uuid, freed: Freed) {
+    match &freed {
+        Freed::One(r) => wakers.wake_local(Some(std::slice::from_ref(r))),
+        Freed::All => wakers.wake_local(None),
+    }
+    if store.get_database_backend() != DatabaseBackend::Postgres {
+        return;
+    }
+    #[cfg(feature = "postgres")]
+    {
+        use sea_orm::sea_query::{Func, Query};
+        let notify = Query::select()
+            .expr(Func::cust("pg_notify").args([CHANNEL.into(), payload(instance, &freed).into()]))
+            .to_owned();
+        if let Err(e) = store.execute(&notify).await {
+            tracing::debug!(error = %e, "lock wake-up not sent; other instances will poll");
+        }
+    }
+    #[cfg(not(feature = "postgres"))]
+    let _ = instance;
+}
+
+#[cfg(feature = "postgres")]
+fn payload(instance: Uuid, freed: &Freed) -> String {
+    let resources = match freed {
+        Freed::One(r) => Some(std::slice::from_ref(r)),
+        Freed::All => None,
+    };
+    let text = serde_json::json!({ "from": instance, "resources": resources }).to_string();
+    if text.len() <= MAX_PAYLOAD {
+        text
+    } else {
+        serde_json::json!({ "from": instance, "resources": null }).to_string()
+    }
+}
+
+/// Wakes this manager's waiters on what other instances announce. A lost
+/// connection may have lost notifications, so reconnecting wakes everyone.
+#[cfg(feature = "postgres")]
+async fn listen(pool: sea_orm::sqlx::PgPool, wakers: Weak<Wakers>, instance: Uuid) {
+    use sea_orm::sqlx::postgres::PgListener;
+    #[derive(serde::Deserialize)]
+    struct Payload {
+        from: Uuid,
+        resources: Option<Vec<Resource>>,
+    }
+    let retry = std::time::Duration::from_secs(1);
+    loop {
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(listener) => listener,
+            Err(e) if pool.is_closed() => return tracing::debug!(error = %e, "pool closed"),
+            Err(_) => {
+                tokio::time::sleep(retry).await;
+                continue;
+            }
+        };
+        if listener.listen(CHANNEL).await.is_err() {
+            tokio::time::sleep(retry).await;
+            continue;
+        }
+        loop {
+            let received = listener.try_recv().await;
+            let Some(wakers) = wakers.upgrade() else {
+                return;
+            };
+            match received {
+                Ok(Some(note)) => match serde_json::from_str::<Payload>(note.payload()) {
+                    Ok(p) if p.from == instance => {}
+                    Ok(p) => wakers.wake_local(p.resources.as_deref()),
+                    Err(_) => wakers.wake_local(None),
+                },
+                // The connection was lost; the next call reconnects.
+                Ok(None) => wakers.wake_local(None),
+                Err(_) if pool.is_closed() => return,
+                Err(_) => {
+                    wakers.wake_local(None);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// A waiter's place among its manager's waiters on one resource.
+pub(crate) struct Registration {
+    wakers: Weak<Wakers>,
+    resource: Resource,
+    slot: Arc<Slot>,
+    ticket: Mutex<Option<i64>>,
+}
+
+impl Registration {
+    /// A wake-up to wait for. Create it before looking at the queue, so a
+    /// release in between is not missed.
+    pub(crate) fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.slot.notify.notified()
+    }
+
+    /// Records the waiter's queue ticket, once it is queued.
+    pub(crate) fn queued(&self, ticket: i64) {
+        let mut mine = lock(&self.ticket);
+        if *mine != Some(ticket) {
+            let mut tickets = lock(&self.slot.tickets);
+            if let Some(old) = *mine {
+                tickets.remove(&old);
+            }
+            tickets.insert(ticket);
+            *mine = Some(ticket);
+        }
+    }
+
+    /// Whether no other waiter of this manager is ahead of this one: only
+    /// the first of them tries the resource when woken.
+    pub(crate) fn first_here(&self) -> bool {
+        match *lock(&self.ticket) {
+            Some(ticket) => lock(&self.slot.tickets).first() == Some(&ticket),
+            None => true,
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(ticket) = *lock(&self.ticket) {
+            lock(&self.slot.tickets).remove(&ticket);
+        }
+        let Some(wakers) = self.wakers.upgrade() else {
+            return;
+        };
+        let mut slots = lock(&wakers.slots);
+        // The map's and ours: no other waiter uses the slot.
+        if Arc::strong_count(&self.slot) == 2 {
+            slots.remove(&self.resource);
+        }
+    }
+}
