@@ -10,15 +10,15 @@ use std::time::Duration;
 
 use assert_cmd::Command;
 use chrono::{TimeZone, Utc};
-use demiarch_sessions::entity::{global_sessions, resource_locks};
+use demiarch_sessions::entity::{global_sessions, lock_waiters, resource_locks};
 use demiarch_sessions::{
     AuditFilter, Config, LockFilter, LockOptions, SessionManager, SessionStatus,
 };
 use sea_orm::entity::prelude::TextUuid;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, Database, EntityTrait, QueryFilter,
-    SqliteTransactionMode, TransactionOptions, TransactionTrait,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, Database, EntityTrait, PaginatorTrait,
+    QueryFilter, SqliteTransactionMode, TransactionOptions, TransactionTrait,
 };
 use serde_json::Value;
 use tempfile::TempDir;
@@ -179,6 +179,33 @@ async fn status_of(manager: &SessionManager, session: Uuid) -> SessionStatus {
     manager.session(session).await.expect("session").status
 }
 
+/// The rows left in `lock_waiters`, live or abandoned.
+async fn waiter_rows(manager: &SessionManager) -> u64 {
+    lock_waiters::Entity::find()
+        .count(manager.connection())
+        .await
+        .expect("count lock_waiters")
+}
+
+/// Waits until `n` agents are queued for the resource.
+async fn until_queued(manager: &SessionManager, resource_type: &str, key: &str, n: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let queue = manager
+            .lock_waiters(resource_type, key)
+            .await
+            .expect("lock_waiters");
+        if queue.len() == n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{n} waiters never queued for {resource_type}/{key}: {queue:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 // --- help and usage ---------------------------------------------------------
 
 #[test]
@@ -297,21 +324,27 @@ fn demo_human_output_walks_through_a_session() {
         "Registered agents coder",
         "fencing token 1",
         "was refused",
+        "willing to wait up to 5s: it is queued at position 1, next in line",
+        "the lock was handed to reviewer with fencing token",
         "Put context windows plan and notes",
         "3 locks released, 2 agents cancelled, 2 context windows",
         "released just now (session_end)",
+        "released just now (released)",
         "sessions show",
     ] {
         assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
     }
-    // A table, drawn by the table crate.
+    // A table, drawn by the table crate; after the end nobody waits, so it
+    // has no waiters column.
     assert!(text.contains("┆ RESOURCE"), "{text}");
+    assert!(!text.contains("WAITERS"), "{text}");
 }
 
 #[tokio::test]
 async fn demo_json_reports_the_end_and_the_store_agrees() {
     let db = Db::new();
-    let (session, report) = demo(&db);
+    let out = db.json(&["demo"]);
+    let (session, report) = (id_of(&out["session_id"]), out["report"].clone());
     assert!(report["locks_released"].as_u64().unwrap() > 0);
     assert_eq!(report["locks_released"], 3);
     assert_eq!(report["agents_cancelled"], 2);
@@ -327,6 +360,23 @@ async fn demo_json_reports_the_end_and_the_store_agrees() {
         .expect("demo session listed");
     assert_eq!(row["status"], "completed");
 
+    // The reviewer waited for the coder's lock and was handed it.
+    let reviewer = out["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["agent_type"] == "reviewer")
+        .map(|a| id_of(&a["id"]))
+        .expect("reviewer listed");
+    let handed = &out["handed_over"];
+    assert_eq!(handed["to_agent_type"], "reviewer");
+    assert_eq!(id_of(&handed["waiter"]["agent_id"]), reviewer);
+    assert_eq!(id_of(&handed["waiter"]["session_id"]), session);
+    assert_eq!(handed["waiter"]["position"], 1);
+    let from = handed["from"]["fencing_token"].as_i64().unwrap();
+    let to = handed["to"]["fencing_token"].as_i64().unwrap();
+    assert!(to > from, "hand-over token {to} not above {from}");
+
     let manager = db.manager().await;
     assert_eq!(status_of(&manager, session).await, SessionStatus::Completed);
     let locks = manager
@@ -336,10 +386,25 @@ async fn demo_json_reports_the_end_and_the_store_agrees() {
         })
         .await
         .unwrap();
-    assert_eq!(locks.len(), 3);
-    assert!(locks
-        .iter()
-        .all(|l| l.release_reason.as_deref() == Some("session_end")));
+    assert_eq!(locks.len(), 4);
+    let stored = |grant: &Value| {
+        let id = id_of(&grant["lock_id"]);
+        let l = locks.iter().find(|l| l.id == id).expect("lock stored");
+        (l.agent_id, l.fencing_token, l.release_reason.clone())
+    };
+    assert_eq!(stored(&handed["from"]).2.as_deref(), Some("released"));
+    assert_eq!(
+        stored(&handed["to"]),
+        (reviewer, to, Some("session_end".to_owned()))
+    );
+    assert_eq!(
+        locks
+            .iter()
+            .filter(|l| l.release_reason.as_deref() == Some("session_end"))
+            .count(),
+        3
+    );
+    assert_eq!(waiter_rows(&manager).await, 0, "the queue is left empty");
     let ends = manager
         .audit_events(AuditFilter {
             session_id: Some(session),
@@ -413,7 +478,7 @@ fn sessions_show_by_full_id_and_by_prefix() {
         "coder",
         "reviewer",
         "cancelled",
-        "Locks (3)",
+        "Locks (4)",
         "session_end",
         "saved, 2 windows (plan, notes)",
         "Audit trail (2)",
@@ -433,8 +498,9 @@ fn sessions_show_by_full_id_and_by_prefix() {
         assert_eq!(shown["session"]["status"], "completed");
         assert_eq!(shown["agents"].as_array().unwrap().len(), 2);
         let locks = shown["locks"].as_array().unwrap();
-        assert_eq!(locks.len(), 3);
+        assert_eq!(locks.len(), 4);
         assert!(locks.iter().all(|l| l["held"] == false));
+        assert!(locks.iter().all(|l| l["waiters"] == Value::Array(vec![])));
         assert!(locks.iter().all(|l| l["agent_type"].is_string()));
         assert_eq!(shown["context"]["saved"], true);
         assert_eq!(shown["context"]["windows"], 2);
@@ -618,6 +684,7 @@ async fn locks_list_held_and_sweep() {
     let agent = manager.register_agent(open, "tester").await.unwrap();
     let ttl = LockOptions {
         ttl: Some(Duration::from_millis(50)),
+        wait: None,
     };
     let expiring = manager
         .acquire_lock_with(agent, "file", "src/expiring.rs", ttl.clone())
@@ -626,7 +693,12 @@ async fn locks_list_held_and_sweep() {
     tokio::time::sleep(Duration::from_millis(150)).await;
 
     let all = db.json(&["locks", "list"]);
-    assert_eq!(all.as_array().unwrap().len(), 5);
+    assert_eq!(all.as_array().unwrap().len(), 6);
+    assert!(all
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|l| l["waiters"] == Value::Array(vec![])));
     let held = db.json(&["locks", "list", "--held"]);
     let held_ids: Vec<Uuid> = held
         .as_array()
@@ -643,8 +715,9 @@ async fn locks_list_held_and_sweep() {
     assert!(text.contains("file/src/expiring.rs"), "{text}");
     assert!(text.contains("sweep releases it"), "{text}");
     assert!(text.contains("tester"), "{text}");
+    assert!(text.contains("┆ WAITERS"), "{text}");
     let of_demo = db.json(&["locks", "list", "--session", &short(done)]);
-    assert_eq!(of_demo.as_array().unwrap().len(), 3);
+    assert_eq!(of_demo.as_array().unwrap().len(), 4);
     assert_eq!(
         db.json(&["locks", "list", "--limit", "2"])
             .as_array()
@@ -679,6 +752,122 @@ async fn locks_list_held_and_sweep() {
     let held = db.json(&["locks", "list", "--held"]);
     assert_eq!(held.as_array().unwrap().len(), 1, "only the kept lock");
     assert_eq!(id_of(&held[0]["id"]), kept);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_waiters_and_locks_list_show_a_waiting_agent() {
+    let db = Db::new();
+    let manager = db.manager().await;
+    let session = manager.start_session().await.unwrap();
+    let coder = manager.register_agent(session, "coder").await.unwrap();
+    let reviewer = manager.register_agent(session, "reviewer").await.unwrap();
+    let held = manager.acquire_lock(coder, "file", "x").await.unwrap();
+    let waiting = tokio::spawn({
+        let manager = manager.clone();
+        async move {
+            let options = LockOptions {
+                wait: Some(Duration::from_secs(30)),
+                ..LockOptions::default()
+            };
+            manager
+                .acquire_lock_with(reviewer, "file", "x", options)
+                .await
+        }
+    });
+    until_queued(&manager, "file", "x", 1).await;
+
+    let queue = db.json(&["locks", "waiters", "file", "x"]);
+    let queue = queue.as_array().expect("an array");
+    assert_eq!(queue.len(), 1, "{queue:?}");
+    assert_eq!(id_of(&queue[0]["agent_id"]), reviewer);
+    assert_eq!(id_of(&queue[0]["session_id"]), session);
+    assert_eq!(queue[0]["position"], 1);
+    assert!(queue[0]["since"].is_string());
+
+    let text = db.ok(&["locks", "waiters", "file", "x"]);
+    let heading = format!(
+        "1 agent waits for file/x (held by coder {}, fencing token {}), next in line first.",
+        short(coder),
+        held.fencing_token
+    );
+    assert!(text.starts_with(&heading), "{text}");
+    assert!(text.contains("┆ WAITING SINCE"), "{text}");
+    for needle in [
+        short(reviewer),
+        "reviewer".to_owned(),
+        short(session),
+        "(just now)".to_owned(),
+    ] {
+        assert!(text.contains(&needle), "{needle:?} missing from:\n{text}");
+    }
+
+    let locks = db.json(&["locks", "list"]);
+    let locks = locks.as_array().unwrap();
+    assert_eq!(locks.len(), 1);
+    assert_eq!(id_of(&locks[0]["id"]), held.lock_id);
+    let waiters = locks[0]["waiters"].as_array().expect("waiters array");
+    assert_eq!(waiters.len(), 1);
+    assert_eq!(id_of(&waiters[0]["agent_id"]), reviewer);
+    assert_eq!(id_of(&waiters[0]["session_id"]), session);
+    assert_eq!(waiters[0]["position"], 1);
+    let text = db.ok(&["locks", "list", "--held"]);
+    let cell = format!("1 (next: reviewer {})", short(reviewer));
+    assert!(text.contains(&cell), "{cell:?} missing from:\n{text}");
+    let shown = db.json(&["sessions", "show", &short(session)]);
+    assert_eq!(
+        id_of(&shown["locks"][0]["waiters"][0]["agent_id"]),
+        reviewer
+    );
+    assert!(db
+        .ok(&["sessions", "show", &short(session)])
+        .contains(&cell));
+    assert_eq!(waiter_rows(&manager).await, 1);
+
+    // The coder lets go: the reviewer is handed the lock and leaves the queue.
+    manager.release_lock(held.lock_id).await.unwrap();
+    let grant = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiter was handed the lock")
+        .expect("the waiting task")
+        .expect("the grant");
+    assert!(grant.fencing_token > held.fencing_token);
+    assert_eq!(waiter_rows(&manager).await, 0);
+    let text = db.ok(&["locks", "waiters", "file", "x"]);
+    assert_eq!(
+        text,
+        format!(
+            "Nobody waits for file/x (held by reviewer {}, fencing token {}).\n",
+            short(reviewer),
+            grant.fencing_token
+        )
+    );
+    let locks = db.json(&["locks", "list", "--held"]);
+    assert_eq!(id_of(&locks[0]["id"]), grant.lock_id);
+    assert_eq!(locks[0]["waiters"], Value::Array(vec![]));
+}
+
+#[test]
+fn locks_waiters_of_a_free_resource_says_nobody_waits() {
+    let db = Db::new();
+    assert_eq!(
+        db.ok(&["locks", "waiters", "file", "x"]),
+        "Nobody waits for file/x (not held).\n"
+    );
+    assert_eq!(
+        db.json(&["locks", "waiters", "file", "x"]),
+        Value::Array(vec![])
+    );
+    assert_error(
+        &db.run(&["locks", "waiters", " ", "x"]),
+        2,
+        "invalid resource_type",
+    );
+    assert_error(
+        &db.run(&["--json", "locks", "waiters", "file", ""]),
+        2,
+        "invalid resource_key",
+    );
+    assert_error(&db.run(&["locks", "waiters", "file"]), 2, "KEY");
 }
 
 // --- recover ----------------------------------------------------------------

@@ -32,7 +32,8 @@ Exit codes:
   3  not found: no session has that id or id prefix
   4  timeout: the database stayed busy past the budget; nothing changed, retry
   5  database unreachable: cannot open or connect, not a database, schema too new
-  6  conflict: the session's state forbids it (e.g. its owner is still alive)";
+  6  conflict: the state of a session or lock forbids it (e.g. its owner is still
+     alive, the resource is held, waiting would deadlock)";
 
 /// The operator CLI of the demiarch session store.
 #[derive(Debug, Parser)]
@@ -88,7 +89,7 @@ pub enum Command {
     /// List, inspect and end sessions.
     #[command(subcommand)]
     Sessions(SessionsCommand),
-    /// List resource locks and release stale ones.
+    /// List resource locks and their queues, and release stale ones.
     #[command(subcommand)]
     Locks(LocksCommand),
     /// Interrupt open sessions whose owning process stopped heartbeating
@@ -145,6 +146,15 @@ pub enum LocksCommand {
         /// At most this many locks.
         #[arg(long, default_value_t = 50, value_parser = positive_count)]
         limit: u64,
+    },
+    /// The agents queued for one resource, next in line first.
+    Waiters {
+        /// The resource's type, as the lock names it (e.g. `file`).
+        #[arg(value_name = "TYPE")]
+        resource_type: String,
+        /// The resource's key (e.g. `src/main.rs`).
+        #[arg(value_name = "KEY")]
+        resource_key: String,
     },
     /// Release expired locks and the locks of ended or interrupted sessions.
     Sweep,

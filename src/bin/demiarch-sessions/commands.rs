@@ -4,10 +4,10 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use demiarch_sessions::entity::agent_executions;
+use demiarch_sessions::entity::{agent_executions, resource_locks};
 use demiarch_sessions::{
-    AuditFilter, Config, Error, LockFilter, LockInfo, SessionFilter, SessionInfo, SessionManager,
-    SessionStatus, CONTEXT_FORMAT_VERSION,
+    AuditFilter, Config, Error, LockFilter, LockInfo, LockWaiter, SessionFilter, SessionInfo,
+    SessionManager, SessionStatus, CONTEXT_FORMAT_VERSION,
 };
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use serde::Serialize;
@@ -77,6 +77,10 @@ pub async fn run(cli: Cli) -> Result<String, Failure> {
             session,
             limit,
         }) => ctx.locks_list(held, session.as_deref(), limit).await,
+        Command::Locks(LocksCommand::Waiters {
+            resource_type,
+            resource_key,
+        }) => ctx.locks_waiters(&resource_type, &resource_key).await,
         Command::Locks(LocksCommand::Sweep) => ctx.locks_sweep().await,
         Command::Recover { stale_after } => ctx.recover(stale_after).await,
         Command::Audit(AuditCommand::Tail {
@@ -123,7 +127,12 @@ pub struct Ctx {
     pub url: String,
 }
 
-/// A lock for JSON output: the stored row plus its agent's type.
+/// The agents waiting for each held lock's resource, by lock id; a lock
+/// nobody waits for is not in it.
+pub type Queues = HashMap<Uuid, Vec<LockWaiter>>;
+
+/// A lock for JSON output: the stored row plus its agent's type and the
+/// agents waiting for its resource (none once it is released).
 #[derive(Serialize)]
 pub struct LockView<'a> {
     pub id: Uuid,
@@ -138,6 +147,7 @@ pub struct LockView<'a> {
     pub released_at: Option<DateTime<Utc>>,
     pub release_reason: Option<&'a str>,
     pub held: bool,
+    pub waiters: &'a [LockWaiter],
 }
 
 /// What `sessions show` says about a session's context.
@@ -252,13 +262,25 @@ impl Ctx {
             .map_err(|e| Failure::during(&doing, e))?;
         audit.reverse();
         let context = self.context_summary(&info).await?;
-        let agent_types: HashMap<Uuid, String> = agents
+        let queues = self.queues(&locks).await?;
+        let mut agent_types: HashMap<Uuid, String> = agents
             .iter()
             .map(|a| (a.id, a.agent_type.clone()))
             .collect();
+        // Waiters of this session's locks may belong to other sessions.
+        let strangers: Vec<Uuid> = queues
+            .values()
+            .flatten()
+            .map(|w| w.agent_id)
+            .filter(|id| !agent_types.contains_key(id))
+            .collect();
+        agent_types.extend(self.agent_types(strangers).await?);
 
         if self.json {
-            let locks: Vec<LockView> = locks.iter().map(|l| lock_view(l, &agent_types)).collect();
+            let locks: Vec<LockView> = locks
+                .iter()
+                .map(|l| lock_view(l, &agent_types, &queues))
+                .collect();
             return output::json(&json!({
                 "session": info,
                 "agents": agents,
@@ -314,6 +336,7 @@ impl Ctx {
             text.push_str(&output::render(&self.lock_table(
                 &locks,
                 &agent_types,
+                Some(&queues),
                 false,
             )));
             text.push('\n');
@@ -458,9 +481,15 @@ impl Ctx {
             })
             .await
             .map_err(|e| Failure::during("listing locks", e))?;
-        let agent_types = self.agent_types(&locks).await?;
+        let queues = self.queues(&locks).await?;
+        let holders = locks.iter().map(|l| l.agent_id);
+        let waiters = queues.values().flatten().map(|w| w.agent_id);
+        let agent_types = self.agent_types(holders.chain(waiters)).await?;
         if self.json {
-            let locks: Vec<LockView> = locks.iter().map(|l| lock_view(l, &agent_types)).collect();
+            let locks: Vec<LockView> = locks
+                .iter()
+                .map(|l| lock_view(l, &agent_types, &queues))
+                .collect();
             return output::json(&locks);
         }
         if locks.is_empty() {
@@ -470,7 +499,7 @@ impl Ctx {
                 .unwrap_or_default();
             return Ok(format!("No locks{which}{whose}.\n"));
         }
-        let mut text = output::render(&self.lock_table(&locks, &agent_types, true));
+        let mut text = output::render(&self.lock_table(&locks, &agent_types, Some(&queues), true));
         text.push('\n');
         if locks.len() as u64 == limit {
             text.push_str(&format!("(the newest {limit} shown; --limit shows more)\n"));
@@ -478,9 +507,34 @@ impl Ctx {
         Ok(text)
     }
 
-    /// The agent type of each lock's holder, in one query.
-    async fn agent_types(&self, locks: &[LockInfo]) -> Result<HashMap<Uuid, String>, Failure> {
-        let ids: BTreeSet<Uuid> = locks.iter().map(|l| l.agent_id).collect();
+    /// The queue of each held lock's resource, one query per held lock.
+    pub async fn queues(&self, locks: &[LockInfo]) -> Result<Queues, Failure> {
+        let mut queues = Queues::new();
+        for l in locks.iter().filter(|l| l.released_at.is_none()) {
+            let waiters = self
+                .manager
+                .lock_waiters(&l.resource_type, &l.resource_key)
+                .await
+                .map_err(|e| {
+                    let doing = format!(
+                        "reading the queue of {}/{}",
+                        l.resource_type, l.resource_key
+                    );
+                    Failure::during(&doing, e)
+                })?;
+            if !waiters.is_empty() {
+                queues.insert(l.id, waiters);
+            }
+        }
+        Ok(queues)
+    }
+
+    /// The agent type of each of these agents, in one query.
+    async fn agent_types(
+        &self,
+        ids: impl IntoIterator<Item = Uuid>,
+    ) -> Result<HashMap<Uuid, String>, Failure> {
+        let ids: BTreeSet<Uuid> = ids.into_iter().collect();
         if ids.is_empty() {
             return Ok(HashMap::new());
         }
@@ -495,10 +549,13 @@ impl Ctx {
             .collect())
     }
 
+    /// The locks as a table; with `queues`, a WAITERS column shows who
+    /// waits for each.
     pub fn lock_table(
         &self,
         locks: &[LockInfo],
         agent_types: &HashMap<Uuid, String>,
+        queues: Option<&Queues>,
         with_session: bool,
     ) -> comfy_table::Table {
         let mut header = vec!["TOKEN", "RESOURCE"];
@@ -506,12 +563,11 @@ impl Ctx {
             header.push("SESSION");
         }
         header.extend(["AGENT", "ACQUIRED", "STATE"]);
+        if queues.is_some() {
+            header.push("WAITERS");
+        }
         let mut table = output::table(header);
         for l in locks {
-            let agent = match agent_types.get(&l.agent_id) {
-                Some(kind) => format!("{kind} {}", short(l.agent_id)),
-                None => short(l.agent_id),
-            };
             let mut row = vec![
                 l.fencing_token.to_string(),
                 format!("{}/{}", l.resource_type, l.resource_key),
@@ -520,10 +576,13 @@ impl Ctx {
                 row.push(short(l.session_id));
             }
             row.extend([
-                agent,
+                agent_label(l.agent_id, agent_types),
                 output::time_ago(l.acquired_at, self.now),
                 self.lock_state(l),
             ]);
+            if let Some(queues) = queues {
+                row.push(queue_cell(queued(queues, l.id), agent_types));
+            }
             table.add_row(row);
         }
         table
@@ -545,6 +604,72 @@ impl Ctx {
             (None, Some(exp)) => format!("held, expires {}", output::ago(exp, self.now)),
             (None, None) => "held".into(),
         }
+    }
+
+    async fn locks_waiters(
+        &self,
+        resource_type: &str,
+        resource_key: &str,
+    ) -> Result<String, Failure> {
+        let resource = format!("{resource_type}/{resource_key}");
+        let doing = format!("reading the queue of {resource}");
+        let waiters = self
+            .manager
+            .lock_waiters(resource_type, resource_key)
+            .await
+            .map_err(|e| Failure::during(&doing, e))?;
+        if self.json {
+            return output::json(&waiters);
+        }
+        let holder = resource_locks::Entity::find()
+            .filter(resource_locks::Column::ResourceType.eq(resource_type))
+            .filter(resource_locks::Column::ResourceKey.eq(resource_key))
+            .filter(resource_locks::Column::ReleasedAt.is_null())
+            .one(self.manager.connection())
+            .await
+            .map_err(|e| Failure::during(&doing, Error::Database(e)))?;
+        let holder_id = holder
+            .as_ref()
+            .and_then(|h| Uuid::parse_str(&h.agent_id).ok());
+        let ids = waiters.iter().map(|w| w.agent_id).chain(holder_id);
+        let agent_types = self.agent_types(ids).await?;
+        let held = match (&holder, holder_id) {
+            (Some(h), Some(id)) => format!(
+                "held by {}, fencing token {}",
+                agent_label(id, &agent_types),
+                h.fencing_token
+            ),
+            (Some(h), None) => format!(
+                "held by {}, fencing token {}",
+                output::short_text(&h.agent_id),
+                h.fencing_token
+            ),
+            (None, _) => "not held".into(),
+        };
+        if waiters.is_empty() {
+            return Ok(format!("Nobody waits for {resource} ({held}).\n"));
+        }
+        let verb = if waiters.len() == 1 { "waits" } else { "wait" };
+        let mut text = format!(
+            "{} {verb} for {resource} ({held}), next in line first.\n",
+            count(waiters.len() as u64, "agent")
+        );
+        let mut table = output::table(["POSITION", "AGENT", "TYPE", "SESSION", "WAITING SINCE"]);
+        for w in &waiters {
+            table.add_row(vec![
+                w.position.to_string(),
+                short(w.agent_id),
+                agent_types
+                    .get(&w.agent_id)
+                    .cloned()
+                    .unwrap_or_else(|| "-".into()),
+                short(w.session_id),
+                output::time_ago(w.since, self.now),
+            ]);
+        }
+        text.push_str(&output::render(&table));
+        text.push('\n');
+        Ok(text)
     }
 
     async fn locks_sweep(&self) -> Result<String, Failure> {
@@ -682,7 +807,11 @@ impl Ctx {
     }
 }
 
-pub fn lock_view<'a>(l: &'a LockInfo, agent_types: &'a HashMap<Uuid, String>) -> LockView<'a> {
+pub fn lock_view<'a>(
+    l: &'a LockInfo,
+    agent_types: &'a HashMap<Uuid, String>,
+    queues: &'a Queues,
+) -> LockView<'a> {
     LockView {
         id: l.id,
         session_id: l.session_id,
@@ -696,6 +825,32 @@ pub fn lock_view<'a>(l: &'a LockInfo, agent_types: &'a HashMap<Uuid, String>) ->
         released_at: l.released_at,
         release_reason: l.release_reason.as_deref(),
         held: l.released_at.is_none(),
+        waiters: queued(queues, l.id),
+    }
+}
+
+/// The agents waiting for a lock's resource; none if nobody does.
+fn queued(queues: &Queues, lock_id: Uuid) -> &[LockWaiter] {
+    queues.get(&lock_id).map_or(&[], Vec::as_slice)
+}
+
+/// `3 (next: reviewer 3f2a9c1d)`, or `-` when nobody waits.
+fn queue_cell(queue: &[LockWaiter], agent_types: &HashMap<Uuid, String>) -> String {
+    match queue.first() {
+        Some(next) => format!(
+            "{} (next: {})",
+            queue.len(),
+            agent_label(next.agent_id, agent_types)
+        ),
+        None => "-".into(),
+    }
+}
+
+/// `coder 3f2a9c1d`, or the short id alone when the type is unknown.
+fn agent_label(id: Uuid, agent_types: &HashMap<Uuid, String>) -> String {
+    match agent_types.get(&id) {
+        Some(kind) => format!("{kind} {}", short(id)),
+        None => short(id),
     }
 }
 

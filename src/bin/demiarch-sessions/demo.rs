@@ -1,13 +1,35 @@
 //! `demo`: one session end to end, the first thing a new user runs.
 use std::collections::HashMap;
+use std::time::Duration;
 
-use demiarch_sessions::{Error, LockFilter, LockGrant};
+use demiarch_sessions::{Error, LockFilter, LockGrant, LockOptions, LockWaiter, SessionManager};
 use serde_json::json;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::commands::{lock_view, value, Ctx, LockView};
-use crate::exit::Failure;
+use crate::exit::{Failure, INTERNAL};
 use crate::output::{self, count, short, Spinner};
+
+/// How long the reviewer waits for the coder's lock.
+const WAIT: Duration = Duration::from_secs(5);
+
+/// How often the demo looks whether the reviewer has joined the queue.
+const QUEUE_POLL: Duration = Duration::from_millis(5);
+
+/// The reviewer's wait for the coder's lock, up to its hand-over.
+struct HandOff {
+    /// The reviewer's place in the queue, as `lock_waiters` listed it while
+    /// the coder still held the lock (`None` if it never showed there).
+    waiter: Option<LockWaiter>,
+    /// The coder's grant, released.
+    from: LockGrant,
+    /// The reviewer's grant, handed over.
+    to: LockGrant,
+    /// From the reviewer's request to its grant.
+    waited: Duration,
+}
 
 /// A lock the demo takes.
 struct Take {
@@ -93,6 +115,10 @@ async fn steps(ctx: &Ctx) -> Result<String, Failure> {
         ),
     };
 
+    // Waiting instead: the coder's release hands the lock to the reviewer.
+    let from = grants[0].1;
+    let hand_off = hand_off(manager, reviewer, contested, from).await?;
+
     manager
         .contexts()
         .put(
@@ -117,13 +143,17 @@ async fn steps(ctx: &Ctx) -> Result<String, Failure> {
         })
         .await
         .map_err(fail("reading the demo locks"))?;
+    let queues = ctx.queues(&locks).await?;
     let agent_types: HashMap<Uuid, String> = HashMap::from([
         (coder, "coder".to_owned()),
         (reviewer, "reviewer".to_owned()),
     ]);
 
     if ctx.json {
-        let locks: Vec<LockView> = locks.iter().map(|l| lock_view(l, &agent_types)).collect();
+        let locks: Vec<LockView> = locks
+            .iter()
+            .map(|l| lock_view(l, &agent_types, &queues))
+            .collect();
         let agents: Vec<_> = ["coder", "reviewer"]
             .iter()
             .map(|kind| json!({"agent_type": kind, "id": agent(kind)}))
@@ -137,6 +167,16 @@ async fn steps(ctx: &Ctx) -> Result<String, Failure> {
                 "resource_type": contested.resource_type,
                 "resource_key": contested.key,
                 "error": refusal,
+            },
+            "handed_over": {
+                "from_agent_type": "coder",
+                "to_agent_type": "reviewer",
+                "resource_type": contested.resource_type,
+                "resource_key": contested.key,
+                "waiter": hand_off.waiter,
+                "from": hand_off.from,
+                "to": hand_off.to,
+                "waited_ms": u64::try_from(hand_off.waited.as_millis()).unwrap_or(u64::MAX),
             },
             "context_keys": ["plan", "notes"],
             "report": value(&report),
@@ -165,6 +205,22 @@ async fn steps(ctx: &Ctx) -> Result<String, Failure> {
         "reviewer asked for {}/{} too and was refused: {refusal}.",
         contested.resource_type, contested.key
     ));
+    let place = match &hand_off.waiter {
+        Some(w) if w.position == 1 => "queued at position 1, next in line".to_owned(),
+        Some(w) => format!("queued at position {}", w.position),
+        None => "queued".to_owned(),
+    };
+    say(format!(
+        "reviewer asked again, willing to wait up to {}: it is {place}.",
+        output::span(WAIT)
+    ));
+    say(format!(
+        "coder released it: the lock was handed to reviewer with fencing token {} \
+         (coder's was {}), {} after it asked.",
+        hand_off.to.fencing_token,
+        hand_off.from.fencing_token,
+        output::span(hand_off.waited),
+    ));
     say("Put context windows plan and notes.".to_owned());
     say(format!(
         "Ended the session in {}: {} released, {} cancelled, {} ({} bytes) saved.",
@@ -178,6 +234,7 @@ async fn steps(ctx: &Ctx) -> Result<String, Failure> {
     text.push_str(&output::render(&ctx.lock_table(
         &locks,
         &agent_types,
+        None,
         false,
     )));
     text.push_str(&format!(
@@ -187,4 +244,58 @@ async fn steps(ctx: &Ctx) -> Result<String, Failure> {
         short(session)
     ));
     Ok(text)
+}
+
+/// The reviewer queues for the coder's lock `from` in a task of its own; once
+/// `lock_waiters` lists it, the coder releases the lock and the reviewer's
+/// wait returns the hand-over.
+async fn hand_off(
+    manager: &SessionManager,
+    reviewer: Uuid,
+    take: &Take,
+    from: LockGrant,
+) -> Result<HandOff, Failure> {
+    let started = Instant::now();
+    let waiting: JoinHandle<Result<LockGrant, Error>> = {
+        let manager = manager.clone();
+        let resource_type = take.resource_type;
+        let key = take.key.clone();
+        tokio::spawn(async move {
+            let options = LockOptions {
+                wait: Some(WAIT),
+                ..LockOptions::default()
+            };
+            manager
+                .acquire_lock_with(reviewer, resource_type, &key, options)
+                .await
+        })
+    };
+    let waiter = loop {
+        let queue = manager
+            .lock_waiters(take.resource_type, &take.key)
+            .await
+            .map_err(|e| Failure::during("reading the demo queue", e))?;
+        if let Some(w) = queue.into_iter().find(|w| w.agent_id == reviewer) {
+            break Some(w);
+        }
+        if waiting.is_finished() || started.elapsed() >= WAIT {
+            break None;
+        }
+        tokio::time::sleep(QUEUE_POLL).await;
+    };
+    manager
+        .release_lock(from.lock_id)
+        .await
+        .map_err(|e| Failure::during("releasing the demo lock", e))?;
+    let to = waiting
+        .await
+        .map_err(|e| Failure::new(INTERNAL, format!("the demo's waiting agent stopped: {e}")))?
+        .map_err(|e| Failure::during("waiting for the demo lock", e))?;
+    let waited = started.elapsed();
+    Ok(HandOff {
+        waiter,
+        from,
+        to,
+        waited,
+    })
 }

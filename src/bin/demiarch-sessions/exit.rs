@@ -14,7 +14,8 @@ pub const TIMEOUT: u8 = 4;
 /// The database cannot be opened or reached, is not a database, or was
 /// migrated by a newer version.
 pub const UNREACHABLE: u8 = 5;
-/// The state of the session forbids the operation.
+/// The state of a session or lock forbids the operation: the resource is
+/// held (also after waiting for it), or waiting would deadlock.
 pub const CONFLICT: u8 = 6;
 
 const LIST_HINT: &str = "`demiarch-sessions sessions list` shows the sessions there are";
@@ -81,6 +82,9 @@ impl Failure {
             | Error::AgentNotRunning { .. }
             | Error::LockHeld { .. }
             | Error::LockDelay { .. }
+            | Error::LockWaitTimeout { .. }
+            | Error::Deadlock { .. }
+            | Error::AlreadyWaiting { .. }
             | Error::LockNotHeld { .. }
             | Error::SessionStillOpen { .. }
             | Error::ContextTooLarge { .. } => Self::new(CONFLICT, err.to_string()),
@@ -195,6 +199,39 @@ mod tests {
         assert_eq!(Failure::during("x", timeout).code, TIMEOUT);
         let conn = Error::Database(DbErr::Conn(RuntimeErr::Internal("refused".into())));
         assert_eq!(Failure::during("x", conn).code, UNREACHABLE);
+    }
+
+    #[test]
+    fn lock_refusals_are_conflicts() {
+        let agent = Uuid::new_v4();
+        let refusals = [
+            Error::LockHeld {
+                resource_type: "file".into(),
+                resource_key: "x".into(),
+                holder_agent_id: Some(agent),
+                fencing_token: Some(1),
+            },
+            Error::LockWaitTimeout {
+                resource_type: "file".into(),
+                resource_key: "x".into(),
+                waited_ms: 5,
+                holder_agent_id: Some(agent),
+            },
+            Error::Deadlock {
+                agents: vec![agent, Uuid::new_v4()],
+            },
+            Error::AlreadyWaiting {
+                agent_id: agent,
+                resource_type: Some("file".into()),
+                resource_key: Some("y".into()),
+            },
+        ];
+        for err in refusals {
+            let message = err.to_string();
+            let failure = Failure::during("x", err);
+            assert_eq!(failure.code, CONFLICT, "{message}");
+            assert_eq!(failure.message, message);
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! demiarch-sessions sessions show ID
 //! demiarch-sessions sessions end ID [--force]
 //! demiarch-sessions locks list [--held] [--session ID] [--limit N]
+//! demiarch-sessions locks waiters TYPE KEY
 //! demiarch-sessions locks sweep
 //! demiarch-sessions recover [--stale-after 5m]
 //! demiarch-sessions audit tail [-n N] [--session ID] [--event E]
