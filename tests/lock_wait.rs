@@ -597,3 +597,62 @@ async fn waiting_refuses_bad_input_and_a_second_wait_changing_nothing() {
     })
     .await;
 }
+
+/// With a poll interval far longer than the test, only a wake-up can hand
+/// the lock over in time: within one manager on every backend, and across
+/// instances through PostgreSQL's `NOTIFY`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_wakes_the_head_waiter_without_waiting_for_a_poll() {
+    let config = Config {
+        lock_poll_interval: Duration::from_secs(600),
+        ..test_config()
+    };
+    each_backend_with("wake-up", config, |db| async move {
+        let m = db.manager.clone();
+        let mut instances = vec![("one manager", m.clone())];
+        if db.backend == Backend::Postgres {
+            instances.push(("another instance", db.peer_manager().await));
+        }
+        for (round, (how, waiter_manager)) in instances.into_iter().enumerate() {
+            let key = format!("wake/{round}");
+            let (_, holder) = agent_in_new_session(&m, "holder").await;
+            let (_, waiter) = agent_in_new_session(&waiter_manager, "waiter").await;
+            let held = m.acquire_lock(holder, "file", &key).await.expect("hold");
+            let wm = waiter_manager.clone();
+            let k = key.clone();
+            let task = tokio::spawn(async move {
+                wm.acquire_lock_with(waiter, "file", &k, waiting(30_000))
+                    .await
+            });
+            queued(&db, 1).await;
+            let released = Instant::now();
+            m.release_lock(held.lock_id).await.expect("release");
+            let grant = task.await.expect("task").expect("handed over");
+            assert!(
+                released.elapsed() < Duration::from_secs(20),
+                "{how}: the hand-over waited for something other than a wake-up"
+            );
+            assert_eq!(id(&grants_of(&db, &key).await[1].agent_id), waiter);
+
+            // Its own session ended elsewhere: the wake-up reaches it too.
+            let (other_session, other) = agent_in_new_session(&m, "other").await;
+            let wm = waiter_manager.clone();
+            let k = key.clone();
+            let task = tokio::spawn(async move {
+                wm.acquire_lock_with(other, "file", &k, waiting(30_000))
+                    .await
+            });
+            queued(&db, 1).await;
+            let ended = Instant::now();
+            m.end_session(other_session).await.expect("end");
+            assert!(task.await.expect("task").is_err(), "{how}");
+            assert!(ended.elapsed() < Duration::from_secs(20), "{how}");
+            waiter_manager
+                .release_lock(grant.lock_id)
+                .await
+                .expect("release");
+        }
+        db.cleanup().await;
+    })
+    .await;
+}
