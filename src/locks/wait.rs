@@ -108,6 +108,7 @@ pub(crate) async fn acquire(
                         .map(|ms| Instant::now() + Duration::from_millis(ms));
                 }
                 Err(e) => {
+                    registration.leave();
                     cleanup.finish().await;
                     return Err(e);
                 }
@@ -128,6 +129,7 @@ pub(crate) async fn acquire(
         tokio::select! {
             biased;
             _ = at_deadline => {
+                registration.leave();
                 cleanup.finish().await;
                 let holder = queue::holder_of(&**manager.store(), &resource).await.ok().flatten();
                 return Err(Error::LockWaitTimeout {
@@ -151,6 +153,7 @@ pub(crate) async fn acquire(
                 try_now = match queue::look(&**manager.store(), entry, &resource, now).await {
                     // Its session ended or was recovered: the attempt says which.
                     Ok(Look::Gone) => {
+                        registration.leave();
                         cleanup.entry = None;
                         true
                     }
@@ -165,6 +168,7 @@ pub(crate) async fn acquire(
                         _ => true,
                     },
                     Err(e) => {
+                        registration.leave();
                         cleanup.finish().await;
                         return Err(e);
                     }

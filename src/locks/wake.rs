@@ -12,7 +12,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
-use sea_orm::{ConnectionTrait, DatabaseBackend};
+use sea_orm::DatabaseBackend;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -130,6 +130,7 @@ pub(crate) async fn announce(store: &db::Store, wakers: &Wakers, instance: Uuid,
     #[cfg(feature = "postgres")]
     {
         use sea_orm::sea_query::{Func, Query};
+        use sea_orm::ConnectionTrait;
         let notify = Query::select()
             .expr(Func::cust("pg_notify").args([CHANNEL.into(), payload(instance, &freed).into()]))
             .to_owned();
@@ -230,6 +231,14 @@ impl Registration {
         }
     }
 
+    /// Gives up the waiter's place among this manager's waiters, so the next
+    /// one is first when the resource is announced.
+    pub(crate) fn leave(&self) {
+        if let Some(ticket) = lock(&self.ticket).take() {
+            lock(&self.slot.tickets).remove(&ticket);
+        }
+    }
+
     /// Whether no other waiter of this manager is ahead of this one: only
     /// the first of them tries the resource when woken.
     pub(crate) fn first_here(&self) -> bool {
@@ -242,9 +251,7 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        if let Some(ticket) = *lock(&self.ticket) {
-            lock(&self.slot.tickets).remove(&ticket);
-        }
+        self.leave();
         let Some(wakers) = self.wakers.upgrade() else {
             return;
         };
