@@ -6,7 +6,8 @@ use std::time::Duration;
 use chrono::{DateTime, SubsecRound, Utc};
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseBackend, DatabaseConnection,
-    DatabaseTransaction, SqliteTransactionMode, TransactionOptions, TransactionTrait,
+    DatabaseTransaction, IsolationLevel, SqliteTransactionMode, TransactionOptions,
+    TransactionTrait,
 };
 use sea_orm_migration::MigratorTrait;
 
@@ -475,11 +476,14 @@ pub(crate) async fn write_gate(store: &Store) -> Result<Option<tokio::sync::Owne
 pub(crate) async fn begin_write(store: &Store) -> Result<WriteTxn> {
     let gate = write_gate(store).await?;
     let db = store.writer();
+    let sqlite = db.get_database_backend() == DatabaseBackend::Sqlite;
     let options = TransactionOptions {
-        isolation_level: None,
+        // The library's own server connections are READ COMMITTED already
+        // (see `configure_server_sessions`); an app's connection may not be.
+        isolation_level: (!sqlite && store.txn_lock_timeout.is_some())
+            .then_some(IsolationLevel::ReadCommitted),
         access_mode: None,
-        sqlite_transaction_mode: (db.get_database_backend() == DatabaseBackend::Sqlite)
-            .then_some(SqliteTransactionMode::Immediate),
+        sqlite_transaction_mode: sqlite.then_some(SqliteTransactionMode::Immediate),
     };
     let txn = db.begin_with_options(options).await?;
     if let (Some(timeout), DatabaseBackend::Postgres) =

@@ -46,7 +46,7 @@ pub enum Error {
     /// this call never gets the lock. `holder_agent_id` is the holder seen
     /// at the end (`None`: free, with others queued ahead, or in lock delay).
     #[error("waited {waited_ms} ms for {resource_type}/{resource_key}, held by agent {}; not queued any more",
-        .holder_agent_id.map(|a| a.to_string()).unwrap_or_else(|| "none (others queued ahead)".into()))]
+        .holder_agent_id.map(|a| a.to_string()).unwrap_or_else(|| "nobody (free but others queued ahead, or in its lock delay)".into()))]
     LockWaitTimeout {
         resource_type: String,
         resource_key: String,

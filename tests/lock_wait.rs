@@ -164,6 +164,7 @@ async fn a_timed_out_wait_leaves_the_queue_and_never_gets_the_lock() {
                     ("file", "t")
                 );
                 assert!(waited_ms >= 300, "waited {waited_ms} ms");
+                assert!(waited_ms < 3_000, "waited {waited_ms} ms for a 300 ms wait");
                 assert_eq!(holder_agent_id, Some(holder));
             }
             other => panic!("expected LockWaitTimeout, got {other:?}"),
@@ -247,6 +248,35 @@ async fn a_wait_dropped_at_any_moment_leaves_no_grant_that_nobody_holds() {
                 }
             }
         }
+
+        // Queued behind a holder, dropped at any moment, or by a timeout of
+        // exactly its wait: the entry goes, and the agent is never granted.
+        let (_, holder) = agent_in_new_session(m, "holder").await;
+        let held = m.acquire_lock(holder, "file", "held").await.expect("hold");
+        for step in 0..20u64 {
+            let (wait, cut) = match step {
+                0..=14 => (30_000, Duration::from_micros(step * 300)),
+                _ => (200, Duration::from_millis(200)),
+            };
+            let call = m.acquire_lock_with(agent, "file", "held", waiting(wait));
+            let outcome = tokio::time::timeout(cut, call).await;
+            assert!(
+                matches!(outcome, Err(_) | Ok(Err(Error::LockWaitTimeout { .. }))),
+                "{outcome:?}"
+            );
+            let what = format!(
+                "{}: queued step {step}: the entry leaves",
+                db.backend.name()
+            );
+            eventually(&what, || async { waiter_rows(&db).await.is_empty() }).await;
+        }
+        m.release_lock(held.lock_id).await.expect("release");
+        tokio::time::sleep(m.config().lock_poll_interval * 3).await;
+        assert_eq!(
+            grants_of(&db, "held").await.len(),
+            1,
+            "a dropped waiter was granted"
+        );
         db.cleanup().await;
     })
     .await;
@@ -257,18 +287,23 @@ async fn a_wait_dropped_at_any_moment_leaves_no_grant_that_nobody_holds() {
 enum LetGo {
     Release,
     EndSession,
-    SweepExpired,
+    SweepOrphaned,
     ExpiredUnswept,
     RecoverStale,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_kind_of_release_hands_over_to_the_head_waiter() {
-    each_backend("hand-over", |db| async move {
+    // No poll fires during the test: each hand-over is the release's own wake-up.
+    let config = Config {
+        lock_poll_interval: Duration::from_secs(600),
+        ..test_config()
+    };
+    each_backend_with("hand-over", config, |db| async move {
         for how in [
             LetGo::Release,
             LetGo::EndSession,
-            LetGo::SweepExpired,
+            LetGo::SweepOrphaned,
             LetGo::ExpiredUnswept,
             LetGo::RecoverStale,
         ] {
@@ -281,7 +316,7 @@ async fn every_kind_of_release_hands_over_to_the_head_waiter() {
             };
             let (holder_session, holder) = agent_in_new_session(&owner, "holder").await;
             let ttl = match how {
-                LetGo::SweepExpired | LetGo::ExpiredUnswept => Some(Duration::from_millis(300)),
+                LetGo::ExpiredUnswept => Some(Duration::from_millis(300)),
                 _ => None,
             };
             let held = owner
@@ -304,10 +339,10 @@ async fn every_kind_of_release_hands_over_to_the_head_waiter() {
                 LetGo::EndSession => {
                     m.end_session(holder_session).await.expect("end");
                 }
-                LetGo::SweepExpired => {
-                    tokio::time::sleep(Duration::from_millis(350)).await;
-                    // The waiter may take it first; either way it is handed over.
-                    m.sweep_locks().await.expect("sweep");
+                LetGo::SweepOrphaned => {
+                    // A status changed by hand leaves the lock for the sweep.
+                    set_session_status(&db, holder_session, "interrupted").await;
+                    assert_eq!(m.sweep_locks().await.expect("sweep").orphaned, 1);
                 }
                 LetGo::ExpiredUnswept => {}
                 LetGo::RecoverStale => {
@@ -330,8 +365,8 @@ async fn every_kind_of_release_hands_over_to_the_head_waiter() {
             let expected = match how {
                 LetGo::Release => "released",
                 LetGo::EndSession => "session_end",
-                LetGo::SweepExpired | LetGo::ExpiredUnswept => "expired",
-                LetGo::RecoverStale => "orphaned",
+                LetGo::ExpiredUnswept => "expired",
+                LetGo::SweepOrphaned | LetGo::RecoverStale => "orphaned",
             };
             assert_eq!(reason, Some(expected), "{how:?}");
             assert_eq!(id(&rows[1].agent_id), waiter);
@@ -461,7 +496,7 @@ async fn a_wait_that_closes_a_cycle_is_refused_with_the_cycle() {
         // Breaking the cycle by hand: c gives up c.rs, so b gets it.
         m.release_lock(held_c.lock_id).await.expect("release c");
         b_waits.await.expect("task").expect("b is handed c.rs");
-        drop(c_waits);
+        c_waits.abort();
         db.cleanup().await;
     })
     .await;

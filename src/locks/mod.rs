@@ -188,7 +188,7 @@ pub(crate) async fn attempt(
     })))
 }
 
-fn is_expired(lock: &resource_locks::Model, now: DateTime<Utc>) -> bool {
+pub(crate) fn is_expired(lock: &resource_locks::Model, now: DateTime<Utc>) -> bool {
     lock.expires_at.is_some_and(|at| at.to_utc() <= now)
 }
 

@@ -270,7 +270,11 @@ pub(crate) async fn cycle(
         let Some(resource) = waiting_for(conn, next, now).await? else {
             return Ok(None);
         };
-        let Some(lock) = holder_of(conn, &resource).await? else {
+        // A holder past its ttl is as good as gone: not an edge.
+        let Some(lock) = holder_of(conn, &resource)
+            .await?
+            .filter(|lock| !super::is_expired(lock, now))
+        else {
             return Ok(None);
         };
         next = db::stored_id("agent_id", &lock.agent_id)?;

@@ -15,6 +15,7 @@
 //! attempt that finds its caller gone releases what it was granted. Should
 //! that write fail, the entry is ignored once its wait, plus a margin, has
 //! run out.
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -62,7 +63,7 @@ pub(crate) async fn acquire(
         ttl,
         wait_until: None,
     };
-    let mut cleanup = Cleanup::new(manager, &resource);
+    let mut cleanup = Cleanup::new(manager, &resource, agent_id).await;
     let Some(wait) = wait else {
         let outcome = cleanup.attempt(&request, None).await?;
         return match outcome {
@@ -76,105 +77,188 @@ pub(crate) async fn acquire(
         };
     };
     let started = Instant::now();
-    let deadline = started.checked_add(wait);
-    let margin = abandon_margin(manager.config().lock_poll_interval);
-    let entry_life = validate::duration("wait", wait.saturating_add(margin), true)
+    let deadline = started
+        .checked_add(wait)
+        .unwrap_or_else(|| started + crate::MAX_ARGUMENT_DURATION);
+    let poll = manager.config().lock_poll_interval;
+    let entry_life = validate::duration("wait", wait.saturating_add(abandon_margin(poll)), true)
         .unwrap_or_else(|_| chrono::Duration::days(3660));
     request.wait_until = Some(db::now() + entry_life);
     manager
         .lock_wakers()
         .ensure_listening(manager.store(), manager.instance_id());
     let registration = manager.lock_wakers().register(&resource);
-    let poll = manager.config().lock_poll_interval;
-    let mut try_now = true;
-    let mut wake_at: Option<Instant> = None;
+    let mut timers = Timers::new(poll);
+    let mut next = Next::Attempt;
     loop {
+        // Enabled before looking at the queue, so no wake-up in between is lost.
         let notified = registration.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        if try_now {
-            match cleanup.attempt(&request, cleanup.entry).await {
-                Ok(Attempt::Granted(grant)) => return Ok(grant),
-                Ok(Attempt::Refused(refusal)) => {
-                    if refusal.expired_one {
-                        cleanup.announce().await;
+        if next == Next::Look {
+            next = match cleanup.entry {
+                None => Next::Attempt,
+                Some(entry) => {
+                    match queue::look(&**manager.store(), entry, &resource, db::now()).await {
+                        // Its session ended or was recovered: the attempt says which.
+                        Ok(Look::Gone) => {
+                            registration.leave();
+                            cleanup.entry = None;
+                            Next::Attempt
+                        }
+                        Ok(Look::Free) if !timers.delayed() => Next::Attempt,
+                        Ok(Look::First { expires_at }) => {
+                            timers.holder_expires(expires_at);
+                            if timers.expiry_due() {
+                                Next::Attempt
+                            } else {
+                                Next::Wait
+                            }
+                        }
+                        Ok(_) => Next::Wait,
+                        Err(e) if e.is_timeout() => Next::Wait,
+                        Err(e) => {
+                            registration.leave();
+                            cleanup.finish().await;
+                            return Err(e);
+                        }
                     }
+                }
+            };
+        }
+        if next == Next::Attempt {
+            // Bounded by the wait: an attempt dropped here is undone.
+            let outcome =
+                tokio::time::timeout_at(deadline, cleanup.attempt(&request, cleanup.entry)).await;
+            match outcome {
+                Ok(Ok(Attempt::Granted(grant))) => return Ok(grant),
+                Ok(Ok(Attempt::Refused(refusal))) => {
                     cleanup.entry = refusal.entry;
                     if let Some(entry) = refusal.entry {
                         registration.queued(entry.ticket);
                     }
-                    wake_at = refusal
-                        .delay_ms
-                        .map(|ms| Instant::now() + Duration::from_millis(ms));
+                    timers.refused(&refusal);
+                    if refusal.expired_one {
+                        cleanup.announce().await;
+                    }
                 }
-                Err(e) => {
+                // Busy: try again at the next poll.
+                Ok(Err(e)) if e.is_timeout() => {}
+                Ok(Err(e)) => {
                     registration.leave();
                     cleanup.finish().await;
                     return Err(e);
                 }
+                Err(_) => {}
             }
         }
-        let at_deadline = async {
-            match deadline {
-                Some(deadline) => tokio::time::sleep_until(deadline).await,
-                None => std::future::pending().await,
-            }
-        };
-        let at_wake = async {
-            match wake_at {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
+        let poll_at = timers.poll_at;
         tokio::select! {
             biased;
-            _ = at_deadline => {
+            _ = tokio::time::sleep_until(deadline) => {
                 registration.leave();
                 cleanup.finish().await;
-                let holder = queue::holder_of(&**manager.store(), &resource).await.ok().flatten();
-                return Err(Error::LockWaitTimeout {
-                    resource_type: resource.0.clone(),
-                    resource_key: resource.1.clone(),
-                    waited_ms: db::millis(started.elapsed()),
-                    holder_agent_id: holder.and_then(|h| db::stored_id("agent_id", &h.agent_id).ok()),
-                });
+                return Err(timed_out(manager, &resource, started).await);
             }
-            _ = &mut notified => try_now = registration.first_here(),
-            _ = at_wake => {
-                wake_at = None;
-                try_now = true;
+            _ = &mut notified => {
+                next = if registration.first_here() { Next::Attempt } else { Next::Wait };
             }
-            _ = tokio::time::sleep(poll) => {
-                let Some(entry) = cleanup.entry else {
-                    try_now = true;
-                    continue;
-                };
-                let now = db::now();
-                try_now = match queue::look(&**manager.store(), entry, &resource, now).await {
-                    // Its session ended or was recovered: the attempt says which.
-                    Ok(Look::Gone) => {
-                        registration.leave();
-                        cleanup.entry = None;
-                        true
-                    }
-                    Ok(Look::Free) => true,
-                    Ok(Look::Behind | Look::First { expires_at: None }) => false,
-                    Ok(Look::First { expires_at: Some(at) }) => match (at.signed_duration_since(now)).to_std() {
-                        Ok(left) if !left.is_zero() => {
-                            let at = Instant::now() + left;
-                            wake_at = Some(wake_at.map_or(at, |w| w.min(at)));
-                            false
-                        }
-                        _ => true,
-                    },
-                    Err(e) => {
-                        registration.leave();
-                        cleanup.finish().await;
-                        return Err(e);
-                    }
-                };
+            _ = timers.due() => next = Next::Attempt,
+            _ = tokio::time::sleep_until(poll_at) => {
+                timers.polled();
+                next = Next::Look;
             }
         }
+    }
+}
+
+/// What a waiter does on its next turn.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Next {
+    Attempt,
+    Look,
+    Wait,
+}
+
+/// A waiter's clocks: its next poll, the end of the resource's lock delay
+/// and its holder's expiry.
+struct Timers {
+    poll: Duration,
+    poll_at: Instant,
+    delay_until: Option<Instant>,
+    expiry_at: Option<Instant>,
+}
+
+impl Timers {
+    fn new(poll: Duration) -> Self {
+        Self {
+            poll,
+            poll_at: Instant::now() + poll,
+            delay_until: None,
+            expiry_at: None,
+        }
+    }
+
+    fn polled(&mut self) {
+        self.poll_at = Instant::now() + self.poll;
+    }
+
+    fn refused(&mut self, refusal: &Refusal) {
+        self.delay_until = refusal
+            .delay_ms
+            .map(|ms| Instant::now() + Duration::from_millis(ms));
+        self.holder_expires(
+            refusal
+                .holder
+                .as_ref()
+                .and_then(|h| h.expires_at)
+                .map(|at| at.to_utc()),
+        );
+    }
+
+    fn holder_expires(&mut self, at: Option<DateTime<Utc>>) {
+        self.expiry_at = at.map(|at| match (at - db::now()).to_std() {
+            Ok(left) => Instant::now() + left,
+            Err(_) => Instant::now(),
+        });
+    }
+
+    fn delayed(&self) -> bool {
+        self.delay_until.is_some_and(|at| at > Instant::now())
+    }
+
+    fn expiry_due(&self) -> bool {
+        self.expiry_at.is_some_and(|at| at <= Instant::now())
+    }
+
+    /// Fires at the first of the lock delay's end and the holder's expiry.
+    async fn due(&mut self) {
+        let at = match (self.delay_until, self.expiry_at) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(a), None) | (None, Some(a)) => a,
+            (None, None) => return std::future::pending().await,
+        };
+        tokio::time::sleep_until(at).await;
+        self.delay_until = None;
+        self.expiry_at = None;
+    }
+}
+
+/// The error of a wait that ran out, naming the holder as it is now.
+async fn timed_out(manager: &SessionManager, resource: &Resource, started: Instant) -> Error {
+    let now = db::now();
+    let holder = match queue::holder_of(&**manager.store(), resource).await {
+        Ok(holder) => holder.filter(|h| !super::is_expired(h, now)),
+        Err(e) => {
+            tracing::debug!(error = %e, "could not read the holder of a timed-out wait");
+            None
+        }
+    };
+    Error::LockWaitTimeout {
+        resource_type: resource.0.clone(),
+        resource_key: resource.1.clone(),
+        waited_ms: db::millis(started.elapsed()),
+        holder_agent_id: holder.and_then(|h| db::stored_id("agent_id", &h.agent_id).ok()),
     }
 }
 
@@ -202,46 +286,52 @@ fn refused_now(resource: &Resource, refusal: Refusal) -> Error {
 /// attempts run in tasks of their own, so dropping the acquire never cuts a
 /// transaction midway; an attempt that finds its caller gone undoes what it
 /// did.
+///
+/// Each such clean-up holds the agent's gate until it is done, and an
+/// acquire passes through the gate before it starts, so an agent that gives
+/// up a wait and asks again never meets the entry it just left.
 struct Cleanup<'a> {
     manager: &'a SessionManager,
     resource: &'a Resource,
     entry: Option<Entry>,
+    gate: Gate,
 }
 
+type Gate = Arc<tokio::sync::Mutex<()>>;
+type GateGuard = tokio::sync::OwnedMutexGuard<()>;
+
 impl<'a> Cleanup<'a> {
-    fn new(manager: &'a SessionManager, resource: &'a Resource) -> Self {
+    async fn new(manager: &'a SessionManager, resource: &'a Resource, agent_id: Uuid) -> Self {
+        let gate = manager.lock_wakers().agent_gate(agent_id);
+        drop(gate.lock().await);
         Self {
             manager,
             resource,
             entry: None,
+            gate,
         }
     }
 
     /// One attempt, run to its end even if this future is dropped.
     async fn attempt(&mut self, request: &Request, queued: Option<Entry>) -> Result<Attempt> {
+        let (store, config) = (self.manager.store(), self.manager.config());
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return attempt(
-                self.manager.store(),
-                self.manager.config(),
-                request,
-                queued,
-                Uuid::new_v4(),
-            )
-            .await;
+            return attempt(store, config, request, queued, Uuid::new_v4()).await;
         };
         let (manager, request) = (self.manager.clone(), request.clone());
         let (reply, outcome) = tokio::sync::oneshot::channel();
-        let resource = self.resource.clone();
+        let gate = self.gate.clone();
         runtime.spawn(async move {
+            let guard = gate.lock_owned().await;
             let store = manager.store();
             let done = attempt(store, manager.config(), &request, queued, Uuid::new_v4()).await;
-            if let Err(Ok(unreceived)) = reply.send(done) {
-                undo(&manager, &request.resource, unreceived).await;
+            if let Err((Ok(unreceived), guard)) = reply.send((done, guard)) {
+                undo(&manager, &request.resource, unreceived, guard).await;
             }
         });
         let mut answer = Answer {
             manager: self.manager,
-            resource,
+            resource: self.resource.clone(),
             outcome: Some(outcome),
         };
         let outcome = match answer.outcome.as_mut() {
@@ -249,7 +339,7 @@ impl<'a> Cleanup<'a> {
             None => return Err(Error::CorruptRow("a lock attempt was awaited twice".into())),
         };
         answer.outcome = None;
-        let outcome = outcome.map_err(|_| {
+        let (outcome, _guard) = outcome.map_err(|_| {
             Error::CorruptRow("a lock attempt's task ended without an answer".into())
         })?;
         if matches!(outcome, Ok(Attempt::Granted(_))) {
@@ -266,10 +356,25 @@ impl<'a> Cleanup<'a> {
         wake::announce(store, self.manager.lock_wakers(), instance, freed).await;
     }
 
-    /// Leaves the queue now, if queued.
+    /// Leaves the queue now, if queued, in a task of its own so that
+    /// dropping this future does not cut the write midway.
     async fn finish(&mut self) {
-        let entry = self.entry.take();
-        abandon(self.manager, self.resource, entry, None).await;
+        let Some(entry) = self.entry else {
+            return;
+        };
+        let guard = self.gate.clone().lock_owned().await;
+        let (manager, resource) = (self.manager.clone(), self.resource.clone());
+        let leaving = async move {
+            abandon(&manager, &resource, Some(entry), None).await;
+            drop(guard);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let _ = runtime.spawn(leaving).await;
+            }
+            Err(_) => leaving.await,
+        }
+        self.entry = None;
     }
 }
 
@@ -279,7 +384,7 @@ impl<'a> Cleanup<'a> {
 struct Answer<'a> {
     manager: &'a SessionManager,
     resource: Resource,
-    outcome: Option<tokio::sync::oneshot::Receiver<Result<Attempt>>>,
+    outcome: Option<tokio::sync::oneshot::Receiver<(Result<Attempt>, GateGuard)>>,
 }
 
 impl Drop for Answer<'_> {
@@ -288,24 +393,30 @@ impl Drop for Answer<'_> {
             return;
         };
         outcome.close();
-        let Ok(Ok(unreceived)) = outcome.try_recv() else {
+        let Ok((Ok(unreceived), guard)) = outcome.try_recv() else {
             return;
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let (manager, resource) = (self.manager.clone(), self.resource.clone());
-        runtime.spawn(async move { undo(&manager, &resource, unreceived).await });
+        runtime.spawn(async move { undo(&manager, &resource, unreceived, guard).await });
     }
 }
 
 /// Undoes an attempt nobody received: its grant, or the entry it queued.
-async fn undo(manager: &SessionManager, resource: &Resource, unreceived: Attempt) {
+async fn undo(
+    manager: &SessionManager,
+    resource: &Resource,
+    unreceived: Attempt,
+    guard: GateGuard,
+) {
     let (entry, grant) = match unreceived {
         Attempt::Granted(grant) => (None, Some(grant.lock_id)),
         Attempt::Refused(refusal) => (refusal.entry, None),
     };
     abandon(manager, resource, entry, grant).await;
+    drop(guard);
 }
 
 impl Drop for Cleanup<'_> {
@@ -317,7 +428,18 @@ impl Drop for Cleanup<'_> {
             return;
         };
         let (manager, resource) = (self.manager.clone(), self.resource.clone());
-        runtime.spawn(async move { abandon(&manager, &resource, Some(entry), None).await });
+        // Taken here, before the agent can ask again; if a clean-up of the
+        // same agent holds it, this one queues behind it.
+        let held = self.gate.clone().try_lock_owned();
+        let gate = self.gate.clone();
+        runtime.spawn(async move {
+            let guard = match held {
+                Ok(guard) => guard,
+                Err(_) => gate.lock_owned().await,
+            };
+            abandon(&manager, &resource, Some(entry), None).await;
+            drop(guard);
+        });
     }
 }
 

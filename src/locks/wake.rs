@@ -34,6 +34,8 @@ const MAX_PAYLOAD: usize = 7900;
 #[derive(Default)]
 pub(crate) struct Wakers {
     slots: Mutex<HashMap<Resource, Arc<Slot>>>,
+    /// Per agent, held while a given-up acquire of it is cleaned up.
+    gates: Mutex<HashMap<Uuid, Weak<tokio::sync::Mutex<()>>>>,
     listener: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -72,6 +74,18 @@ impl Wakers {
         }
     }
 
+    /// The agent's gate (see `wait`), shared while anyone holds it.
+    pub(crate) fn agent_gate(&self, agent_id: Uuid) -> Arc<tokio::sync::Mutex<()>> {
+        let mut gates = lock(&self.gates);
+        gates.retain(|_, gate| gate.strong_count() > 0);
+        if let Some(gate) = gates.get(&agent_id).and_then(Weak::upgrade) {
+            return gate;
+        }
+        let gate = Arc::default();
+        gates.insert(agent_id, Arc::downgrade(&gate));
+        gate
+    }
+
     /// Wakes this manager's first waiter on each resource.
     fn wake_local(&self, resources: Option<&[Resource]>) {
         let slots = lock(&self.slots);
@@ -91,7 +105,9 @@ impl Wakers {
         }
     }
 
-    /// On PostgreSQL, starts listening for other instances' releases, once.
+    /// On PostgreSQL, starts listening for other instances' releases, once, on
+    /// a connection of its own (one more connection to the server per manager
+    /// that has waited).
     #[allow(unused_variables)]
     pub(crate) fn ensure_listening(self: &Arc<Self>, store: &db::Store, instance: Uuid) {
         #[cfg(feature = "postgres")]
@@ -103,7 +119,12 @@ impl Wakers {
             let Ok(runtime) = tokio::runtime::Handle::try_current() else {
                 return;
             };
-            let pool = store.get_postgres_connection_pool().clone();
+            // A pool of its own, so the listening connection never takes one
+            // of the manager's (or the app's) connections away.
+            let options = store.get_postgres_connection_pool().connect_options();
+            let pool = sea_orm::sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .connect_lazy_with((*options).clone());
             *listener = Some(runtime.spawn(listen(pool, Arc::downgrade(self), instance)));
         }
     }
@@ -179,6 +200,11 @@ async fn listen(pool: sea_orm::sqlx::PgPool, wakers: Weak<Wakers>, instance: Uui
         if listener.listen(CHANNEL).await.is_err() {
             tokio::time::sleep(retry).await;
             continue;
+        }
+        // Releases announced before this point were not heard.
+        match wakers.upgrade() {
+            Some(wakers) => wakers.wake_local(None),
+            None => return,
         }
         loop {
             let received = listener.try_recv().await;
