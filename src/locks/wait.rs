@@ -93,8 +93,10 @@ pub(crate) async fn acquire(
     loop {
         // Enabled before looking at the queue, so no wake-up in between is lost.
         let notified = registration.notified();
-        tokio::pin!(notified);
+        let maybe = registration.maybe_notified();
+        tokio::pin!(notified, maybe);
         notified.as_mut().enable();
+        maybe.as_mut().enable();
         if next == Next::Look {
             next = match cleanup.entry {
                 None => Next::Attempt,
@@ -162,6 +164,9 @@ pub(crate) async fn acquire(
             }
             _ = &mut notified => {
                 next = if registration.first_here() { Next::Attempt } else { Next::Wait };
+            }
+            _ = &mut maybe => {
+                next = if registration.first_here() { Next::Look } else { Next::Wait };
             }
             _ = timers.due() => next = Next::Attempt,
             _ = tokio::time::sleep_until(poll_at) => {

@@ -42,7 +42,11 @@ pub(crate) struct Wakers {
 /// The local waiters of one resource.
 #[derive(Default)]
 struct Slot {
-    notify: Notify,
+    /// This resource was freed: the first waiter tries for it.
+    freed: Notify,
+    /// Something was freed, which is not known (a session's end): the first
+    /// waiter looks at its queue, reading only, before it tries.
+    maybe: Notify,
     /// Queue tickets of this manager's waiters that are queued on it.
     tickets: Mutex<BTreeSet<i64>>,
 }
@@ -93,8 +97,8 @@ impl Wakers {
             Some(resources) => resources
                 .iter()
                 .filter_map(|r| slots.get(r))
-                .for_each(|s| s.notify.notify_waiters()),
-            None => slots.values().for_each(|s| s.notify.notify_waiters()),
+                .for_each(|s| s.freed.notify_waiters()),
+            None => slots.values().for_each(|s| s.maybe.notify_waiters()),
         }
     }
 
@@ -241,7 +245,12 @@ impl Registration {
     /// A wake-up to wait for. Create it before looking at the queue, so a
     /// release in between is not missed.
     pub(crate) fn notified(&self) -> tokio::sync::futures::Notified<'_> {
-        self.slot.notify.notified()
+        self.slot.freed.notified()
+    }
+
+    /// A wake-up for "something was freed, maybe this": see [`notified`](Self::notified).
+    pub(crate) fn maybe_notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.slot.maybe.notified()
     }
 
     /// Records the waiter's queue ticket, once it is queued.
