@@ -26,9 +26,11 @@
 //! falls on all of them alike and their ratios can be trusted.
 //!
 //! Other modes: `--concurrency N` (throughput, serial vs N tasks), `--acquire`
-//! (acquire_lock latency), `--explain` (query plans), `--wal-pages` (what
-//! each end writes to SQLite's WAL, per table and index), `--chart` (the SVG
-//! in docs/). See `--help` and docs/performance.md.
+//! (acquire_lock latency), `--handoff` (how soon a waiting acquire receives a
+//! released lock: in one process, on a second manager, and a queue of 16
+//! draining; see scale/handoff.rs), `--explain` (query plans), `--wal-pages`
+//! (what each end writes to SQLite's WAL, per table and index), `--chart` (the
+//! SVG in docs/). See `--help` and docs/performance.md.
 use std::error::Error;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -47,6 +49,8 @@ mod chart;
 mod explain;
 #[path = "scale/fixture.rs"]
 mod fixture;
+#[path = "scale/handoff.rs"]
+mod handoff;
 #[path = "scale/raw_seed.rs"]
 mod raw_seed;
 #[path = "scale/report.rs"]
@@ -72,6 +76,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
             rounds,
         } => throughput(&args, concurrency, sessions, rounds).await,
         Mode::Acquire => time_acquires(&args).await,
+        Mode::Handoff => handoff::run(&args).await,
         Mode::Explain => {
             let locks = args.locks[0];
             with_fixture(&args, |fx| async move { explain::run(&fx, locks).await }).await
@@ -81,14 +86,18 @@ async fn main() -> Result<(), Box<dyn Error>> {
     }
 }
 
-/// A fresh database holding `background` sessions.
-async fn open_populated(args: &Args, background: u64) -> BoxResult<Fixture> {
-    let config = Config {
+/// The configuration of the manager under test.
+fn manager_config(args: &Args) -> Config {
+    Config {
         cleanup_timeout: Duration::from_millis(args.cleanup_timeout_ms),
         max_connections: args.max_connections,
         ..Config::default()
-    };
-    let fx = Fixture::open(args.backend, config).await?;
+    }
+}
+
+/// A fresh database holding `background` sessions.
+async fn open_populated(args: &Args, background: u64) -> BoxResult<Fixture> {
+    let fx = Fixture::open(args.backend, manager_config(args)).await?;
     let populated: BoxResult<()> = fx
         .populate_background(background)
         .await

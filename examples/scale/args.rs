@@ -29,6 +29,10 @@ modes (default: time ends, one JSON line per impl and combination):
   --sessions N                 sessions per throughput phase [1000]
   --rounds N                   throughput rounds (serial + concurrent phase each) [3]
   --acquire                    time acquire_lock instead of end_session
+  --handoff                    time a lock's hand-over to a waiting acquire (LockOptions::wait):
+                               in one process, to a second manager on the same database,
+                               and a queue of 16 waiters draining against uncontended pairs;
+                               --iters of each case, after 3 warm-up ones
   --explain                    print the query plan of every statement of both ends
   --wal-pages                  sqlite-wal: pages each end writes to the WAL, per table/index
   --chart OUT.svg --from FILE  draw median end latency against locks from JSON lines
@@ -77,6 +81,7 @@ pub enum Mode {
         rounds: usize,
     },
     Acquire,
+    Handoff,
     Explain,
     WalPages,
     Chart {
@@ -125,6 +130,7 @@ impl Args {
         let mut sessions = 1000;
         let mut rounds = 3;
         let mut acquire = false;
+        let mut handoff = false;
         let mut explain = false;
         let mut wal_pages = false;
         let mut chart = None;
@@ -158,6 +164,7 @@ impl Args {
                 "--sessions" => sessions = number("--sessions", &value()?)?,
                 "--rounds" => rounds = number("--rounds", &value()?)?,
                 "--acquire" => acquire = true,
+                "--handoff" => handoff = true,
                 "--explain" => explain = true,
                 "--wal-pages" => wal_pages = true,
                 "--chart" => chart = Some(PathBuf::from(value()?)),
@@ -166,25 +173,26 @@ impl Args {
                 other => return Err(format!("unknown argument {other:?}\n\n{USAGE}").into()),
             }
         }
-        let mode = match (chart, from, concurrency, acquire, explain, wal_pages) {
-            (Some(out), Some(from), None, false, false, false) => Mode::Chart { out, from },
+        let mode = match (chart, from, concurrency, acquire, handoff, explain, wal_pages) {
+            (Some(out), Some(from), None, false, false, false, false) => Mode::Chart { out, from },
             (Some(_), None, ..) | (None, Some(_), ..) => {
                 return Err(format!("--chart and --from go together\n\n{USAGE}").into())
             }
-            (None, None, Some(concurrency), false, false, false) if concurrency > 0 => {
+            (None, None, Some(concurrency), false, false, false, false) if concurrency > 0 => {
                 Mode::Throughput {
                     concurrency,
                     sessions,
                     rounds: rounds.max(1),
                 }
             }
-            (None, None, None, true, false, false) => Mode::Acquire,
-            (None, None, None, false, true, false) => Mode::Explain,
-            (None, None, None, false, false, true) => Mode::WalPages,
-            (None, None, None, false, false, false) => Mode::End,
+            (None, None, None, true, false, false, false) => Mode::Acquire,
+            (None, None, None, false, true, false, false) => Mode::Handoff,
+            (None, None, None, false, false, true, false) => Mode::Explain,
+            (None, None, None, false, false, false, true) => Mode::WalPages,
+            (None, None, None, false, false, false, false) => Mode::End,
             _ => {
                 return Err(format!(
-                    "choose one mode: --concurrency N (N > 0), --acquire, --explain, --wal-pages or --chart\n\n{USAGE}"
+                    "choose one mode: --concurrency N (N > 0), --acquire, --handoff, --explain, --wal-pages or --chart\n\n{USAGE}"
                 )
                 .into())
             }

@@ -58,6 +58,8 @@ pub struct Fixture {
     server: Option<(DatabaseConnection, String)>,
     /// Keeps a `sqlite-wal` database's directory until the fixture is dropped.
     dir: Option<TempDir>,
+    /// What the manager was connected with.
+    url: String,
 }
 
 impl Fixture {
@@ -92,7 +94,21 @@ impl Fixture {
             backend,
             server,
             dir,
+            url,
         })
+    }
+
+    /// A second manager on the same database, as another instance of the app
+    /// would open it; `None` on in-memory SQLite, where every connect is a
+    /// database of its own. The caller closes it.
+    pub async fn second_manager(&self, config: Config) -> BoxResult<Option<SessionManager>> {
+        if self.backend == BackendKind::SqliteMemory {
+            return Ok(None);
+        }
+        let manager = SessionManager::connect_with(&self.url, config)
+            .await
+            .map_err(|e| format!("cannot connect a second manager to {}: {e}", self.url))?;
+        Ok(Some(manager))
     }
 
     pub fn connection(&self) -> &DatabaseConnection {
@@ -190,11 +206,11 @@ fn now() -> DateTime<Utc> {
 /// Reserves `n` fencing tokens from the counter; returns the first.
 async fn reserve_tokens(txn: &DatabaseTransaction, n: u64) -> BoxResult<i64> {
     use sea_orm::ExprTrait;
-    let n = i64::try_from(n)?;
+    let step = i64::try_from(n)?;
     lock_fencing::Entity::update_many()
         .col_expr(
             lock_fencing::Column::LastToken,
-            Expr::col(lock_fencing::Column::LastToken).add(n),
+            Expr::col(lock_fencing::Column::LastToken).add(step),
         )
         .filter(lock_fencing::Column::Id.eq(1))
         .exec(txn)
@@ -204,7 +220,7 @@ async fn reserve_tokens(txn: &DatabaseTransaction, n: u64) -> BoxResult<i64> {
         .await?
         .ok_or("lock_fencing has no counter row; were the migrations run?")?
         .last_token;
-    Ok(last - n + 1)
+    Ok(last - step + 1)
 }
 
 // Columns added by later migrations keep their defaults (`..Default::default()`).

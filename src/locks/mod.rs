@@ -292,7 +292,9 @@ async fn next_fencing_token(txn: &DatabaseTransaction) -> Result<i64> {
     lock_fencing::Entity::update_many()
         .col_expr(
             lock_fencing::Column::LastToken,
-            Expr::col(lock_fencing::Column::LastToken).add(1),
+            // 64-bit, as the column: sqlx caches a PostgreSQL statement's
+            // parameter types by its text, so every binding of it must agree.
+            Expr::col(lock_fencing::Column::LastToken).add(1i64),
         )
         .filter(lock_fencing::Column::Id.eq(1))
         .exec(txn)
