@@ -41,7 +41,8 @@ pub struct Config {
     /// How often a waiting acquire (`LockOptions::wait`) looks at its queue:
     /// the bound on noticing a hand-over or the end of its own session where
     /// no wake-up reaches it (another process on a SQLite file, another
-    /// instance on MariaDB). 100 ms by default.
+    /// instance on MariaDB); taking the lock then is one more transaction.
+    /// 100 ms by default.
     pub lock_poll_interval: Duration,
 }
 
