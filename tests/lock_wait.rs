@@ -68,6 +68,17 @@ async fn other_instance(db: &TestDb) -> SessionManager {
     db.peer_manager().await
 }
 
+/// Starts `agent` waiting up to `ms` for `file/key` on `m`, in a task.
+fn spawn_wait(
+    m: &SessionManager,
+    agent: Uuid,
+    key: &str,
+    ms: u64,
+) -> tokio::task::JoinHandle<demiarch_sessions::Result<demiarch_sessions::LockGrant>> {
+    let (m, key) = (m.clone(), key.to_owned());
+    tokio::spawn(async move { m.acquire_lock_with(agent, "file", &key, waiting(ms)).await })
+}
+
 async fn agent_in_new_session(m: &SessionManager, kind: &str) -> (Uuid, Uuid) {
     let session = m.start_session().await.expect("start");
     let agent = m.register_agent(session, kind).await.expect("register");
@@ -392,11 +403,7 @@ async fn ending_or_recovering_a_waiters_session_takes_it_out_of_the_queue() {
 
         // Ended by this instance: the end's own transaction removes the entry.
         let (session, waiter) = agent_in_new_session(&m, "waiter").await;
-        let m2 = m.clone();
-        let task = tokio::spawn(async move {
-            m2.acquire_lock_with(waiter, "file", "s", waiting(30_000))
-                .await
-        });
+        let task = spawn_wait(&m, waiter, "s", 30_000);
         queued(&db, 1).await;
         m.end_session(session).await.expect("end");
         assert!(waiter_rows(&db).await.is_empty(), "end left its waiter");
@@ -409,11 +416,7 @@ async fn ending_or_recovering_a_waiters_session_takes_it_out_of_the_queue() {
         // A crashed instance's waiter: recovery removes it.
         let crashed = other_instance(&db).await;
         let (session, waiter) = agent_in_new_session(&crashed, "waiter").await;
-        let task = tokio::spawn(async move {
-            crashed
-                .acquire_lock_with(waiter, "file", "s", waiting(30_000))
-                .await
-        });
+        let task = spawn_wait(&crashed, waiter, "s", 30_000);
         queued(&db, 1).await;
         tokio::time::sleep(Duration::from_millis(20)).await;
         let report = m
@@ -448,11 +451,7 @@ async fn a_wait_that_closes_a_cycle_is_refused_with_the_cycle() {
         let held_c = m.acquire_lock(c, "file", "c.rs").await.expect("c");
 
         // Two agents: b waits for a's file; a asking for b's closes the cycle.
-        let mb = m.clone();
-        let b_waits = tokio::spawn(async move {
-            mb.acquire_lock_with(b, "file", "a.rs", waiting(3_000))
-                .await
-        });
+        let b_waits = spawn_wait(&m, b, "a.rs", 3_000);
         queued(&db, 1).await;
         let before = snapshot(&db).await;
         match m
@@ -469,17 +468,9 @@ async fn a_wait_that_closes_a_cycle_is_refused_with_the_cycle() {
         ));
 
         // Three agents: b waits for c, c for a; a asking for b's closes it.
-        let mb = m.clone();
-        let b_waits = tokio::spawn(async move {
-            mb.acquire_lock_with(b, "file", "c.rs", waiting(30_000))
-                .await
-        });
+        let b_waits = spawn_wait(&m, b, "c.rs", 30_000);
         queued(&db, 1).await;
-        let mc = m.clone();
-        let c_waits = tokio::spawn(async move {
-            mc.acquire_lock_with(c, "file", "a.rs", waiting(30_000))
-                .await
-        });
+        let c_waits = spawn_wait(&m, c, "a.rs", 30_000);
         queued(&db, 2).await;
         match m
             .acquire_lock_with(a, "file", "b.rs", waiting(30_000))
@@ -601,11 +592,7 @@ async fn waiting_refuses_bad_input_and_a_second_wait_changing_nothing() {
         }
         assert_eq!(snapshot(&db).await, before);
 
-        let m2 = m.clone();
-        let first = tokio::spawn(async move {
-            m2.acquire_lock_with(waiter, "file", "one", waiting(30_000))
-                .await
-        });
+        let first = spawn_wait(&m, waiter, "one", 30_000);
         queued(&db, 1).await;
         let before = snapshot(&db).await;
         match m
@@ -653,12 +640,7 @@ async fn a_release_wakes_the_head_waiter_without_waiting_for_a_poll() {
             let (_, holder) = agent_in_new_session(&m, "holder").await;
             let (_, waiter) = agent_in_new_session(&waiter_manager, "waiter").await;
             let held = m.acquire_lock(holder, "file", &key).await.expect("hold");
-            let wm = waiter_manager.clone();
-            let k = key.clone();
-            let task = tokio::spawn(async move {
-                wm.acquire_lock_with(waiter, "file", &k, waiting(30_000))
-                    .await
-            });
+            let task = spawn_wait(&waiter_manager, waiter, &key, 30_000);
             queued(&db, 1).await;
             let released = Instant::now();
             m.release_lock(held.lock_id).await.expect("release");
@@ -671,12 +653,7 @@ async fn a_release_wakes_the_head_waiter_without_waiting_for_a_poll() {
 
             // Its own session ended elsewhere: the wake-up reaches it too.
             let (other_session, other) = agent_in_new_session(&m, "other").await;
-            let wm = waiter_manager.clone();
-            let k = key.clone();
-            let task = tokio::spawn(async move {
-                wm.acquire_lock_with(other, "file", &k, waiting(30_000))
-                    .await
-            });
+            let task = spawn_wait(&waiter_manager, other, &key, 30_000);
             queued(&db, 1).await;
             let ended = Instant::now();
             m.end_session(other_session).await.expect("end");
