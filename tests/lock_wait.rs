@@ -592,6 +592,18 @@ async fn waiting_refuses_bad_input_and_a_second_wait_changing_nothing() {
         }
         assert_eq!(snapshot(&db).await, before);
 
+        // A wait of zero takes a free resource like an acquire that does not wait.
+        let grant = m
+            .acquire_lock_with(waiter, "file", "free", waiting(0))
+            .await
+            .expect("a free resource with a zero wait");
+        m.release_lock(grant.lock_id).await.expect("release");
+        match m.acquire_lock_with(waiter, "file", "one", waiting(0)).await {
+            Err(Error::LockWaitTimeout { waited_ms, .. }) => assert!(waited_ms < 3_000),
+            other => panic!("expected LockWaitTimeout, got {other:?}"),
+        }
+        assert!(waiter_rows(&db).await.is_empty());
+
         let first = spawn_wait(&m, waiter, "one", 30_000);
         queued(&db, 1).await;
         let before = snapshot(&db).await;

@@ -90,6 +90,7 @@ pub(crate) async fn acquire(
     let registration = manager.lock_wakers().register(&resource);
     let mut timers = Timers::new(poll);
     let mut next = Next::Attempt;
+    let mut first = true;
     loop {
         // Enabled before looking at the queue, so no wake-up in between is lost.
         let notified = registration.notified();
@@ -129,9 +130,16 @@ pub(crate) async fn acquire(
             };
         }
         if next == Next::Attempt {
-            // Bounded by the wait: an attempt dropped here is undone.
-            let outcome =
-                tokio::time::timeout_at(deadline, cleanup.attempt(&request, cleanup.entry)).await;
+            // The first attempt runs to its end, as an acquire that does not
+            // wait would; later ones are bounded by the wait (one dropped
+            // here is undone).
+            let attempt = cleanup.attempt(&request, cleanup.entry);
+            let outcome = if first {
+                first = false;
+                Ok(attempt.await)
+            } else {
+                tokio::time::timeout_at(deadline, attempt).await
+            };
             match outcome {
                 Ok(Ok(Attempt::Granted(grant))) => return Ok(grant),
                 Ok(Ok(Attempt::Refused(refusal))) => {
