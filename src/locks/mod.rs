@@ -133,9 +133,13 @@ pub(crate) async fn attempt(
         true => None,
         false => lock_delay_left(&txn, config.lock_delay, resource, now).await?,
     };
-    let head = queue::head(&*txn, resource, now).await?;
-    let ahead = head.is_some_and(|head| Some(head) != queued);
-    if holder.is_none() && delay_ms.is_none() && !ahead {
+    let free = holder.is_none() && delay_ms.is_none();
+    // Only a free resource needs the queue's head: is anyone before us?
+    let ahead = free
+        && queue::head(&*txn, resource, now)
+            .await?
+            .is_some_and(|head| Some(head) != queued);
+    if free && !ahead {
         if insert_lock(&txn, request, session_id, ticket, lock_id, now).await? {
             if let Some(entry) = queued {
                 queue::leave(&*txn, entry).await?;
