@@ -42,9 +42,11 @@ pub enum Error {
         resource_key: String,
         retry_after_ms: u64,
     },
-    /// A waiting acquire's `wait` ran out. The agent has left the queue and
-    /// this call never gets the lock. `holder_agent_id` is the holder seen
-    /// at the end (`None`: free, with others queued ahead, or in lock delay).
+    /// A waiting acquire's `wait` ran out, and this call never gets the lock.
+    /// The agent has left the queue (should that write have failed, its entry
+    /// lapses shortly after). `holder_agent_id` is the holder seen at the end
+    /// (`None`: free with others queued ahead, in its lock delay, or the
+    /// holder could not be read).
     #[error("waited {waited_ms} ms for {resource_type}/{resource_key}, held by agent {}; not queued any more",
         .holder_agent_id.map(|a| a.to_string()).unwrap_or_else(|| "nobody (free but others queued ahead, or in its lock delay)".into()))]
     LockWaitTimeout {
@@ -58,7 +60,8 @@ pub enum Error {
     /// agent, each once. Nothing was queued; release a lock and retry.
     #[error("deadlock: waiting would close the cycle {}; nothing was queued", .agents.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(" -> "))]
     Deadlock { agents: Vec<Uuid> },
-    /// The agent already waits for a resource (an agent waits for one at a time).
+    /// The agent already waits for a resource (an agent waits for one at a
+    /// time), or an entry of its that could not be removed has not lapsed yet.
     #[error("agent {agent_id} already waits for {}/{}; an agent waits for one resource at a time",
         .resource_type.as_deref().unwrap_or("?"), .resource_key.as_deref().unwrap_or("?"))]
     AlreadyWaiting {

@@ -258,7 +258,9 @@ impl SessionManager {
     /// [`Error::AgentNotFound`](crate::Error::AgentNotFound),
     /// [`Error::AgentNotRunning`](crate::Error::AgentNotRunning),
     /// [`Error::SessionNotActive`](crate::Error::SessionNotActive),
-    /// [`Error::InvalidInput`](crate::Error::InvalidInput).
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput);
+    /// [`Error::Timeout`](crate::Error::Timeout) when the database stayed
+    /// busy; [`Error::Database`](crate::Error::Database).
     #[instrument(skip(self), err)]
     pub async fn acquire_lock(
         &self,
@@ -305,7 +307,8 @@ impl SessionManager {
     /// this call); [`Error::Deadlock`](crate::Error::Deadlock);
     /// [`Error::AlreadyWaiting`](crate::Error::AlreadyWaiting);
     /// `SessionNotActive` or `AgentNotRunning` when the waiter's session ends
-    /// while it waits; [`Error::InvalidInput`](crate::Error::InvalidInput) for
+    /// while it waits; a database error other than a busy one (which is
+    /// retried) ends the wait; [`Error::InvalidInput`](crate::Error::InvalidInput) for
     /// a zero `ttl`, or a `ttl` or `wait` over ten years.
     #[instrument(skip(self), err)]
     pub async fn acquire_lock_with(

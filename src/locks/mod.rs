@@ -50,10 +50,12 @@ pub struct LockOptions {
     /// `renew_lock`. `None`: held until released or its session ends. A lock
     /// handed over after a wait counts its time to live from the hand-over.
     pub ttl: Option<Duration>,
-    /// Queue for the resource up to this long when it is held (or others
-    /// already wait for it), and take it when it is handed over: in arrival
-    /// order, across every manager on the store. `None`: refuse at once
-    /// ([`Error::LockHeld`]). See
+    /// Queue for the resource up to this long when it is held, in its lock
+    /// delay, or already waited for, and take it when it is handed over: in
+    /// arrival order, across every manager on the store. `Some(0)` takes a
+    /// free resource and otherwise returns [`Error::LockWaitTimeout`] at once.
+    /// `None`: refuse at once ([`Error::LockHeld`], or [`Error::LockDelay`]
+    /// in a lock delay). See
     /// [`SessionManager::acquire_lock_with`](crate::SessionManager::acquire_lock_with).
     pub wait: Option<Duration>,
 }

@@ -119,7 +119,10 @@ pub(crate) async fn acquire(
                             }
                         }
                         Ok(_) => Next::Wait,
-                        Err(e) if e.is_timeout() => Next::Wait,
+                        Err(e) if e.is_timeout() => {
+                            timers.retry_soon();
+                            Next::Wait
+                        }
                         Err(e) => {
                             registration.leave();
                             cleanup.finish().await;
@@ -152,8 +155,8 @@ pub(crate) async fn acquire(
                         cleanup.announce().await;
                     }
                 }
-                // Busy: try again at the next poll.
-                Ok(Err(e)) if e.is_timeout() => {}
+                // Busy: look again shortly.
+                Ok(Err(e)) if e.is_timeout() => timers.retry_soon(),
                 Ok(Err(e)) => {
                     registration.leave();
                     cleanup.finish().await;
@@ -176,7 +179,7 @@ pub(crate) async fn acquire(
             _ = &mut maybe => {
                 next = if registration.first_here() { Next::Look } else { Next::Wait };
             }
-            _ = timers.due() => next = Next::Attempt,
+            _ = timers.due() => next = Next::Look,
             _ = tokio::time::sleep_until(poll_at) => {
                 timers.polled();
                 next = Next::Look;
@@ -193,14 +196,18 @@ enum Next {
     Wait,
 }
 
-/// A waiter's clocks: its next poll, the end of the resource's lock delay
-/// and its holder's expiry.
+/// A waiter's clocks: its next poll, the end of the resource's lock delay,
+/// its holder's expiry, and a retry after the database was busy.
 struct Timers {
     poll: Duration,
     poll_at: Instant,
     delay_until: Option<Instant>,
     expiry_at: Option<Instant>,
+    retry_at: Option<Instant>,
 }
+
+/// How soon a waiter looks again after the database was busy.
+const BUSY_RETRY: Duration = Duration::from_millis(20);
 
 impl Timers {
     fn new(poll: Duration) -> Self {
@@ -209,7 +216,12 @@ impl Timers {
             poll_at: Instant::now() + poll,
             delay_until: None,
             expiry_at: None,
+            retry_at: None,
         }
+    }
+
+    fn retry_soon(&mut self) {
+        self.retry_at = Some(Instant::now() + BUSY_RETRY.min(self.poll));
     }
 
     fn polled(&mut self) {
@@ -244,16 +256,20 @@ impl Timers {
         self.expiry_at.is_some_and(|at| at <= Instant::now())
     }
 
-    /// Fires at the first of the lock delay's end and the holder's expiry.
+    /// Fires at the first of the lock delay's end, the holder's expiry and
+    /// a busy retry.
     async fn due(&mut self) {
-        let at = match (self.delay_until, self.expiry_at) {
-            (Some(a), Some(b)) => a.min(b),
-            (Some(a), None) | (None, Some(a)) => a,
-            (None, None) => return std::future::pending().await,
+        let at = [self.delay_until, self.expiry_at, self.retry_at]
+            .into_iter()
+            .flatten()
+            .min();
+        let Some(at) = at else {
+            return std::future::pending().await;
         };
         tokio::time::sleep_until(at).await;
         self.delay_until = None;
         self.expiry_at = None;
+        self.retry_at = None;
     }
 }
 
@@ -333,9 +349,10 @@ impl<'a> Cleanup<'a> {
         };
         let (manager, request) = (self.manager.clone(), request.clone());
         let (reply, outcome) = tokio::sync::oneshot::channel();
-        let gate = self.gate.clone();
+        // Taken before the task exists, so the agent's next acquire always
+        // comes after this attempt and its undo.
+        let guard = self.gate.clone().lock_owned().await;
         runtime.spawn(async move {
-            let guard = gate.lock_owned().await;
             let store = manager.store();
             let done = attempt(store, manager.config(), &request, queued, Uuid::new_v4()).await;
             if let Err((Ok(unreceived), guard)) = reply.send((done, guard)) {
@@ -373,6 +390,8 @@ impl<'a> Cleanup<'a> {
     /// dropping this future does not cut the write midway.
     async fn finish(&mut self) {
         let Some(entry) = self.entry else {
+            // An undo of an attempt cut by the deadline may still be running.
+            drop(self.gate.lock().await);
             return;
         };
         let guard = self.gate.clone().lock_owned().await;
@@ -481,11 +500,18 @@ async fn abandon(
     };
     match work.await {
         Ok(()) => {
-            let freed = Freed::One(resource.clone());
+            let freed = match grant {
+                Some(_) => Freed::One(resource.clone()),
+                None => Freed::Maybe(resource.clone()),
+            };
             let wakers = manager.lock_wakers();
             wake::announce(manager.store(), wakers, manager.instance_id(), freed).await;
         }
-        Err(e) => tracing::warn!(error = %e, "could not leave the lock queue; the entry lapses"),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "could not leave the lock queue or release an unreceived grant: the entry lapses \
+             after its wait, the grant at its ttl or its session's end"
+        ),
     }
 }
 

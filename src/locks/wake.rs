@@ -91,13 +91,15 @@ impl Wakers {
     }
 
     /// Wakes this manager's first waiter on each resource.
-    fn wake_local(&self, resources: Option<&[Resource]>) {
+    /// `maybe`: the resources may have been freed; `None`: any may have.
+    fn wake_local(&self, resources: Option<&[Resource]>, maybe: bool) {
         let slots = lock(&self.slots);
+        let wake = |s: &Arc<Slot>| match maybe {
+            true => s.maybe.notify_waiters(),
+            false => s.freed.notify_waiters(),
+        };
         match resources {
-            Some(resources) => resources
-                .iter()
-                .filter_map(|r| slots.get(r))
-                .for_each(|s| s.freed.notify_waiters()),
+            Some(resources) => resources.iter().filter_map(|r| slots.get(r)).for_each(wake),
             None => slots.values().for_each(|s| s.maybe.notify_waiters()),
         }
     }
@@ -137,18 +139,28 @@ impl Wakers {
 /// Resources a write may have freed.
 pub(crate) enum Freed {
     One(Resource),
+    /// A waiter left the queue of this resource: if it was the head of a
+    /// free resource, the next waiter can go.
+    Maybe(Resource),
     /// Unknown which (a session's end releases all its locks at once).
     All,
+}
+
+impl Freed {
+    fn resources(&self) -> Option<&[Resource]> {
+        match self {
+            Freed::One(r) | Freed::Maybe(r) => Some(std::slice::from_ref(r)),
+            Freed::All => None,
+        }
+    }
 }
 
 /// Wakes the waiters of what a committed write freed: this manager's at once,
 /// and on PostgreSQL other instances' through `NOTIFY`. Failing to notify is
 /// logged and otherwise ignored: waiters also poll.
 pub(crate) async fn announce(store: &db::Store, wakers: &Wakers, instance: Uuid, freed: Freed) {
-    match &freed {
-        Freed::One(r) => wakers.wake_local(Some(std::slice::from_ref(r))),
-        Freed::All => wakers.wake_local(None),
-    }
+    let maybe = !matches!(freed, Freed::One(_));
+    wakers.wake_local(freed.resources(), maybe);
     if store.get_database_backend() != DatabaseBackend::Postgres {
         return;
     }
@@ -169,11 +181,10 @@ pub(crate) async fn announce(store: &db::Store, wakers: &Wakers, instance: Uuid,
 
 #[cfg(feature = "postgres")]
 fn payload(instance: Uuid, freed: &Freed) -> String {
-    let resources = match freed {
-        Freed::One(r) => Some(std::slice::from_ref(r)),
-        Freed::All => None,
-    };
-    let text = serde_json::json!({ "from": instance, "resources": resources }).to_string();
+    let maybe = !matches!(freed, Freed::One(_));
+    let resources = freed.resources();
+    let text =
+        serde_json::json!({ "from": instance, "resources": resources, "maybe": maybe }).to_string();
     if text.len() <= MAX_PAYLOAD {
         text
     } else {
@@ -190,6 +201,8 @@ async fn listen(pool: sea_orm::sqlx::PgPool, wakers: Weak<Wakers>, instance: Uui
     struct Payload {
         from: Uuid,
         resources: Option<Vec<Resource>>,
+        #[serde(default)]
+        maybe: bool,
     }
     let retry = std::time::Duration::from_secs(1);
     loop {
@@ -207,7 +220,7 @@ async fn listen(pool: sea_orm::sqlx::PgPool, wakers: Weak<Wakers>, instance: Uui
         }
         // Releases announced before this point were not heard.
         match wakers.upgrade() {
-            Some(wakers) => wakers.wake_local(None),
+            Some(wakers) => wakers.wake_local(None, true),
             None => return,
         }
         loop {
@@ -218,14 +231,14 @@ async fn listen(pool: sea_orm::sqlx::PgPool, wakers: Weak<Wakers>, instance: Uui
             match received {
                 Ok(Some(note)) => match serde_json::from_str::<Payload>(note.payload()) {
                     Ok(p) if p.from == instance => {}
-                    Ok(p) => wakers.wake_local(p.resources.as_deref()),
-                    Err(_) => wakers.wake_local(None),
+                    Ok(p) => wakers.wake_local(p.resources.as_deref(), p.maybe),
+                    Err(_) => wakers.wake_local(None, true),
                 },
                 // The connection was lost; the next call reconnects.
-                Ok(None) => wakers.wake_local(None),
+                Ok(None) => wakers.wake_local(None, true),
                 Err(_) if pool.is_closed() => return,
                 Err(_) => {
-                    wakers.wake_local(None);
+                    wakers.wake_local(None, true);
                     break;
                 }
             }
@@ -266,12 +279,23 @@ impl Registration {
         }
     }
 
-    /// Gives up the waiter's place among this manager's waiters, so the next
-    /// one is first when the resource is announced.
+    /// Gives up the waiter's place among this manager's waiters without the
+    /// lock; if it was first, the next one looks at the queue.
     pub(crate) fn leave(&self) {
-        if let Some(ticket) = lock(&self.ticket).take() {
-            lock(&self.slot.tickets).remove(&ticket);
+        if self.forget() {
+            self.slot.maybe.notify_waiters();
         }
+    }
+
+    /// Removes the waiter's ticket; whether it was this manager's first.
+    fn forget(&self) -> bool {
+        let Some(ticket) = lock(&self.ticket).take() else {
+            return false;
+        };
+        let mut tickets = lock(&self.slot.tickets);
+        let first = tickets.first() == Some(&ticket);
+        tickets.remove(&ticket);
+        first
     }
 
     /// Whether no other waiter of this manager is ahead of this one: only
@@ -286,7 +310,7 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.leave();
+        self.forget();
         let Some(wakers) = self.wakers.upgrade() else {
             return;
         };
