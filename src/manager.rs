@@ -334,10 +334,7 @@ impl SessionManager {
         resource_key: &str,
     ) -> Result<Vec<LockWaiter>> {
         self.usable()?;
-        crate::validate::name("resource_type", resource_type)?;
-        crate::validate::name("resource_key", resource_key)?;
-        let resource = (resource_type.to_owned(), resource_key.to_owned());
-        locks::waiters(&*self.db, &resource, db::now()).await
+        locks::waiters(&self.db, resource_type, resource_key).await
     }
 
     /// Extends a held lock's time to live to `ttl` from now.

@@ -23,8 +23,8 @@ use uuid::Uuid;
 
 use entity::{agent_executions, global_sessions, lock_fencing, resource_locks};
 
+pub(crate) use queue::leave_session;
 pub use queue::LockWaiter;
-pub(crate) use queue::{leave_session, waiters};
 pub(crate) use wait::acquire;
 
 use self::queue::Entry;
@@ -348,19 +348,42 @@ pub(crate) async fn release(conn: &db::Store, lock_id: Uuid) -> Result<Option<Re
         .one(&*txn)
         .await?;
     let resource = lock.ok_or(Error::LockNotFound(lock_id))?;
+    let released = release_held(&txn, lock_id, db::now()).await?;
+    txn.commit().await?;
+    Ok(released.then_some(resource))
+}
+
+/// The live waiters of a resource, head first.
+pub(crate) async fn waiters(
+    conn: &DatabaseConnection,
+    resource_type: &str,
+    resource_key: &str,
+) -> Result<Vec<LockWaiter>> {
+    validate::name("resource_type", resource_type)?;
+    validate::name("resource_key", resource_key)?;
+    let resource = (resource_type.to_owned(), resource_key.to_owned());
+    queue::waiters(conn, &resource, db::now()).await
+}
+
+/// Releases one lock (reason `released`) inside the caller's transaction, if
+/// it is still held; whether it was.
+pub(crate) async fn release_held(
+    txn: &DatabaseTransaction,
+    lock_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<bool> {
     let released = resource_locks::Entity::update_many()
-        .col_expr(resource_locks::Column::ReleasedAt, Expr::value(db::now()))
+        .col_expr(resource_locks::Column::ReleasedAt, Expr::value(now))
         .col_expr(
             resource_locks::Column::ReleaseReason,
             Expr::value(ReleaseReason::Released.as_str()),
         )
         .filter(resource_locks::Column::Id.eq(TextUuid(lock_id)))
         .filter(resource_locks::Column::ReleasedAt.is_null())
-        .exec(&*txn)
+        .exec(txn)
         .await?
         .rows_affected;
-    txn.commit().await?;
-    Ok((released > 0).then_some(resource))
+    Ok(released > 0)
 }
 
 pub(crate) async fn renew(conn: &db::Store, lock_id: Uuid, ttl: Duration) -> Result<()> {

@@ -19,17 +19,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::Expr;
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use tokio::time::Instant;
 use uuid::Uuid;
-
-use entity::resource_locks;
 
 use super::queue::{self, Entry, Look};
 use super::wake::{self, Freed, Resource};
 use super::{attempt, Attempt, LockGrant, LockOptions, Refusal, Request};
-use crate::status::ReleaseReason;
 use crate::{db, validate, Error, Result, SessionManager};
 
 /// How long past its wait a waiter's entry is kept before it counts as
@@ -493,7 +488,7 @@ async fn abandon(
             queue::leave(&*txn, entry).await?;
         }
         if let Some(lock_id) = grant {
-            release_unreceived(&txn, lock_id, db::now()).await?;
+            super::release_held(&txn, lock_id, db::now()).await?;
         }
         txn.commit().await?;
         Ok::<(), Error>(())
@@ -513,22 +508,4 @@ async fn abandon(
              after its wait, the grant at its ttl or its session's end"
         ),
     }
-}
-
-async fn release_unreceived(
-    txn: &sea_orm::DatabaseTransaction,
-    lock_id: Uuid,
-    now: DateTime<Utc>,
-) -> Result<()> {
-    resource_locks::Entity::update_many()
-        .col_expr(resource_locks::Column::ReleasedAt, Expr::value(now))
-        .col_expr(
-            resource_locks::Column::ReleaseReason,
-            Expr::value(ReleaseReason::Released.as_str()),
-        )
-        .filter(resource_locks::Column::Id.eq(lock_id.to_string()))
-        .filter(resource_locks::Column::ReleasedAt.is_null())
-        .exec(txn)
-        .await?;
-    Ok(())
 }
