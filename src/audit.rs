@@ -1,12 +1,12 @@
 //! The audit vocabulary and the one function that appends a row.
 //!
 //! The log is append-only: nothing in this library updates or deletes an
-//! audit row (and on SQLite, triggers refuse it).
+//! audit row, and the database's triggers refuse it.
 use chrono::{DateTime, Utc};
-use sea_orm::{ActiveValue::Set, ConnectionTrait, EntityTrait};
+use sea_orm::{ActiveValue::Set, ConnectionTrait, EntityTrait, QuerySelect};
 use uuid::Uuid;
 
-use entity::audit_log;
+use entity::{audit_head, audit_log};
 
 /// The kinds of audit event this library writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -45,7 +45,10 @@ impl std::fmt::Display for AuditEvent {
     }
 }
 
-/// Appends one audit row, as its ActiveModel, inside the caller's transaction.
+/// Appends one audit row, as its ActiveModel, inside the caller's
+/// transaction, which must commit (or roll back) right after: it first locks
+/// `audit_head`, so that the database hands out `seq` in commit order (see
+/// the `watch` module), and that lock is held until the transaction ends.
 pub(crate) async fn append<C: ConnectionTrait>(
     txn: &C,
     event: AuditEvent,
@@ -53,12 +56,25 @@ pub(crate) async fn append<C: ConnectionTrait>(
     details: serde_json::Value,
     at: DateTime<Utc>,
 ) -> crate::Result<()> {
+    let head: Option<i64> = audit_head::Entity::find_by_id(1)
+        .select_only()
+        .column(audit_head::Column::Id)
+        .lock_exclusive()
+        .into_tuple()
+        .one(txn)
+        .await?;
+    if head.is_none() {
+        return Err(crate::Error::CorruptRow(
+            "audit_head has no row; run the migrations".into(),
+        ));
+    }
     let row = audit_log::ActiveModel {
         id: Set(Uuid::new_v4().to_string()),
         event_type: Set(event.as_str().to_owned()),
         event_time: Set(at.into()),
         session_id: Set(session_id.map(|id| id.to_string())),
         details: Set(details),
+        ..Default::default()
     };
     audit_log::Entity::insert(row)
         .exec_without_returning(txn)

@@ -235,6 +235,8 @@ pub struct AuditFilter {
     pub since: Option<DateTime<Utc>>,
     /// Events before this time.
     pub until: Option<DateTime<Utc>>,
+    /// Events with a `seq` greater than this one.
+    pub after: Option<i64>,
     pub limit: Option<u64>,
     pub offset: u64,
 }
@@ -242,6 +244,10 @@ pub struct AuditFilter {
 /// One audit row.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct AuditRecord {
+    /// The row's place in the log, set by the database: unique, starting at
+    /// 1, increasing in commit order. The cursor of
+    /// [`SessionManager::watch`](crate::SessionManager::watch).
+    pub seq: i64,
     pub id: Uuid,
     pub event_type: String,
     pub event_time: DateTime<Utc>,
@@ -266,22 +272,35 @@ pub(crate) async fn audit_events(
     if let Some(until) = filter.until {
         query = query.filter(audit_log::Column::EventTime.lt(until));
     }
+    if let Some(after) = filter.after {
+        if after < 0 {
+            return Err(crate::Error::InvalidInput {
+                field: "after",
+                reason: format!("{after} is negative (seq starts at 1)"),
+            });
+        }
+        query = query.filter(audit_log::Column::Seq.gt(after));
+    }
     query
-        .order_by_desc(audit_log::Column::EventTime)
-        .order_by_desc(audit_log::Column::Id)
+        .order_by_desc(audit_log::Column::Seq)
         .limit(filter.limit.unwrap_or(DEFAULT_PAGE))
         .offset(filter.offset)
         .all(db)
         .await?
         .into_iter()
-        .map(|r| {
-            Ok(AuditRecord {
-                id: db::stored_id("audit id", &r.id)?,
-                event_type: r.event_type,
-                event_time: r.event_time.to_utc(),
-                session_id: r.session_id,
-                details: r.details,
-            })
-        })
+        .map(AuditRecord::from_row)
         .collect()
+}
+
+impl AuditRecord {
+    pub(crate) fn from_row(r: audit_log::Model) -> Result<Self> {
+        Ok(AuditRecord {
+            seq: r.seq,
+            id: db::stored_id(&format!("audit id (seq {})", r.seq), &r.id)?,
+            event_type: r.event_type,
+            event_time: r.event_time.to_utc(),
+            session_id: r.session_id,
+            details: r.details,
+        })
+    }
 }

@@ -3,6 +3,7 @@
 pub mod prelude;
 
 pub mod agent_executions;
+pub mod audit_head;
 pub mod audit_log;
 pub mod global_sessions;
 pub mod lock_fencing;

@@ -260,6 +260,7 @@ async fn insert_sessions(
         event_time: Set(at.into()),
         session_id: Set(Some(id.to_string())),
         details: Set(serde_json::json!({ "session_id": id })),
+        ..Default::default()
     });
     insert_chunked(audit, |chunk| {
         audit_log::Entity::insert_many(chunk).exec_without_returning(txn)

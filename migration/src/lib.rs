@@ -7,6 +7,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261124_000001_core_schema;
 mod m20261124_000002_session_ownership;
 mod m20261201_000003_lock_waiters;
+mod m20261201_000004_audit_seq;
 
 pub struct Migrator;
 
@@ -17,6 +18,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000001_core_schema::Migration),
             Box::new(m20261124_000002_session_ownership::Migration),
             Box::new(m20261201_000003_lock_waiters::Migration),
+            Box::new(m20261201_000004_audit_seq::Migration),
         ]
     }
 }

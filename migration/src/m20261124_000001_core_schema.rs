@@ -235,61 +235,14 @@ impl MigrationTrait for Migration {
                      ADD UNIQUE INDEX ux_audit_log_session_end (session_end_key)",
                 )
                 .await?;
-                // Raw DDL: sea-query cannot create triggers. These only refuse.
-                for (name, op) in [("no_update", "UPDATE"), ("no_delete", "DELETE")] {
-                    db.execute_unprepared(&format!(
-                        "CREATE TRIGGER audit_log_{name} BEFORE {op} ON audit_log FOR EACH ROW \
-                         SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'audit_log is append-only'"
-                    ))
-                    .await?;
-                }
             }
-            DatabaseBackend::Postgres => {
-                create_partial_indexes(manager).await?;
-                // Raw DDL: sea-query cannot create triggers. This one only refuses.
-                db.execute_unprepared(
-                    "CREATE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS \
-                     $$ BEGIN RAISE EXCEPTION 'audit_log is append-only'; END $$",
-                )
-                .await?;
-                db.execute_unprepared(
-                    "CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON audit_log \
-                     FOR EACH ROW EXECUTE FUNCTION audit_log_append_only()",
-                )
-                .await?;
-            }
-            _ => {
-                create_partial_indexes(manager).await?;
-                // Raw DDL: sea-query cannot create triggers. These only refuse.
-                for (name, op) in [("no_update", "UPDATE"), ("no_delete", "DELETE")] {
-                    db.execute_unprepared(&format!(
-                        "CREATE TRIGGER audit_log_{name} BEFORE {op} ON audit_log \
-                         BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END"
-                    ))
-                    .await?;
-                }
-            }
+            _ => create_partial_indexes(manager).await?,
         }
-        Ok(())
+        create_audit_guards(manager).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        // Raw DDL: sea-query cannot drop triggers or functions.
-        let db = manager.get_connection();
-        match manager.get_database_backend() {
-            DatabaseBackend::Postgres => {
-                db.execute_unprepared("DROP TABLE IF EXISTS audit_log")
-                    .await?;
-                db.execute_unprepared("DROP FUNCTION IF EXISTS audit_log_append_only()")
-                    .await?;
-            }
-            _ => {
-                db.execute_unprepared("DROP TRIGGER IF EXISTS audit_log_no_update")
-                    .await?;
-                db.execute_unprepared("DROP TRIGGER IF EXISTS audit_log_no_delete")
-                    .await?;
-            }
-        }
+        drop_audit_guards(manager).await?;
         for table in [
             AuditLog::Table.into_iden(),
             LockFencing::Table.into_iden(),
@@ -303,6 +256,66 @@ impl MigrationTrait for Migration {
         }
         Ok(())
     }
+}
+
+/// The guards that keep `audit_log` append-only: triggers that only refuse
+/// an update or a delete (raw DDL: sea-query cannot create triggers).
+pub(crate) async fn create_audit_guards(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
+    let db = manager.get_connection();
+    match manager.get_database_backend() {
+        DatabaseBackend::MySql => {
+            for (name, op) in [("no_update", "UPDATE"), ("no_delete", "DELETE")] {
+                db.execute_unprepared(&format!(
+                    "CREATE TRIGGER audit_log_{name} BEFORE {op} ON audit_log FOR EACH ROW \
+                     SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'audit_log is append-only'"
+                ))
+                .await?;
+            }
+        }
+        DatabaseBackend::Postgres => {
+            db.execute_unprepared(
+                "CREATE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN RAISE EXCEPTION 'audit_log is append-only'; END $$",
+            )
+            .await?;
+            db.execute_unprepared(
+                "CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON audit_log \
+                 FOR EACH ROW EXECUTE FUNCTION audit_log_append_only()",
+            )
+            .await?;
+        }
+        _ => {
+            for (name, op) in [("no_update", "UPDATE"), ("no_delete", "DELETE")] {
+                db.execute_unprepared(&format!(
+                    "CREATE TRIGGER audit_log_{name} BEFORE {op} ON audit_log \
+                     BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END"
+                ))
+                .await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Drops [`create_audit_guards`]' triggers (raw DDL: sea-query cannot drop
+/// triggers or functions).
+pub(crate) async fn drop_audit_guards(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
+    let db = manager.get_connection();
+    match manager.get_database_backend() {
+        DatabaseBackend::Postgres => {
+            db.execute_unprepared("DROP TRIGGER IF EXISTS audit_log_append_only ON audit_log")
+                .await?;
+            db.execute_unprepared("DROP FUNCTION IF EXISTS audit_log_append_only()")
+                .await?;
+        }
+        _ => {
+            db.execute_unprepared("DROP TRIGGER IF EXISTS audit_log_no_update")
+                .await?;
+            db.execute_unprepared("DROP TRIGGER IF EXISTS audit_log_no_delete")
+                .await?;
+        }
+    }
+    Ok(())
 }
 
 /// A `CREATE TABLE` with the backend's table options: on MySQL/MariaDB, a
@@ -416,7 +429,12 @@ async fn create_partial_indexes(manager: &SchemaManager<'_>) -> Result<(), DbErr
                 .to_owned(),
         )
         .await?;
-    // One session_end row per session, whatever races.
+    create_session_end_index(manager).await
+}
+
+/// One session_end row per session, whatever races (PostgreSQL and SQLite:
+/// a partial unique index).
+pub(crate) async fn create_session_end_index(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
     manager
         .create_index(
             Index::create()
@@ -427,8 +445,7 @@ async fn create_partial_indexes(manager: &SchemaManager<'_>) -> Result<(), DbErr
                 .and_where(Expr::col(AuditLog::EventType).eq("session_end"))
                 .to_owned(),
         )
-        .await?;
-    Ok(())
+        .await
 }
 
 #[derive(DeriveIden)]

@@ -122,10 +122,12 @@ pub(crate) async fn attempt(
     let ticket = next_fencing_token(&txn).await?;
     let now = db::now();
     let mut holder = queue::holder_of(&*txn, resource).await?;
-    let mut expired_one = false;
+    // The `locks_swept` row of an expired holder released here, appended
+    // just before the commit, as every audit row is.
+    let mut swept = None;
     if let Some(expired) = holder.as_ref().filter(|h| is_expired(h, now)) {
-        expired_one = expire_in(&txn, expired, now).await?;
-        holder = if expired_one {
+        swept = expire_in(&txn, expired, now).await?;
+        holder = if swept.is_some() {
             None
         } else {
             queue::holder_of(&*txn, resource).await?
@@ -146,6 +148,7 @@ pub(crate) async fn attempt(
             if let Some(entry) = queued {
                 queue::leave(&*txn, entry).await?;
             }
+            append_swept(&txn, swept, now).await?;
             txn.commit().await?;
             return Ok(Attempt::Granted(LockGrant {
                 lock_id,
@@ -161,6 +164,7 @@ pub(crate) async fn attempt(
             expired_one: false,
         })));
     }
+    let expired_one = swept.is_some();
     let mut entry = queued;
     let mut changed = expired_one;
     if let (Some(expires_at), None) = (request.wait_until, entry) {
@@ -182,6 +186,7 @@ pub(crate) async fn attempt(
         changed = true;
     }
     if changed {
+        append_swept(&txn, swept, now).await?;
         txn.commit().await?;
     } else {
         txn.rollback().await?;
@@ -311,28 +316,30 @@ async fn next_fencing_token(txn: &DatabaseTransaction) -> Result<i64> {
     })
 }
 
-/// Releases one held lock whose time to live ran out, with its `locks_swept`
-/// audit row, inside the caller's transaction; false if it was renewed or
-/// released meanwhile.
+/// Releases one held lock whose time to live ran out, inside the caller's
+/// transaction; the details of its `locks_swept` audit row, or `None` if it
+/// was renewed or released meanwhile.
 async fn expire_in(
     txn: &DatabaseTransaction,
     lock: &resource_locks::Model,
     now: DateTime<Utc>,
-) -> Result<bool> {
+) -> Result<Option<serde_json::Value>> {
     let released =
         release_batch(txn, std::slice::from_ref(lock), ReleaseReason::Expired, now).await?;
-    if released.is_empty() {
-        return Ok(false);
+    Ok((!released.is_empty()).then(|| swept_details(&released)))
+}
+
+/// Appends the `locks_swept` row of [`expire_in`], if any: the last
+/// statement before the commit.
+async fn append_swept(
+    txn: &DatabaseTransaction,
+    swept: Option<serde_json::Value>,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    match swept {
+        Some(details) => audit::append(txn, AuditEvent::LocksSwept, None, details, now).await,
+        None => Ok(()),
     }
-    audit::append(
-        txn,
-        AuditEvent::LocksSwept,
-        None,
-        swept_details(&released),
-        now,
-    )
-    .await?;
-    Ok(true)
 }
 
 /// Releases a held lock; returns its resource, which may now be handed over,
