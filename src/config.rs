@@ -44,6 +44,15 @@ pub struct Config {
     /// instance on MariaDB); taking the lock then is one more transaction.
     /// 100 ms by default.
     pub lock_poll_interval: Duration,
+    /// How often a caught-up [`watch`](crate::SessionManager::watch) feed
+    /// looks for new audit events when no wake-up reaches it (another
+    /// process on a SQLite file, another instance on MariaDB); this
+    /// manager's own writes, and other instances' on PostgreSQL, wake it at
+    /// once. Each look is one read. 100 ms by default.
+    pub watch_poll_interval: Duration,
+    /// The most audit rows a feed reads at once, and so holds in memory
+    /// while its consumer falls behind. 500 by default.
+    pub watch_page_size: u64,
 }
 
 /// The longest timeout or interval a [`Config`] takes: one day. (PostgreSQL
@@ -61,9 +70,10 @@ pub const MAX_CONTEXT_BYTES_LIMIT: usize = 256 * 1024 * 1024;
 impl Config {
     /// Refuses a value the library cannot honour, naming the field: under
     /// 1 ms or over [`MAX_CONFIG_DURATION`] for `cleanup_timeout`,
-    /// `connect_timeout`, `heartbeat_interval`, `lock_poll_interval`, `busy_timeout` and
-    /// `lock_delay` (the last two may be zero, which turns them off); `sweep_batch` and
-    /// `max_connections` of zero or over a million / ten thousand;
+    /// `connect_timeout`, `heartbeat_interval`, `lock_poll_interval`, `watch_poll_interval`, `busy_timeout` and
+    /// `lock_delay` (the last two may be zero, which turns them off); `sweep_batch`,
+    /// `max_connections` and `watch_page_size` of zero or over a million /
+    /// ten thousand / ten thousand;
     /// `max_context_bytes` under 64 (the empty context needs 26) or over
     /// [`MAX_CONTEXT_BYTES_LIMIT`].
     /// `SessionManager::connect_with` and `new` call it.
@@ -78,6 +88,7 @@ impl Config {
             ("busy_timeout", self.busy_timeout, true),
             ("lock_delay", self.lock_delay, true),
             ("lock_poll_interval", self.lock_poll_interval, false),
+            ("watch_poll_interval", self.watch_poll_interval, false),
         ] {
             if value.is_zero() && zero_ok {
                 continue;
@@ -104,6 +115,12 @@ impl Config {
             return Err(invalid(
                 "max_connections",
                 format!("{} is not between 1 and 10 000", self.max_connections),
+            ));
+        }
+        if !(1..=10_000).contains(&self.watch_page_size) {
+            return Err(invalid(
+                "watch_page_size",
+                format!("{} is not between 1 and 10 000", self.watch_page_size),
             ));
         }
         if !(64..=MAX_CONTEXT_BYTES_LIMIT).contains(&self.max_context_bytes) {
@@ -135,6 +152,8 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(10),
             max_connections: 8,
             lock_poll_interval: Duration::from_millis(100),
+            watch_poll_interval: Duration::from_millis(100),
+            watch_page_size: 500,
         }
     }
 }

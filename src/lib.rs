@@ -50,6 +50,7 @@ mod query;
 mod session;
 mod status;
 mod validate;
+mod watch;
 
 pub use audit::AuditEvent;
 pub use config::{Config, MAX_CONFIG_DURATION, MAX_CONTEXT_BYTES_LIMIT};
@@ -67,6 +68,7 @@ pub use query::{
 pub use session::{EndSessionReport, RecoveryReport};
 pub use status::{AgentStatus, ReleaseReason, SessionStatus};
 pub use validate::{MAX_ARGUMENT_DURATION, MAX_NAME_BYTES};
+pub use watch::WatchOptions;
 
 /// The generated entities, for apps that query the store directly.
 pub use entity;

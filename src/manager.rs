@@ -18,6 +18,7 @@ use crate::query::{
 };
 use crate::session::recovery::RecoveryReport;
 use crate::session::EndSessionReport;
+use crate::watch::WatchOptions;
 use crate::{db, locks, session, Config, Error, Result};
 
 /// The handle apps keep: cheap to clone, safe to share across tasks.
@@ -187,10 +188,17 @@ impl SessionManager {
         &self.lock_wakers
     }
 
-    /// Wakes the waiters of what a committed write freed, here and on other
-    /// instances.
-    async fn announce(&self, freed: Freed) {
-        wake::announce(&self.db, &self.lock_wakers, self.instance_id, freed).await;
+    /// Wakes the waiters of what a committed write freed, and the change
+    /// feeds if it `appended` an audit row, here and on other instances.
+    async fn announce(&self, freed: Freed, appended: bool) {
+        wake::announce(
+            &self.db,
+            &self.lock_wakers,
+            self.instance_id,
+            freed,
+            appended,
+        )
+        .await;
     }
 
     pub(crate) fn metrics_recorder(&self) -> &Metrics {
@@ -204,7 +212,7 @@ impl SessionManager {
     }
 
     /// Refuses every call once the manager was closed.
-    fn usable(&self) -> Result<()> {
+    pub(crate) fn usable(&self) -> Result<()> {
         match self.state.load(Ordering::SeqCst) {
             CLOSED => Err(Error::ManagerClosed),
             _ => Ok(()),
@@ -231,6 +239,7 @@ impl SessionManager {
         self.takes_new_work()?;
         let id = session::start::start_session(&self.db, self.instance_id).await?;
         self.start_heartbeat();
+        self.announce(Freed::Nothing, true).await;
         Ok(id)
     }
 
@@ -362,7 +371,7 @@ impl SessionManager {
         let report = locks::sweep(&self.db, self.config.sweep_batch).await?;
         self.metrics.record_sweep(report.expired + report.orphaned);
         if report.expired + report.orphaned > 0 {
-            self.announce(Freed::All).await;
+            self.announce(Freed::All, true).await;
         }
         Ok(report)
     }
@@ -394,7 +403,7 @@ impl SessionManager {
     pub async fn release_lock(&self, lock_id: Uuid) -> Result<()> {
         self.usable()?;
         if let Some(resource) = locks::release(&self.db, lock_id).await? {
-            self.announce(Freed::One(resource)).await;
+            self.announce(Freed::One(resource), false).await;
         }
         Ok(())
     }
@@ -427,7 +436,7 @@ impl SessionManager {
         let result = session::end::end_session(self, session_id, budget).await;
         match &result {
             Ok(report) if report.already_ended => {}
-            Ok(_) => self.announce(Freed::All).await,
+            Ok(_) => self.announce(Freed::All, true).await,
             Err(crate::Error::Timeout { .. }) => self.metrics.record_end_timeout(),
             Err(_) => self.metrics.record_end_failure(),
         }
@@ -459,7 +468,7 @@ impl SessionManager {
         self.usable()?;
         let report = session::recovery::recover_stale(self, stale_after).await?;
         if !report.interrupted.is_empty() {
-            self.announce(Freed::All).await;
+            self.announce(Freed::All, true).await;
         }
         Ok(report)
     }
@@ -475,7 +484,9 @@ impl SessionManager {
     #[instrument(skip(self), err)]
     pub async fn resume_session(&self, from: Uuid) -> Result<Uuid> {
         self.takes_new_work()?;
-        session::recovery::resume_session(self, from).await
+        let id = session::recovery::resume_session(self, from).await?;
+        self.announce(Freed::Nothing, true).await;
+        Ok(id)
     }
 
     /// Sessions, newest first, without their saved context.
@@ -525,7 +536,61 @@ impl SessionManager {
         query::locks(&self.db, &filter).await
     }
 
-    /// Audit rows, newest first, by session, event type and time range.
+    /// Watches the audit log: every matching event committed after
+    /// `options.after` (`None`: after the newest one committed when the
+    /// stream is first polled), in `seq` order, then live ones as they
+    /// commit, from every manager, process and host on the store.
+    ///
+    /// Each event arrives exactly once, in `seq` order, and `seq` order is
+    /// commit order on every backend: a consumer that stores the `seq` of
+    /// the last event it handled and later watches with `after: Some(seq)`
+    /// receives every matching event committed since, none twice, none
+    /// skipped. Delivery is at once for this manager's own writes, by
+    /// `NOTIFY` for other instances' on PostgreSQL, and within
+    /// `Config::watch_poll_interval` otherwise (another process on a SQLite
+    /// file, another instance on MariaDB).
+    ///
+    /// The stream reads pages of `Config::watch_page_size` rows and holds no
+    /// connection while it waits, so a slow consumer costs one page of
+    /// memory and an idle one nothing from the pool. A read that fails (the
+    /// database is down, a connection was lost) comes through as an `Err`
+    /// item; the stream then reads again from its last `seq` every poll
+    /// interval until the database answers. It ends only when dropped,
+    /// with two exceptions that no retry could cure: options that are
+    /// refused (one [`Error::InvalidInput`](crate::Error::InvalidInput)
+    /// naming `after`, `session_id` or `event_types`, then the end), and
+    /// this manager being closed (one
+    /// [`Error::ManagerClosed`](crate::Error::ManagerClosed), then the end).
+    ///
+    /// ```
+    /// # #[tokio::main]
+    /// # async fn main() -> demiarch_sessions::Result<()> {
+    /// use futures::StreamExt;
+    /// use demiarch_sessions::{SessionManager, WatchOptions};
+    ///
+    /// let manager = SessionManager::connect("sqlite::memory:").await?;
+    /// let mut ends = Box::pin(manager.watch(WatchOptions {
+    ///     after: Some(0),
+    ///     event_types: vec!["session_end".into()],
+    ///     ..WatchOptions::default()
+    /// }));
+    /// let session = manager.start_session().await?;
+    /// manager.end_session(session).await?;
+    /// let event = ends.next().await.expect("the stream goes on")?;
+    /// assert_eq!(event.session_id, Some(session.to_string()));
+    /// // Store event.seq; resume later with `after: Some(event.seq)`.
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn watch(
+        &self,
+        options: WatchOptions,
+    ) -> impl futures::Stream<Item = Result<AuditRecord>> + Send + 'static {
+        crate::watch::watch(self, options)
+    }
+
+    /// Audit rows, newest (highest `seq`) first, by session, event type and
+    /// time range.
     ///
     /// # Errors
     /// [`Error::Database`](crate::Error::Database).

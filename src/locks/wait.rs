@@ -374,11 +374,12 @@ impl<'a> Cleanup<'a> {
         outcome
     }
 
-    /// Wakes the head waiter: the resource may be free.
+    /// Wakes the head waiter after an attempt released an expired holder
+    /// (the resource may be free), and the feeds (its `locks_swept` row).
     async fn announce(&self) {
         let freed = Freed::One(self.resource.clone());
         let (store, instance) = (self.manager.store(), self.manager.instance_id());
-        wake::announce(store, self.manager.lock_wakers(), instance, freed).await;
+        wake::announce(store, self.manager.lock_wakers(), instance, freed, true).await;
     }
 
     /// Leaves the queue now, if queued, in a task of its own so that
@@ -500,7 +501,7 @@ async fn abandon(
                 None => Freed::Maybe(resource.clone()),
             };
             let wakers = manager.lock_wakers();
-            wake::announce(manager.store(), wakers, manager.instance_id(), freed).await;
+            wake::announce(manager.store(), wakers, manager.instance_id(), freed, false).await;
         }
         Err(e) => tracing::warn!(
             error = %e,

@@ -1,4 +1,5 @@
-//! Waking the waiters of a resource that may have become free.
+//! Waking the waiters of a resource that may have become free, and the
+//! change feeds (`watch`) when an audit row was appended.
 //!
 //! The queue itself lives in the database (`lock_waiters`); this is only the
 //! wake-up, and losing one costs latency, never order or safety:
@@ -30,10 +31,12 @@ const CHANNEL: &str = "demiarch_sessions_locks";
 #[cfg(feature = "postgres")]
 const MAX_PAYLOAD: usize = 7900;
 
-/// One manager's waiters, by resource, and its `LISTEN` task.
+/// One manager's waiters, by resource, its change feeds, and its `LISTEN` task.
 #[derive(Default)]
 pub(crate) struct Wakers {
     slots: Mutex<HashMap<Resource, Arc<Slot>>>,
+    /// Bumped when an audit row may have been committed; feeds wait on it.
+    appended: tokio::sync::watch::Sender<u64>,
     /// Per agent, held while a given-up acquire of it is cleaned up.
     gates: Mutex<HashMap<Uuid, Weak<tokio::sync::Mutex<()>>>>,
     listener: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -78,6 +81,16 @@ impl Wakers {
         }
     }
 
+    /// A change feed's wake-up: it changes whenever an audit row may have
+    /// been committed, by this manager or (on PostgreSQL) another instance.
+    pub(crate) fn appended(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.appended.subscribe()
+    }
+
+    fn wake_feeds(&self) {
+        self.appended.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
     /// The agent's gate (see `wait`), shared while anyone holds it.
     pub(crate) fn agent_gate(&self, agent_id: Uuid) -> Arc<tokio::sync::Mutex<()>> {
         let mut gates = lock(&self.gates);
@@ -104,6 +117,13 @@ impl Wakers {
         }
     }
 
+    /// Wakes every waiter to look at its queue, and every feed.
+    #[cfg(feature = "postgres")]
+    fn wake_all(&self) {
+        self.wake_local(None, true);
+        self.wake_feeds();
+    }
+
     /// Stops listening for other instances' releases.
     pub(crate) fn stop(&self) {
         if let Some(task) = lock(&self.listener).take() {
@@ -113,7 +133,7 @@ impl Wakers {
 
     /// On PostgreSQL, starts listening for other instances' releases, once, on
     /// a connection of its own (one more connection to the server per manager
-    /// that has waited).
+    /// that has waited or watched).
     #[allow(unused_variables)]
     pub(crate) fn ensure_listening(self: &Arc<Self>, store: &db::Store, instance: Uuid) {
         #[cfg(feature = "postgres")]
@@ -138,6 +158,8 @@ impl Wakers {
 
 /// Resources a write may have freed.
 pub(crate) enum Freed {
+    /// None (a session's start).
+    Nothing,
     One(Resource),
     /// A waiter left the queue of this resource: if it was the head of a
     /// free resource, the next waiter can go.
@@ -150,18 +172,30 @@ impl Freed {
     fn resources(&self) -> Option<&[Resource]> {
         match self {
             Freed::One(r) | Freed::Maybe(r) => Some(std::slice::from_ref(r)),
+            Freed::Nothing => Some(&[]),
             Freed::All => None,
         }
     }
 }
 
-/// Wakes the waiters of what a committed write freed: this manager's at once,
-/// and on PostgreSQL other instances' through `NOTIFY`. Failing to notify is
-/// logged and otherwise ignored: waiters also poll.
-pub(crate) async fn announce(store: &db::Store, wakers: &Wakers, instance: Uuid, freed: Freed) {
+/// Wakes the waiters of what a committed write freed, and the change feeds
+/// if it `appended` an audit row: this manager's at once, and on PostgreSQL
+/// other instances' through `NOTIFY`. Failing to notify is logged and
+/// otherwise ignored: waiters and feeds also poll.
+pub(crate) async fn announce(
+    store: &db::Store,
+    wakers: &Wakers,
+    instance: Uuid,
+    freed: Freed,
+    appended: bool,
+) {
     let maybe = !matches!(freed, Freed::One(_));
     wakers.wake_local(freed.resources(), maybe);
-    if store.get_database_backend() != DatabaseBackend::Postgres {
+    if appended {
+        wakers.wake_feeds();
+    }
+    let nothing = matches!(freed, Freed::Nothing) && !appended;
+    if nothing || store.get_database_backend() != DatabaseBackend::Postgres {
         return;
     }
     #[cfg(feature = "postgres")]
@@ -169,31 +203,37 @@ pub(crate) async fn announce(store: &db::Store, wakers: &Wakers, instance: Uuid,
         use sea_orm::sea_query::{Func, Query};
         use sea_orm::ConnectionTrait;
         let notify = Query::select()
-            .expr(Func::cust("pg_notify").args([CHANNEL.into(), payload(instance, &freed).into()]))
+            .expr(
+                Func::cust("pg_notify")
+                    .args([CHANNEL.into(), payload(instance, &freed, appended).into()]),
+            )
             .to_owned();
         if let Err(e) = store.execute(&notify).await {
-            tracing::debug!(error = %e, "lock wake-up not sent; other instances will poll");
+            tracing::debug!(error = %e, "wake-up not sent; other instances will poll");
         }
     }
     #[cfg(not(feature = "postgres"))]
-    let _ = instance;
+    let _ = (instance, appended);
 }
 
 #[cfg(feature = "postgres")]
-fn payload(instance: Uuid, freed: &Freed) -> String {
+fn payload(instance: Uuid, freed: &Freed, appended: bool) -> String {
     let maybe = !matches!(freed, Freed::One(_));
     let resources = freed.resources();
-    let text =
-        serde_json::json!({ "from": instance, "resources": resources, "maybe": maybe }).to_string();
+    let text = serde_json::json!({
+        "from": instance, "resources": resources, "maybe": maybe, "appended": appended,
+    })
+    .to_string();
     if text.len() <= MAX_PAYLOAD {
         text
     } else {
-        serde_json::json!({ "from": instance, "resources": null }).to_string()
+        serde_json::json!({ "from": instance, "resources": null, "appended": appended }).to_string()
     }
 }
 
-/// Wakes this manager's waiters on what other instances announce. A lost
-/// connection may have lost notifications, so reconnecting wakes everyone.
+/// Wakes this manager's waiters and feeds on what other instances announce.
+/// A lost connection may have lost notifications, so reconnecting wakes
+/// everyone.
 #[cfg(feature = "postgres")]
 async fn listen(pool: sea_orm::sqlx::PgPool, wakers: Weak<Wakers>, instance: Uuid) {
     use sea_orm::sqlx::postgres::PgListener;
@@ -203,6 +243,8 @@ async fn listen(pool: sea_orm::sqlx::PgPool, wakers: Weak<Wakers>, instance: Uui
         resources: Option<Vec<Resource>>,
         #[serde(default)]
         maybe: bool,
+        #[serde(default)]
+        appended: bool,
     }
     let retry = std::time::Duration::from_secs(1);
     loop {
@@ -218,9 +260,9 @@ async fn listen(pool: sea_orm::sqlx::PgPool, wakers: Weak<Wakers>, instance: Uui
             tokio::time::sleep(retry).await;
             continue;
         }
-        // Releases announced before this point were not heard.
+        // Releases and appends announced before this point were not heard.
         match wakers.upgrade() {
-            Some(wakers) => wakers.wake_local(None, true),
+            Some(wakers) => wakers.wake_all(),
             None => return,
         }
         loop {
@@ -231,14 +273,19 @@ async fn listen(pool: sea_orm::sqlx::PgPool, wakers: Weak<Wakers>, instance: Uui
             match received {
                 Ok(Some(note)) => match serde_json::from_str::<Payload>(note.payload()) {
                     Ok(p) if p.from == instance => {}
-                    Ok(p) => wakers.wake_local(p.resources.as_deref(), p.maybe),
-                    Err(_) => wakers.wake_local(None, true),
+                    Ok(p) => {
+                        wakers.wake_local(p.resources.as_deref(), p.maybe);
+                        if p.appended {
+                            wakers.wake_feeds();
+                        }
+                    }
+                    Err(_) => wakers.wake_all(),
                 },
                 // The connection was lost; the next call reconnects.
-                Ok(None) => wakers.wake_local(None, true),
+                Ok(None) => wakers.wake_all(),
                 Err(_) if pool.is_closed() => return,
                 Err(_) => {
-                    wakers.wake_local(None, true);
+                    wakers.wake_all();
                     break;
                 }
             }
