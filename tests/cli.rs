@@ -992,8 +992,12 @@ fn audit_tail_filters_and_orders_oldest_first() {
     );
     assert!(text.contains(&short(second)), "{text}");
     assert!(text.contains("locks_released=3"), "{text}");
-    let text = db.ok(&["audit", "tail", "--event", "session-end"]);
-    assert!(text.contains("known events: session_start"), "{text}");
+    let typo = db.run(&["audit", "tail", "--event", "session-end"]);
+    assert_error(&typo, 2, "--event");
+    assert!(
+        String::from_utf8_lossy(&typo.stderr).contains("one of session_start"),
+        "names the known events"
+    );
     assert_error(&db.run(&["audit", "tail", "--event", " "]), 2, "--event");
 }
 
@@ -1143,4 +1147,163 @@ fn an_unreachable_server_exits_5_without_its_password() {
         .unwrap();
     let stderr = assert_error(&out, 5, "postgres://u:***@127.0.0.1:1/x");
     assert!(!stderr.contains("secret"), "password leaked: {stderr}");
+}
+
+// --- following the audit log ---------------------------------------------------
+
+/// `audit tail --follow` as a child process, its stdout read line by line.
+struct Follower {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Follower {
+    fn start(db: &Db, args: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(BIN)
+            .env_remove("DATABASE_URL")
+            .env_remove("RUST_LOG")
+            .arg("--database-url")
+            .arg(&db.url)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start audit tail --follow");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Self { child, lines }
+    }
+
+    fn next_line(&self) -> String {
+        self.lines
+            .recv_timeout(Duration::from_secs(20))
+            .expect("a line from audit tail --follow within 20 s")
+    }
+
+    fn next_json(&self) -> Value {
+        let line = self.next_line();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not one JSON object ({e}): {line}"))
+    }
+
+    fn nothing_for(&self, ms: u64) {
+        if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(ms)) {
+            panic!("unexpected line: {line}");
+        }
+    }
+
+    /// SIGTERM ends it with exit 0 and nothing on stderr.
+    fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        let killed = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        assert!(killed.success());
+        let out = self.child.wait_with_output().expect("wait");
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.stderr.is_empty(),
+            "stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[tokio::test]
+async fn audit_tail_follow_prints_events_as_they_commit_and_resumes_after_a_seq() {
+    let db = Db::new();
+    let (first, _) = demo(&db);
+    // Text: a header, the newest events, then new ones as other processes commit.
+    let text = Follower::start(&db, &["audit", "tail", "-n", "1", "--follow"]);
+    assert_eq!(text.next_line(), "SEQ\tTIME\tEVENT\tSESSION\tDETAILS");
+    let newest = text.next_line();
+    assert!(
+        newest.starts_with("2\t") && newest.contains("session_end"),
+        "{newest}"
+    );
+    assert!(newest.contains(&short(first)), "{newest}");
+    let json = Follower::start(
+        &db,
+        &[
+            "--json",
+            "audit",
+            "tail",
+            "--follow",
+            "--event",
+            "session_end",
+        ],
+    );
+    assert_eq!(json.next_json()["seq"], 2, "the newest end first");
+
+    let manager = db.manager().await;
+    let (session, _) = session_with_lock(&manager, "src/lib.rs").await;
+    manager.end_session(session).await.expect("end");
+    let rows = manager
+        .audit_events(AuditFilter {
+            session_id: Some(session),
+            ..AuditFilter::default()
+        })
+        .await
+        .expect("audit");
+    let (end_seq, start_seq) = (rows[0].seq, rows[1].seq);
+    let line = text.next_line();
+    assert!(
+        line.starts_with(&format!("{start_seq}\t")) && line.contains("session_start"),
+        "{line}"
+    );
+    let line = text.next_line();
+    assert!(
+        line.starts_with(&format!("{end_seq}\t")) && line.contains("locks_released=1"),
+        "{line}"
+    );
+    let event = json.next_json();
+    assert_eq!(
+        (event["seq"].as_i64(), event["event_type"].as_str()),
+        (Some(end_seq), Some("session_end"))
+    );
+    assert_eq!(id_of(&event["session_id"]), session);
+    assert_eq!(event["details"]["locks_released"], 1);
+    json.nothing_for(300);
+    text.stop();
+    json.stop();
+
+    // --after: every event after the cursor, once, then new ones.
+    let resumed = Follower::start(
+        &db,
+        &["--json", "audit", "tail", "--follow", "--after", "1"],
+    );
+    let seqs: Vec<i64> = (0..3)
+        .map(|_| resumed.next_json()["seq"].as_i64().expect("seq"))
+        .collect();
+    assert_eq!(seqs, vec![2, start_seq, end_seq]);
+    resumed.nothing_for(300);
+    resumed.stop();
+    manager.close().await.expect("close");
+
+    // Without --follow, --after keeps the newest N after it.
+    let after = db.json(&["audit", "tail", "--after", "2", "-n", "1"]);
+    assert_eq!(after.as_array().map(Vec::len), Some(1));
+    assert_eq!(after[0]["seq"], end_seq);
+    let table = db.ok(&["audit", "tail", "--after", "1"]);
+    assert!(table.contains("SEQ"), "{table}");
+    let show = db.ok(&["sessions", "show", &short(session)]);
+    assert!(
+        show.contains("SEQ") && show.contains(&format!(" {end_seq} ")),
+        "{show}"
+    );
+    assert_error(&db.run(&["audit", "tail", "--after=-1"]), 2, "--after");
 }

@@ -162,7 +162,8 @@ pub enum LocksCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// The newest audit events, printed oldest first like tail(1).
+    /// The newest audit events, printed oldest first like tail(1); with
+    /// --follow, then every new one as it commits, until interrupted.
     Tail {
         /// How many events.
         #[arg(short = 'n', long = "lines", value_name = "N", default_value_t = 20, value_parser = positive_count)]
@@ -174,6 +175,15 @@ pub enum AuditCommand {
         /// session_interrupted, session_resumed, locks_swept).
         #[arg(long, value_name = "EVENT")]
         event: Option<String>,
+        /// Only events after this seq (the SEQ column; with --json, "seq"):
+        /// resume from the last event handled. With --follow, every one of
+        /// them, then the new ones; without, the newest N of them.
+        #[arg(long, value_name = "SEQ", value_parser = clap::value_parser!(i64).range(0..))]
+        after: Option<i64>,
+        /// Keep printing events as they commit, from any process or host,
+        /// until Ctrl-C; with --json, one JSON object per line.
+        #[arg(short = 'f', long)]
+        follow: bool,
     },
 }
 

@@ -6,8 +6,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use demiarch_sessions::entity::{agent_executions, resource_locks};
 use demiarch_sessions::{
-    AuditFilter, Config, Error, LockFilter, LockInfo, LockWaiter, SessionFilter, SessionInfo,
-    SessionManager, SessionStatus, CONTEXT_FORMAT_VERSION,
+    AuditFilter, AuditRecord, Config, Error, LockFilter, LockInfo, LockWaiter, SessionFilter,
+    SessionInfo, SessionManager, SessionStatus, CONTEXT_FORMAT_VERSION,
 };
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use serde::Serialize;
@@ -87,9 +87,19 @@ pub async fn run(cli: Cli) -> Result<String, Failure> {
             lines,
             session,
             event,
+            after,
+            follow,
         }) => {
-            ctx.audit_tail(lines, session.as_deref(), event.as_deref())
-                .await
+            let tail = Tail {
+                lines,
+                session: session.as_deref(),
+                event: event.as_deref(),
+                after,
+            };
+            match follow {
+                true => crate::follow::run(&ctx, tail).await,
+                false => ctx.audit_tail(tail).await,
+            }
         }
     }
 }
@@ -118,6 +128,14 @@ fn backend_compiled_in(url: &str, shown: &str) -> Result<(), Failure> {
 }
 
 /// What every command works with.
+/// What `audit tail` reads.
+pub struct Tail<'a> {
+    pub lines: u64,
+    pub session: Option<&'a str>,
+    pub event: Option<&'a str>,
+    pub after: Option<i64>,
+}
+
 pub struct Ctx {
     pub manager: SessionManager,
     pub json: bool,
@@ -344,9 +362,10 @@ impl Ctx {
 
         text.push_str(&format!("\nAudit trail ({})\n", shown_count(audit.len())));
         if !audit.is_empty() {
-            let mut table = output::table(["TIME", "EVENT", "DETAILS"]);
+            let mut table = output::table(["SEQ", "TIME", "EVENT", "DETAILS"]);
             for event in &audit {
                 table.add_row(vec![
+                    event.seq.to_string(),
                     output::time_ago(event.event_time, self.now),
                     event.event_type.clone(),
                     output::details(&event.details),
@@ -746,52 +765,55 @@ impl Ctx {
         Ok(text)
     }
 
-    async fn audit_tail(
+    /// The newest `tail.lines` matching events, oldest first, and the filter
+    /// they were read with.
+    pub async fn audit_newest(
         &self,
-        lines: u64,
-        session: Option<&str>,
-        event: Option<&str>,
-    ) -> Result<String, Failure> {
-        let session_id = match session {
+        tail: &Tail<'_>,
+    ) -> Result<(Vec<AuditRecord>, AuditFilter), Failure> {
+        let session_id = match tail.session {
             Some(id) => Some(self.resolve(id).await?),
             None => None,
         };
-        let event = event.map(str::trim);
-        if event.is_some_and(str::is_empty) {
+        let event = tail.event.map(str::trim);
+        if let Some(event) = event.filter(|e| e.is_empty() || !KNOWN_EVENTS.contains(e)) {
+            let why = match event.is_empty() {
+                true => "must not be empty".to_owned(),
+                false => format!("{event:?} is not an audit event type"),
+            };
             return Err(Failure::new(
                 INVALID_INPUT,
-                format!(
-                    "invalid --event: must not be empty; one of {}",
-                    KNOWN_EVENTS.join(", ")
-                ),
+                format!("invalid --event: {why}; one of {}", KNOWN_EVENTS.join(", ")),
             ));
         }
+        let filter = AuditFilter {
+            session_id,
+            event_type: event.map(str::to_owned),
+            after: tail.after,
+            limit: Some(tail.lines),
+            ..AuditFilter::default()
+        };
         let mut events = self
             .manager
-            .audit_events(AuditFilter {
-                session_id,
-                event_type: event.map(str::to_owned),
-                limit: Some(lines),
-                ..AuditFilter::default()
-            })
+            .audit_events(filter.clone())
             .await
             .map_err(|e| Failure::during("reading the audit log", e))?;
         events.reverse();
+        Ok((events, filter))
+    }
+
+    async fn audit_tail(&self, tail: Tail<'_>) -> Result<String, Failure> {
+        let (events, _) = self.audit_newest(&tail).await?;
         if self.json {
             return output::json(&events);
         }
         if events.is_empty() {
-            let hint = match event {
-                Some(e) if !KNOWN_EVENTS.contains(&e) => {
-                    format!(" (known events: {})", KNOWN_EVENTS.join(", "))
-                }
-                _ => String::new(),
-            };
-            return Ok(format!("No audit events match.{hint}\n"));
+            return Ok("No audit events match.\n".to_owned());
         }
-        let mut table = output::table(["TIME", "EVENT", "SESSION", "DETAILS"]);
+        let mut table = output::table(["SEQ", "TIME", "EVENT", "SESSION", "DETAILS"]);
         for e in &events {
             table.add_row(vec![
+                e.seq.to_string(),
                 output::time_ago(e.event_time, self.now),
                 e.event_type.clone(),
                 e.session_id

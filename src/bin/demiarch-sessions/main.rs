@@ -9,7 +9,7 @@
 //! demiarch-sessions locks waiters TYPE KEY
 //! demiarch-sessions locks sweep
 //! demiarch-sessions recover [--stale-after 5m]
-//! demiarch-sessions audit tail [-n N] [--session ID] [--event E]
+//! demiarch-sessions audit tail [-n N] [--session ID] [--event E] [--after SEQ] [--follow]
 //! ```
 //!
 //! Every command takes `--json` and `--database-url`; exit codes are listed
@@ -23,6 +23,7 @@ mod args;
 mod commands;
 mod demo;
 mod exit;
+mod follow;
 mod output;
 
 use exit::{Failure, INTERNAL};
