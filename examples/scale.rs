@@ -28,7 +28,8 @@
 //! Other modes: `--concurrency N` (throughput, serial vs N tasks), `--acquire`
 //! (acquire_lock latency), `--handoff` (how soon a waiting acquire receives a
 //! released lock: in one process, on a second manager, and a queue of 16
-//! draining; see scale/handoff.rs), `--explain` (query plans), `--wal-pages`
+//! draining; see scale/handoff.rs), `--watch` (how soon and how many events a
+//! change feed delivers; see scale/watch.rs), `--explain` (query plans), `--wal-pages`
 //! (what each end writes to SQLite's WAL, per table and index), `--chart` (the
 //! SVG in docs/). See `--help` and docs/performance.md.
 use std::error::Error;
@@ -57,6 +58,8 @@ mod raw_seed;
 mod report;
 #[path = "scale/wal_pages.rs"]
 mod wal_pages;
+#[path = "scale/watch.rs"]
+mod watch;
 
 use args::{Args, Impl, Mode};
 use fixture::{BoxResult, Fixture};
@@ -77,6 +80,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
         } => throughput(&args, concurrency, sessions, rounds).await,
         Mode::Acquire => time_acquires(&args).await,
         Mode::Handoff => handoff::run(&args).await,
+        Mode::Watch => watch::run(&args).await,
         Mode::Explain => {
             let locks = args.locks[0];
             with_fixture(&args, |fx| async move { explain::run(&fx, locks).await }).await

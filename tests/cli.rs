@@ -1201,7 +1201,7 @@ impl Follower {
     }
 
     /// SIGTERM ends it with exit 0 and nothing on stderr.
-    fn stop(mut self) {
+    fn stop(self) {
         let pid = self.child.id().to_string();
         let killed = std::process::Command::new("kill")
             .args(["-TERM", &pid])

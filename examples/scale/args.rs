@@ -33,6 +33,12 @@ modes (default: time ends, one JSON line per impl and combination):
                                in one process, to a second manager on the same database,
                                and a queue of 16 waiters draining against uncontended pairs;
                                --iters of each case, after 3 warm-up ones
+  --watch                      time the change feed (SessionManager::watch): delivery of an
+                               end's event in one process and to a second manager (--iters
+                               each, after 3 warm-up ones), and a feed keeping up with a
+                               writer of --watch-rate events/s for --watch-seconds
+  --watch-rate N               events per second the --watch writer appends [5000]
+  --watch-seconds N            how long the --watch writer runs [3]
   --explain                    print the query plan of every statement of both ends
   --wal-pages                  sqlite-wal: pages each end writes to the WAL, per table/index
   --chart OUT.svg --from FILE  draw median end latency against locks from JSON lines
@@ -82,6 +88,7 @@ pub enum Mode {
     },
     Acquire,
     Handoff,
+    Watch,
     Explain,
     WalPages,
     Chart {
@@ -102,6 +109,9 @@ pub struct Args {
     pub cleanup_timeout_ms: u64,
     /// `Config::max_connections` for the manager under test.
     pub max_connections: u32,
+    /// `--watch`: the writer's events per second, and how long it runs.
+    pub watch_rate: u64,
+    pub watch_seconds: u64,
     pub mode: Mode,
 }
 
@@ -131,6 +141,9 @@ impl Args {
         let mut rounds = 3;
         let mut acquire = false;
         let mut handoff = false;
+        let mut watch = false;
+        let mut watch_rate = 5000;
+        let mut watch_seconds = 3;
         let mut explain = false;
         let mut wal_pages = false;
         let mut chart = None;
@@ -165,6 +178,9 @@ impl Args {
                 "--rounds" => rounds = number("--rounds", &value()?)?,
                 "--acquire" => acquire = true,
                 "--handoff" => handoff = true,
+                "--watch" => watch = true,
+                "--watch-rate" => watch_rate = number("--watch-rate", &value()?)?,
+                "--watch-seconds" => watch_seconds = number("--watch-seconds", &value()?)?,
                 "--explain" => explain = true,
                 "--wal-pages" => wal_pages = true,
                 "--chart" => chart = Some(PathBuf::from(value()?)),
@@ -173,7 +189,18 @@ impl Args {
                 other => return Err(format!("unknown argument {other:?}\n\n{USAGE}").into()),
             }
         }
+        let other_mode = chart.is_some()
+            || from.is_some()
+            || concurrency.is_some()
+            || acquire
+            || handoff
+            || explain
+            || wal_pages;
+        if watch && other_mode {
+            return Err(format!("choose one mode: --watch goes alone\n\n{USAGE}").into());
+        }
         let mode = match (chart, from, concurrency, acquire, handoff, explain, wal_pages) {
+            _ if watch => Mode::Watch,
             (Some(out), Some(from), None, false, false, false, false) => Mode::Chart { out, from },
             (Some(_), None, ..) | (None, Some(_), ..) => {
                 return Err(format!("--chart and --from go together\n\n{USAGE}").into())
@@ -192,7 +219,7 @@ impl Args {
             (None, None, None, false, false, false, false) => Mode::End,
             _ => {
                 return Err(format!(
-                    "choose one mode: --concurrency N (N > 0), --acquire, --handoff, --explain, --wal-pages or --chart\n\n{USAGE}"
+                    "choose one mode: --concurrency N (N > 0), --acquire, --handoff, --watch, --explain, --wal-pages or --chart\n\n{USAGE}"
                 )
                 .into())
             }
@@ -218,6 +245,8 @@ impl Args {
             iters,
             cleanup_timeout_ms,
             max_connections,
+            watch_rate,
+            watch_seconds,
             mode,
         })
     }
