@@ -17,17 +17,22 @@
 //! - `throughput`: a writer appends audit rows at `--watch-rate` events per
 //!   second for `--watch-seconds`, in a batch every 10 ms (one transaction
 //!   each, through the same `audit_head` lock the library's appends take),
-//!   while one feed consumes them. `delivered_per_s` is the feed's rate over
-//!   the whole run, `lag_*` run from a batch's commit to the receipt of its
-//!   last event, and `drain_per_s` is how fast the same feed then reads the
-//!   whole log again from `after: Some(0)`.
+//!   while one feed consumes them. Rows written so wake no feed, so the feed
+//!   looks every 10 ms (`poll_interval_ms`). `delivered_per_s` is the feed's
+//!   rate over the whole run, `lag_*` run from a batch's commit to the
+//!   receipt of its last event, and `drain_per_s` is how fast a feed then
+//!   reads the whole log again from `after: Some(0)`.
+//! - `library-writers`: 4 tasks start sessions on the manager as fast as it
+//!   lets them for `--watch-seconds`, each start one `session_start` event
+//!   that wakes the feed; `lag_*` run from `start_session`'s return to the
+//!   feed's receipt of its event (0 when the event came first).
 //!
 //! The latency cases do 3 untimed rounds first.
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use demiarch_sessions::entity::{audit_head, audit_log};
-use demiarch_sessions::{SessionManager, WatchOptions};
+use demiarch_sessions::{Config, SessionManager, WatchOptions};
 use futures::StreamExt;
 use sea_orm::{ActiveValue::Set, EntityTrait, QuerySelect, TransactionTrait};
 use serde::Serialize;
@@ -44,6 +49,10 @@ const OP: &str = "watch";
 const RECEIPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The throughput writer's batch interval.
 const BATCH_EVERY: Duration = Duration::from_millis(10);
+/// The throughput feed's poll interval: its writer's rows wake nobody.
+const RAW_POLL: Duration = Duration::from_millis(10);
+/// Tasks starting sessions in `library-writers`.
+const WRITERS: usize = 4;
 
 #[derive(Debug, Serialize)]
 struct LatencyLine {
@@ -83,6 +92,24 @@ struct ThroughputLine {
     drained: usize,
     drain_per_s: f64,
     page_size: u64,
+    poll_interval_ms: u64,
+    peak_rss_kb: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct WritersLine {
+    op: &'static str,
+    backend: &'static str,
+    case: &'static str,
+    writers: usize,
+    seconds: u64,
+    written: usize,
+    written_per_s: f64,
+    delivered: usize,
+    in_order: bool,
+    lag_p50_us: f64,
+    lag_p99_us: f64,
+    lag_max_us: f64,
     peak_rss_kb: u64,
 }
 
@@ -120,8 +147,17 @@ pub async fn run(args: &Args) -> BoxResult<()> {
         })?,
     }
 
-    let fx = Fixture::open(args.backend, manager_config(args)).await?;
+    let config = Config {
+        watch_poll_interval: RAW_POLL,
+        ..manager_config(args)
+    };
+    let fx = Fixture::open(args.backend, config).await?;
     let line = throughput(args, &fx).await;
+    fx.close().await?;
+    print_json(&line?)?;
+
+    let fx = Fixture::open(args.backend, manager_config(args)).await?;
+    let line = library_writers(args, &fx).await;
     fx.close().await?;
     print_json(&line?)?;
     Ok(())
@@ -340,6 +376,86 @@ async fn throughput(args: &Args, fx: &Fixture) -> BoxResult<ThroughputLine> {
         drained: total,
         drain_per_s: round1(total as f64 / drain_s),
         page_size: manager.config().watch_page_size,
+        poll_interval_ms: manager.config().watch_poll_interval.as_millis() as u64,
+        peak_rss_kb: peak_rss_kb(),
+    })
+}
+
+async fn library_writers(args: &Args, fx: &Fixture) -> BoxResult<WritersLine> {
+    let manager = fx.manager.clone();
+    let seconds = args.watch_seconds.max(1);
+    let mut feed = Box::pin(manager.watch(WatchOptions::default()));
+    if let Ok(item) = tokio::time::timeout(Duration::from_millis(50), feed.next()).await {
+        return Err(format!("the log was not empty: {item:?}").into());
+    }
+    let (tx, mut started) = mpsc::unbounded_channel::<(Uuid, Instant)>();
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let began = Instant::now();
+    let mut writers = Vec::new();
+    for _ in 0..WRITERS {
+        let (manager, tx) = (manager.clone(), tx.clone());
+        writers.push(tokio::spawn(async move {
+            while Instant::now() < until {
+                let session = manager.start_session().await.map_err(|e| e.to_string())?;
+                let _ = tx.send((session, Instant::now()));
+            }
+            Ok::<_, String>(())
+        }));
+    }
+    drop(tx);
+    let mut receipts = std::collections::HashMap::new();
+    let (mut last, mut in_order) = (0, true);
+    let mut returned = std::collections::HashMap::new();
+    let mut writers_done = false;
+    let mut written_s = seconds as f64;
+    loop {
+        tokio::select! {
+            item = tokio::time::timeout(RECEIPT_TIMEOUT, feed.next()) => {
+                let event = item.map_err(|_| "the feed stalled")?.ok_or("the feed ended")??;
+                in_order &= event.seq > last;
+                last = event.seq;
+                if let Some(id) = event.session_id {
+                    receipts.insert(id, Instant::now());
+                }
+            }
+            start = started.recv(), if !writers_done => match start {
+                Some((session, at)) => { returned.insert(session.to_string(), at); }
+                None => {
+                    writers_done = true;
+                    written_s = began.elapsed().as_secs_f64();
+                }
+            },
+        }
+        if writers_done && receipts.len() == returned.len() {
+            break;
+        }
+    }
+    for writer in writers {
+        writer.await??;
+    }
+    let lags: Vec<Duration> = returned
+        .iter()
+        .filter_map(|(id, at)| {
+            receipts
+                .get(id)
+                .map(|got| got.saturating_duration_since(*at))
+        })
+        .collect();
+    let (lag_p50, lag_p99) = summarize(&lags);
+    let max = lags.iter().max().copied().unwrap_or_default();
+    Ok(WritersLine {
+        op: OP,
+        backend: args.backend.name(),
+        case: "library-writers",
+        writers: WRITERS,
+        seconds,
+        written: returned.len(),
+        written_per_s: round1(returned.len() as f64 / written_s),
+        delivered: receipts.len(),
+        in_order,
+        lag_p50_us: lag_p50,
+        lag_p99_us: lag_p99,
+        lag_max_us: round1(max.as_secs_f64() * 1e6),
         peak_rss_kb: peak_rss_kb(),
     })
 }
