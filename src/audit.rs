@@ -27,6 +27,20 @@ pub enum AuditEvent {
 }
 
 impl AuditEvent {
+    /// Every kind, in the order of the declaration.
+    pub const ALL: [AuditEvent; 5] = [
+        Self::SessionStart,
+        Self::SessionEnd,
+        Self::SessionInterrupted,
+        Self::SessionResumed,
+        Self::LocksSwept,
+    ];
+
+    /// The kind stored as `event_type`, if it is one.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|e| e.as_str() == name)
+    }
+
     /// The `event_type` stored in `audit_log`.
     pub fn as_str(self) -> &'static str {
         match self {

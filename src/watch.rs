@@ -69,15 +69,6 @@ pub struct WatchOptions {
     pub event_types: Vec<String>,
 }
 
-/// The known `event_type`s, for checking [`WatchOptions::event_types`].
-const EVENT_TYPES: [AuditEvent; 5] = [
-    AuditEvent::SessionStart,
-    AuditEvent::SessionEnd,
-    AuditEvent::SessionInterrupted,
-    AuditEvent::SessionResumed,
-    AuditEvent::LocksSwept,
-];
-
 impl WatchOptions {
     fn validate(&self) -> Result<()> {
         if let Some(after) = self.after.filter(|after| *after < 0) {
@@ -90,8 +81,8 @@ impl WatchOptions {
             crate::validate::id("session_id", id)?;
         }
         for event in &self.event_types {
-            if !EVENT_TYPES.iter().any(|known| known.as_str() == event) {
-                let known: Vec<_> = EVENT_TYPES.iter().map(|e| e.as_str()).collect();
+            if AuditEvent::from_name(event).is_none() {
+                let known: Vec<_> = AuditEvent::ALL.iter().map(|e| e.as_str()).collect();
                 let event = match event.char_indices().nth(64) {
                     Some((end, _)) => format!("{}… ({} bytes)", &event[..end], event.len()),
                     None => event.clone(),
@@ -125,7 +116,8 @@ struct Feed {
 enum State {
     Fresh,
     Running,
-    /// The last read failed: wait a poll interval before the next.
+    /// The last read failed: wait for a wake-up or a poll interval before
+    /// the next.
     Failed,
     Ended,
 }
@@ -171,7 +163,7 @@ impl Feed {
                     self.state = State::Running;
                 }
                 State::Failed => {
-                    tokio::time::sleep(self.poll_interval()).await;
+                    self.wait().await;
                     self.state = State::Running;
                 }
                 State::Running => {}

@@ -690,3 +690,59 @@ async fn the_migration_numbers_existing_rows_in_time_order() {
     })
     .await;
 }
+
+/// PostgreSQL: every connection of the database is killed (the pool's and
+/// the `LISTEN` one). The feed goes on from its last seq and `NOTIFY`
+/// wake-ups resume (the poll is ten minutes, so nothing else could wake it).
+#[tokio::test]
+async fn a_feed_survives_its_connections_being_killed() {
+    each_backend_with(
+        "a_feed_survives_its_connections_being_killed",
+        polling_every(600_000),
+        |db| async move {
+            if db.backend != Backend::Postgres {
+                eprintln!(
+                    "a_feed_survives_its_connections_being_killed: SKIPPED on {}: it kills PostgreSQL backends",
+                    db.backend.name()
+                );
+                return;
+            }
+            let peer = db.peer_manager().await;
+            let mut watcher = feed(&db.manager, WatchOptions::default());
+            quiet_for(&mut watcher, 300).await;
+            let first = peer.start_session().await.expect("start");
+            assert_eq!(next_event(&mut watcher).await.session_id, Some(first.to_string()));
+            let killer = db.second_connection().await;
+            let killed = killer
+                .query_all_raw(Statement::from_string(
+                    killer.get_database_backend(),
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                ))
+                .await
+                .expect("terminate the other backends");
+            assert!(killed.len() >= 3, "the pools' and the listener's connections: {}", killed.len());
+            // The listener reconnects after a second.
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            let mut written = Vec::new();
+            for _ in 0..3 {
+                written.push(peer.start_session().await.expect("start after the kill"));
+            }
+            let mut got = Vec::new();
+            while got.len() < written.len() {
+                match next_item(&mut watcher).await {
+                    Ok(event) => got.push(event),
+                    // A read on a killed connection may fail once.
+                    Err(Error::Database(_)) => continue,
+                    Err(e) => panic!("unexpected {e}"),
+                }
+            }
+            let ids: Vec<_> = got.iter().map(|e| e.session_id.clone()).collect();
+            assert_eq!(ids, written.iter().map(|s| Some(s.to_string())).collect::<Vec<_>>());
+            assert_increasing("after the kill", &seqs(&got));
+            killer.close().await.expect("close");
+            peer.close().await.expect("close");
+        },
+    )
+    .await;
+}

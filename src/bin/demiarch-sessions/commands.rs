@@ -6,8 +6,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use demiarch_sessions::entity::{agent_executions, resource_locks};
 use demiarch_sessions::{
-    AuditFilter, AuditRecord, Config, Error, LockFilter, LockInfo, LockWaiter, SessionFilter,
-    SessionInfo, SessionManager, SessionStatus, CONTEXT_FORMAT_VERSION,
+    AuditEvent, AuditFilter, AuditRecord, Config, Error, LockFilter, LockInfo, LockWaiter,
+    SessionFilter, SessionInfo, SessionManager, SessionStatus, CONTEXT_FORMAT_VERSION,
 };
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use serde::Serialize;
@@ -24,15 +24,6 @@ pub const ALIVE_WITHIN: Duration = Duration::from_secs(30);
 
 /// The most rows `sessions show` lists per section.
 const SHOW_LIMIT: u64 = 1000;
-
-/// The event types the library writes, for hints.
-const KNOWN_EVENTS: [&str; 5] = [
-    "session_start",
-    "session_end",
-    "session_interrupted",
-    "session_resumed",
-    "locks_swept",
-];
 
 /// Opens the database and runs the command; the result is stdout's text.
 pub async fn run(cli: Cli) -> Result<String, Failure> {
@@ -776,14 +767,15 @@ impl Ctx {
             None => None,
         };
         let event = tail.event.map(str::trim);
-        if let Some(event) = event.filter(|e| e.is_empty() || !KNOWN_EVENTS.contains(e)) {
+        if let Some(event) = event.filter(|e| AuditEvent::from_name(e).is_none()) {
+            let known: Vec<&str> = AuditEvent::ALL.iter().map(|e| e.as_str()).collect();
             let why = match event.is_empty() {
                 true => "must not be empty".to_owned(),
                 false => format!("{event:?} is not an audit event type"),
             };
             return Err(Failure::new(
                 INVALID_INPUT,
-                format!("invalid --event: {why}; one of {}", KNOWN_EVENTS.join(", ")),
+                format!("invalid --event: {why}; one of {}", known.join(", ")),
             ));
         }
         let filter = AuditFilter {
