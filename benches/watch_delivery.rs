@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode};
-use demiarch_sessions::{AuditRecord, Config, SessionManager, WatchOptions};
+use demiarch_sessions::{AuditFilter, AuditRecord, Config, SessionManager, WatchOptions};
 use futures::{Stream, StreamExt};
 
 #[allow(dead_code)]
@@ -53,12 +53,18 @@ fn main() -> Result<(), Box<dyn Error>> {
     let (fx, feed) = runtime.block_on(async {
         let fx = Fixture::open(BackendKind::SqliteMemory, Config::default()).await?;
         fx.populate_background(BACKGROUND_SESSIONS).await?;
-        let mut feed: Feed = Box::pin(fx.manager.watch(WatchOptions {
+        let newest = fx
+            .manager
+            .audit_events(AuditFilter {
+                limit: Some(1),
+                ..AuditFilter::default()
+            })
+            .await?;
+        let feed: Feed = Box::pin(fx.manager.watch(WatchOptions {
+            after: Some(newest.first().map_or(0, |e| e.seq)),
             event_types: vec!["session_end".into()],
             ..WatchOptions::default()
         }));
-        // The first poll fixes where the feed starts.
-        let _ = tokio::time::timeout(Duration::from_millis(20), feed.next()).await;
         Ok::<_, Box<dyn Error>>((fx, feed))
     })?;
     let feed = tokio::sync::Mutex::new(feed);

@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use demiarch_sessions::entity::{audit_head, audit_log};
-use demiarch_sessions::{Config, SessionManager, WatchOptions};
+use demiarch_sessions::{AuditFilter, Config, SessionManager, WatchOptions};
 use futures::StreamExt;
 use sea_orm::{ActiveValue::Set, EntityTrait, QuerySelect, TransactionTrait};
 use serde::Serialize;
@@ -180,6 +180,17 @@ fn consume(manager: &SessionManager, options: WatchOptions) -> Receipts {
     rx
 }
 
+/// The seq of the newest event: where a feed of what follows starts.
+async fn newest_seq(manager: &SessionManager) -> BoxResult<i64> {
+    let newest = manager
+        .audit_events(AuditFilter {
+            limit: Some(1),
+            ..AuditFilter::default()
+        })
+        .await?;
+    Ok(newest.first().map_or(0, |e| e.seq))
+}
+
 /// Waits for the feed to deliver `session`'s event.
 async fn receipt_of(receipts: &mut Receipts, session: Uuid) -> BoxResult<Instant> {
     let wanted = session.to_string();
@@ -208,6 +219,7 @@ async fn latency(
     let mut receipts = consume(
         watcher,
         WatchOptions {
+            after: Some(newest_seq(writer).await?),
             event_types: vec!["session_end".into()],
             ..WatchOptions::default()
         },
