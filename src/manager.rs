@@ -206,9 +206,26 @@ impl SessionManager {
     }
 
     /// Counts of ends, locks released, sweeps and timeouts, and cleanup
-    /// duration percentiles, since this manager was created.
+    /// duration percentiles, since this manager was created. The same events
+    /// also go to the `metrics` facade (see [`MetricsSnapshot`] for the
+    /// names), for an app that installs an exporter.
     pub fn metrics(&self) -> MetricsSnapshot {
         self.metrics.snapshot()
+    }
+
+    /// Counts the store's open sessions and held locks (every manager's)
+    /// and sets the `demiarch_sessions_active_sessions` and
+    /// `demiarch_sessions_held_locks` gauges of the `metrics` facade, and
+    /// `demiarch_sessions_end_budget_seconds`. An exporter calls it before a
+    /// scrape; it is two counting reads.
+    ///
+    /// # Errors
+    /// [`Error::Database`](crate::Error::Database).
+    pub async fn record_store_gauges(&self) -> Result<(u64, u64)> {
+        self.usable()?;
+        let (sessions, locks) = query::store_counts(&self.db).await?;
+        crate::metrics::record_store_gauges(sessions, locks, self.config.cleanup_timeout);
+        Ok((sessions, locks))
     }
 
     /// Refuses every call once the manager was closed.
@@ -328,7 +345,12 @@ impl SessionManager {
         options: LockOptions,
     ) -> Result<LockGrant> {
         self.takes_new_work()?;
-        locks::acquire(self, agent_id, resource_type, resource_key, &options).await
+        let started = std::time::Instant::now();
+        let result = locks::acquire(self, agent_id, resource_type, resource_key, &options).await;
+        if options.wait.is_some() {
+            self.metrics.record_lock_wait(&result, started.elapsed());
+        }
+        result
     }
 
     /// The agents waiting for a resource, head first, from every manager on
@@ -369,7 +391,7 @@ impl SessionManager {
     pub async fn sweep_locks(&self) -> Result<SweepReport> {
         self.usable()?;
         let report = locks::sweep(&self.db, self.config.sweep_batch).await?;
-        self.metrics.record_sweep(report.expired + report.orphaned);
+        self.metrics.record_sweep(&report);
         if report.expired + report.orphaned > 0 {
             self.announce(Freed::All, true).await;
         }
@@ -467,6 +489,7 @@ impl SessionManager {
     pub async fn recover_stale(&self, stale_after: std::time::Duration) -> Result<RecoveryReport> {
         self.usable()?;
         let report = session::recovery::recover_stale(self, stale_after).await?;
+        self.metrics.record_recovery(report.interrupted.len());
         if !report.interrupted.is_empty() {
             self.announce(Freed::All, true).await;
         }

@@ -2,7 +2,10 @@
 //! agents, locks and the audit log, newest first and paged.
 use chrono::{DateTime, Utc};
 use sea_orm::entity::prelude::TextUuid;
-use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use sea_orm::{
+    ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect,
+};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -303,4 +306,20 @@ impl AuditRecord {
             details: r.details,
         })
     }
+}
+
+/// Open sessions (`active` or `paused`) and held locks in the store.
+pub(crate) async fn store_counts(db: &DatabaseConnection) -> Result<(u64, u64)> {
+    let sessions = global_sessions::Entity::find()
+        .filter(global_sessions::Column::Status.is_in([
+            SessionStatus::Active.as_str(),
+            SessionStatus::Paused.as_str(),
+        ]))
+        .count(db)
+        .await?;
+    let locks = resource_locks::Entity::find()
+        .filter(resource_locks::Column::ReleasedAt.is_null())
+        .count(db)
+        .await?;
+    Ok((sessions, locks))
 }

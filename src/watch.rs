@@ -147,7 +147,11 @@ impl Feed {
             if let Some(row) = self.page.pop_front() {
                 // Past it even if it cannot be read: the error names it.
                 self.cursor = Some(row.seq);
-                return Some(AuditRecord::from_row(row));
+                let record = AuditRecord::from_row(row);
+                if let Ok(record) = &record {
+                    crate::metrics::record_watch_lag(record.event_time);
+                }
+                return Some(record);
             }
             match self.state {
                 State::Ended => return None,

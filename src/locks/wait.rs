@@ -131,6 +131,7 @@ pub(crate) async fn acquire(
             // The first attempt runs to its end, as an acquire that does not
             // wait would; later ones are bounded by the wait (one dropped
             // here is undone).
+            let queued = cleanup.entry.is_some();
             let attempt = cleanup.attempt(&request, cleanup.entry);
             let outcome = if first {
                 first = false;
@@ -139,7 +140,12 @@ pub(crate) async fn acquire(
                 tokio::time::timeout_at(deadline, attempt).await
             };
             match outcome {
-                Ok(Ok(Attempt::Granted(grant))) => return Ok(grant),
+                Ok(Ok(Attempt::Granted(grant))) => {
+                    if queued {
+                        crate::metrics::record_handoff();
+                    }
+                    return Ok(grant);
+                }
                 Ok(Ok(Attempt::Refused(refusal))) => {
                     cleanup.entry = refusal.entry;
                     if let Some(entry) = refusal.entry {
