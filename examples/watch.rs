@@ -17,7 +17,7 @@ use std::error::Error;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use demiarch_sessions::{AuditRecord, SessionManager, WatchOptions};
+use demiarch_sessions::{AuditFilter, AuditRecord, SessionManager, WatchOptions};
 use futures::StreamExt;
 
 #[tokio::main]
@@ -33,21 +33,24 @@ async fn main() -> Result<(), Box<dyn Error>> {
     // The cursor: the seq of the last event this hook handled.
     let cursor_file = cursor_path(&url);
     let after = match std::fs::read_to_string(&cursor_file) {
-        Ok(text) => Some(text.trim().parse::<i64>()?),
+        Ok(text) => text.trim().parse::<i64>()?,
         // First run: from the events that commit from now on.
-        Err(_) => None,
+        Err(_) => {
+            let newest = manager
+                .audit_events(AuditFilter {
+                    limit: Some(1),
+                    ..AuditFilter::default()
+                })
+                .await?;
+            newest.first().map_or(0, |e| e.seq)
+        }
     };
-    println!(
-        "watching {url} after seq {}",
-        after.map_or("(now)".to_owned(), |s| s.to_string())
-    );
+    println!("watching {url} after seq {after}");
     let mut ended = Box::pin(manager.watch(WatchOptions {
-        after,
+        after: Some(after),
         event_types: vec!["session_end".into(), "session_interrupted".into()],
         ..WatchOptions::default()
     }));
-    // The first poll fixes "now" before the demo writes anything.
-    let _ = tokio::time::timeout(Duration::from_millis(10), ended.next()).await;
 
     let expected = if follow {
         usize::MAX

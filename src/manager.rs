@@ -390,7 +390,14 @@ impl SessionManager {
     #[instrument(skip(self), err)]
     pub async fn sweep_locks(&self) -> Result<SweepReport> {
         self.usable()?;
-        let report = locks::sweep(&self.db, self.config.sweep_batch).await?;
+        let report = match locks::sweep(&self.db, self.config.sweep_batch).await {
+            Ok(report) => report,
+            Err(e) => {
+                // Batches committed before the failure freed locks too.
+                self.announce(Freed::All, true).await;
+                return Err(e);
+            }
+        };
         self.metrics.record_sweep(&report);
         if report.expired + report.orphaned > 0 {
             self.announce(Freed::All, true).await;
@@ -488,7 +495,14 @@ impl SessionManager {
     #[instrument(skip(self), err)]
     pub async fn recover_stale(&self, stale_after: std::time::Duration) -> Result<RecoveryReport> {
         self.usable()?;
-        let report = session::recovery::recover_stale(self, stale_after).await?;
+        let report = match session::recovery::recover_stale(self, stale_after).await {
+            Ok(report) => report,
+            Err(e) => {
+                // Sessions recovered before the failure freed locks too.
+                self.announce(Freed::All, true).await;
+                return Err(e);
+            }
+        };
         self.metrics.record_recovery(report.interrupted.len());
         if !report.interrupted.is_empty() {
             self.announce(Freed::All, true).await;

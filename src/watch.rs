@@ -108,6 +108,9 @@ struct Feed {
     /// with `after: None`.
     cursor: Option<i64>,
     page: VecDeque<audit_log::Model>,
+    /// Where the cursor goes once `page` is delivered: the newest `seq`
+    /// the read saw, when a filtered page held every match up to it.
+    caught_up_to: Option<i64>,
     appended: watch::Receiver<u64>,
     state: State,
 }
@@ -132,6 +135,7 @@ pub(crate) fn watch(
         cursor: options.after,
         options: Arc::new(options),
         page: VecDeque::new(),
+        caught_up_to: None,
         state: State::Fresh,
     };
     futures::stream::unfold(feed, |mut feed| async move {
@@ -153,6 +157,9 @@ impl Feed {
                 }
                 return Some(record);
             }
+            if let Some(newest) = self.caught_up_to.take() {
+                self.cursor = Some(newest);
+            }
             match self.state {
                 State::Ended => return None,
                 State::Fresh => {
@@ -161,9 +168,11 @@ impl Feed {
                         return Some(Err(e));
                     }
                     let manager = &self.manager;
-                    manager
-                        .lock_wakers()
-                        .ensure_listening(manager.store(), manager.instance_id());
+                    if manager.usable().is_ok() {
+                        manager
+                            .lock_wakers()
+                            .ensure_listening(manager.store(), manager.instance_id());
+                    }
                     self.state = State::Running;
                 }
                 State::Failed => {
@@ -215,6 +224,7 @@ impl Feed {
             Err(_) => read.await,
         }?;
         self.cursor = Some(page.after);
+        self.caught_up_to = page.caught_up_to;
         self.page.extend(page.rows);
         Ok(!self.page.is_empty())
     }
@@ -229,14 +239,32 @@ impl Feed {
     }
 }
 
-/// What one read found: the cursor it read after, and the rows after it.
+/// What one read found: the cursor it read after, the rows after it, and
+/// for a filtered read that found every match, the newest `seq` it covered.
 struct Page {
     after: i64,
     rows: Vec<audit_log::Model>,
+    caught_up_to: Option<i64>,
+}
+
+/// The newest `seq` committed, 0 for an empty log.
+async fn newest_seq(db: &DatabaseConnection) -> Result<i64> {
+    let newest: Option<Option<i64>> = audit_log::Entity::find()
+        .select_only()
+        .column_as(audit_log::Column::Seq.max(), "newest")
+        .into_tuple()
+        .one(db)
+        .await?;
+    Ok(newest.flatten().unwrap_or(0))
 }
 
 /// The matching rows after `cursor` in `seq` order, at most `limit`; with no
 /// cursor, none, after the newest row.
+///
+/// A filtered read first takes the newest `seq` and reads only up to it:
+/// when fewer than `limit` rows match, nothing else up to it can (seq order
+/// is commit order), so the cursor moves there, and the next read starts
+/// from the rows committed since rather than from the last match.
 async fn read_page(
     db: DatabaseConnection,
     cursor: Option<i64>,
@@ -244,18 +272,21 @@ async fn read_page(
     limit: u64,
 ) -> Result<Page> {
     let Some(after) = cursor else {
-        let newest: Option<Option<i64>> = audit_log::Entity::find()
-            .select_only()
-            .column_as(audit_log::Column::Seq.max(), "newest")
-            .into_tuple()
-            .one(&db)
-            .await?;
         return Ok(Page {
-            after: newest.flatten().unwrap_or(0),
+            after: newest_seq(&db).await?,
             rows: Vec::new(),
+            caught_up_to: None,
         });
     };
+    let filtered = options.session_id.is_some() || !options.event_types.is_empty();
+    let newest = match filtered {
+        true => Some(newest_seq(&db).await?),
+        false => None,
+    };
     let mut query = audit_log::Entity::find().filter(audit_log::Column::Seq.gt(after));
+    if let Some(newest) = newest {
+        query = query.filter(audit_log::Column::Seq.lte(newest));
+    }
     if let Some(session_id) = options.session_id {
         query = query.filter(audit_log::Column::SessionId.eq(session_id.to_string()));
     }
@@ -267,5 +298,10 @@ async fn read_page(
         .limit(limit)
         .all(&db)
         .await?;
-    Ok(Page { after, rows })
+    let whole = (rows.len() as u64) < limit;
+    Ok(Page {
+        after,
+        caught_up_to: newest.filter(|_| whole),
+        rows,
+    })
 }

@@ -746,3 +746,72 @@ async fn a_feed_survives_its_connections_being_killed() {
     )
     .await;
 }
+
+/// Sparse matches across pages: a filtered feed with a page of 2 finds every
+/// `session_end` among many other events, in order, and an acquire that
+/// releases an expired holder wakes feeds with its `locks_swept` row (the
+/// poll is ten minutes).
+#[tokio::test]
+async fn filtered_feeds_find_sparse_matches_and_every_write_wakes_them() {
+    let config = Config {
+        watch_page_size: 2,
+        ..polling_every(600_000)
+    };
+    each_backend_with(
+        "filtered_feeds_find_sparse_matches_and_every_write_wakes_them",
+        config,
+        |db| async move {
+            let m = db.manager.clone();
+            let mut ends = feed(
+                &m,
+                WatchOptions {
+                    after: Some(0),
+                    event_types: vec!["session_end".into()],
+                    ..WatchOptions::default()
+                },
+            );
+            let mut ended = Vec::new();
+            for i in 0..9 {
+                let s = m.start_session().await.expect("start");
+                if i % 3 == 2 {
+                    m.end_session(s).await.expect("end");
+                    ended.push(Some(s.to_string()));
+                }
+            }
+            let got = take(&mut ends, 3).await;
+            assert_eq!(
+                got.iter().map(|e| e.session_id.clone()).collect::<Vec<_>>(),
+                ended
+            );
+            assert_increasing("sparse ends", &seqs(&got));
+            quiet_for(&mut ends, 200).await;
+
+            let mut swept = feed(
+                &m,
+                WatchOptions {
+                    event_types: vec!["locks_swept".into()],
+                    ..WatchOptions::default()
+                },
+            );
+            quiet_for(&mut swept, 100).await;
+            let session = m.start_session().await.expect("start");
+            let a = m.register_agent(session, "a").await.expect("agent");
+            let b = m.register_agent(session, "b").await.expect("agent");
+            let brief = demiarch_sessions::LockOptions {
+                ttl: Some(Duration::from_millis(1)),
+                ..Default::default()
+            };
+            m.acquire_lock_with(a, "file", "x", brief)
+                .await
+                .expect("brief");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            m.acquire_lock(b, "file", "x")
+                .await
+                .expect("granted over the expired holder");
+            let event = next_event(&mut swept).await;
+            assert_eq!(event.event_type, "locks_swept");
+            assert_eq!(event.details["expired"], 1);
+        },
+    )
+    .await;
+}

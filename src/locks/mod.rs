@@ -74,7 +74,12 @@ pub struct SweepReport {
 
 /// What one attempt at a resource came to, short of an error.
 pub(crate) enum Attempt {
-    Granted(LockGrant),
+    /// `swept`: the attempt released an expired holder first, and wrote its
+    /// `locks_swept` audit row.
+    Granted {
+        grant: LockGrant,
+        swept: bool,
+    },
     Refused(Box<Refusal>),
 }
 
@@ -148,12 +153,16 @@ pub(crate) async fn attempt(
             if let Some(entry) = queued {
                 queue::leave(&*txn, entry).await?;
             }
+            let expired_one = swept.is_some();
             append_swept(&txn, swept, now).await?;
             txn.commit().await?;
-            return Ok(Attempt::Granted(LockGrant {
-                lock_id,
-                fencing_token: ticket,
-            }));
+            return Ok(Attempt::Granted {
+                grant: LockGrant {
+                    lock_id,
+                    fencing_token: ticket,
+                },
+                swept: expired_one,
+            });
         }
         // Taken by a writer outside the queue (the app's own SQL).
         txn.rollback().await?;

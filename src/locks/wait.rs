@@ -62,7 +62,12 @@ pub(crate) async fn acquire(
     let Some(wait) = wait else {
         let outcome = cleanup.attempt(&request, None).await?;
         return match outcome {
-            Attempt::Granted(grant) => Ok(grant),
+            Attempt::Granted { grant, swept } => {
+                if swept {
+                    cleanup.announce_swept().await;
+                }
+                Ok(grant)
+            }
             Attempt::Refused(refusal) => {
                 if refusal.expired_one {
                     cleanup.announce().await;
@@ -140,9 +145,12 @@ pub(crate) async fn acquire(
                 tokio::time::timeout_at(deadline, attempt).await
             };
             match outcome {
-                Ok(Ok(Attempt::Granted(grant))) => {
+                Ok(Ok(Attempt::Granted { grant, swept })) => {
                     if queued {
                         crate::metrics::record_handoff();
+                    }
+                    if swept {
+                        cleanup.announce_swept().await;
                     }
                     return Ok(grant);
                 }
@@ -373,11 +381,25 @@ impl<'a> Cleanup<'a> {
         let (outcome, _guard) = outcome.map_err(|_| {
             Error::CorruptRow("a lock attempt's task ended without an answer".into())
         })?;
-        if matches!(outcome, Ok(Attempt::Granted(_))) {
+        if matches!(outcome, Ok(Attempt::Granted { .. })) {
             // The grant's transaction removed the entry.
             self.entry = None;
         }
         outcome
+    }
+
+    /// Wakes the feeds after a granted attempt released an expired holder
+    /// (its `locks_swept` row); the resource itself is held again.
+    async fn announce_swept(&self) {
+        let (store, instance) = (self.manager.store(), self.manager.instance_id());
+        wake::announce(
+            store,
+            self.manager.lock_wakers(),
+            instance,
+            Freed::Nothing,
+            true,
+        )
+        .await;
     }
 
     /// Wakes the head waiter after an attempt released an expired holder
@@ -446,7 +468,7 @@ async fn undo(
     guard: GateGuard,
 ) {
     let (entry, grant) = match unreceived {
-        Attempt::Granted(grant) => (None, Some(grant.lock_id)),
+        Attempt::Granted { grant, .. } => (None, Some(grant.lock_id)),
         Attempt::Refused(refusal) => (refusal.entry, None),
     };
     abandon(manager, resource, entry, grant).await;
