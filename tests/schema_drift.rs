@@ -67,6 +67,8 @@ async fn entities_match_migrated_tables() {
         assert_entity_matches(&db, entity::resource_locks::Entity).await;
         assert_entity_matches(&db, entity::lock_fencing::Entity).await;
         assert_entity_matches(&db, entity::audit_log::Entity).await;
+        assert_entity_matches(&db, entity::audit_head::Entity).await;
+        assert_entity_matches(&db, entity::lock_waiters::Entity).await;
     })
     .await;
 }

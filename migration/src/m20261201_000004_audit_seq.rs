@@ -10,7 +10,8 @@
 //! Invariants held by the database:
 //! - `seq` is unique and never reused;
 //! - `audit_head` has exactly the row `id = 1`;
-//! - audit rows still cannot be updated or deleted (triggers).
+//! - audit rows cannot be updated or deleted (the triggers, dropped for the
+//!   backfill and created again whether it succeeds or not).
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::schema::*;
 use sea_orm_migration::sea_orm::DatabaseBackend;
@@ -33,72 +34,48 @@ impl MigrationTrait for Migration {
     }
 
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        // The backfill rewrites rows the guards refuse to change. They come
+        // back whatever happens: MariaDB, which commits each DDL statement,
+        // must not be left with an audit log open to UPDATE and DELETE.
+        drop_audit_guards(manager).await?;
+        let added = add_seq(manager).await;
+        let guarded = create_audit_guards(manager).await;
+        added?;
+        guarded?;
         let backend = manager.get_database_backend();
         let collation = binary_collation(manager).await?;
         manager
             .create_table(
                 table_for(backend, collation)
                     .table(AuditHead::Table)
+                    .if_not_exists()
                     .col(big_integer(AuditHead::Id).primary_key())
                     .check(Expr::col(AuditHead::Id).eq(1))
                     .to_owned(),
             )
             .await?;
-        manager
-            .exec_stmt(
-                Query::insert()
-                    .into_table(AuditHead::Table)
-                    .columns([AuditHead::Id])
-                    .values_panic([1.into()])
+        let present = manager
+            .get_connection()
+            .query_one(
+                &Query::select()
+                    .column(AuditHead::Id)
+                    .from(AuditHead::Table)
+                    .and_where(Expr::col(AuditHead::Id).eq(1))
                     .to_owned(),
             )
             .await?;
-
-        // The backfill below rewrites rows the guards refuse to change.
-        drop_audit_guards(manager).await?;
-        let db = manager.get_connection();
-        match backend {
-            DatabaseBackend::Postgres => {
-                // Raw DDL and DML: sea-query has no identity columns, primary
-                // key swaps or UPDATE … FROM a window function.
-                for sql in [
-                    "ALTER TABLE audit_log ADD COLUMN seq BIGINT",
-                    "UPDATE audit_log SET seq = o.n FROM \
-                     (SELECT id, row_number() OVER (ORDER BY event_time, id) AS n FROM audit_log) o \
-                     WHERE audit_log.id = o.id",
-                    "ALTER TABLE audit_log ALTER COLUMN seq SET NOT NULL",
-                    "ALTER TABLE audit_log ALTER COLUMN seq ADD GENERATED ALWAYS AS IDENTITY",
-                    "SELECT setval(pg_get_serial_sequence('audit_log', 'seq'), \
-                     (SELECT COALESCE(MAX(seq), 0) + 1 FROM audit_log), false)",
-                    "ALTER TABLE audit_log DROP CONSTRAINT audit_log_pkey, \
-                     ADD PRIMARY KEY (seq), ADD CONSTRAINT ux_audit_log_id UNIQUE (id)",
-                ] {
-                    db.execute_unprepared(sql).await?;
-                }
-            }
-            DatabaseBackend::MySql => {
-                // Raw DDL and DML: sea-query has no primary key swaps or
-                // UPDATE … JOIN a window function. AUTO_INCREMENT goes on
-                // after the highest backfilled seq.
-                for sql in [
-                    "ALTER TABLE audit_log ADD COLUMN seq BIGINT NULL FIRST",
-                    "UPDATE audit_log a JOIN \
-                     (SELECT id, ROW_NUMBER() OVER (ORDER BY event_time, id) AS n FROM audit_log) o \
-                     ON a.id = o.id SET a.seq = o.n",
-                    "ALTER TABLE audit_log DROP PRIMARY KEY, \
-                     MODIFY seq BIGINT NOT NULL AUTO_INCREMENT, ADD PRIMARY KEY (seq), \
-                     ADD UNIQUE INDEX ux_audit_log_id (id)",
-                ] {
-                    db.execute_unprepared(sql).await?;
-                }
-            }
-            _ => {
-                // SQLite cannot change a primary key: the table is rebuilt,
-                // its rows copied in (event_time, id) order.
-                rebuild_sqlite(manager, true).await?;
-            }
+        if present.is_none() {
+            manager
+                .exec_stmt(
+                    Query::insert()
+                        .into_table(AuditHead::Table)
+                        .columns([AuditHead::Id])
+                        .values_panic([1.into()])
+                        .to_owned(),
+                )
+                .await?;
         }
-        create_audit_guards(manager).await
+        Ok(())
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
@@ -130,6 +107,56 @@ impl MigrationTrait for Migration {
             .drop_table(Table::drop().table(AuditHead::Table).to_owned())
             .await
     }
+}
+
+/// Adds `seq` to `audit_log`, numbered in (event_time, id) order, as its
+/// primary key, the database assigning it from then on.
+async fn add_seq(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
+    let backend = manager.get_database_backend();
+    let db = manager.get_connection();
+    match backend {
+        DatabaseBackend::Postgres => {
+            // Raw DDL and DML: sea-query has no identity columns, primary
+            // key swaps or UPDATE … FROM a window function.
+            for sql in [
+                "ALTER TABLE audit_log ADD COLUMN seq BIGINT",
+                "UPDATE audit_log SET seq = o.n FROM \
+                 (SELECT id, row_number() OVER (ORDER BY event_time, id) AS n FROM audit_log) o \
+                 WHERE audit_log.id = o.id",
+                "ALTER TABLE audit_log ALTER COLUMN seq SET NOT NULL",
+                "ALTER TABLE audit_log ALTER COLUMN seq ADD GENERATED ALWAYS AS IDENTITY",
+                "SELECT setval(pg_get_serial_sequence('audit_log', 'seq'), \
+                 (SELECT COALESCE(MAX(seq), 0) + 1 FROM audit_log), false)",
+                "ALTER TABLE audit_log DROP CONSTRAINT audit_log_pkey, \
+                 ADD PRIMARY KEY (seq), ADD CONSTRAINT ux_audit_log_id UNIQUE (id)",
+            ] {
+                db.execute_unprepared(sql).await?;
+            }
+        }
+        DatabaseBackend::MySql => {
+            // Raw DDL and DML: sea-query has no primary key swaps or
+            // UPDATE … JOIN a window function. AUTO_INCREMENT goes on
+            // after the highest backfilled seq. Each step can be run
+            // again after a failure (MariaDB commits each DDL statement).
+            for sql in [
+                "ALTER TABLE audit_log ADD COLUMN IF NOT EXISTS seq BIGINT NULL FIRST",
+                "UPDATE audit_log a JOIN \
+                 (SELECT id, ROW_NUMBER() OVER (ORDER BY event_time, id) AS n FROM audit_log) o \
+                 ON a.id = o.id SET a.seq = o.n",
+                "ALTER TABLE audit_log DROP PRIMARY KEY, \
+                 MODIFY seq BIGINT NOT NULL AUTO_INCREMENT, ADD PRIMARY KEY (seq), \
+                 ADD UNIQUE INDEX IF NOT EXISTS ux_audit_log_id (id)",
+            ] {
+                db.execute_unprepared(sql).await?;
+            }
+        }
+        _ => {
+            // SQLite cannot change a primary key: the table is rebuilt,
+            // its rows copied in (event_time, id) order.
+            rebuild_sqlite(manager, true).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Rebuilds SQLite's `audit_log` with (`with_seq`) or without the `seq`

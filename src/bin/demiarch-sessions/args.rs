@@ -23,7 +23,8 @@ Ids:
 
 Output:
   Aligned tables for people; --json prints one JSON document on stdout (an
-  array for lists, an object otherwise). Errors are one line on stderr.
+  array for lists, an object otherwise; audit tail --follow: one JSON object
+  per line). Errors are one line on stderr.
 
 Exit codes:
   0  success
@@ -59,7 +60,8 @@ pub struct Cli {
     )]
     pub database_url: Option<String>,
 
-    /// Print one JSON document on stdout instead of tables.
+    /// Print one JSON document on stdout instead of tables (with
+    /// `audit tail --follow`, one JSON object per line).
     #[arg(long, global = true, help_heading = GLOBAL)]
     pub json: bool,
 

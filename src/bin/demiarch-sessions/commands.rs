@@ -118,7 +118,6 @@ fn backend_compiled_in(url: &str, shown: &str) -> Result<(), Failure> {
     }
 }
 
-/// What every command works with.
 /// What `audit tail` reads.
 pub struct Tail<'a> {
     pub lines: u64,
@@ -127,6 +126,7 @@ pub struct Tail<'a> {
     pub after: Option<i64>,
 }
 
+/// What every command works with.
 pub struct Ctx {
     pub manager: SessionManager,
     pub json: bool,
