@@ -24,16 +24,20 @@ pub enum AuditEvent {
     /// Stale locks were released (by `sweep_locks`, or by an acquire that found
     /// the resource's holder expired). Names each lock.
     LocksSwept,
+    /// An operator released a lock on its holder's behalf
+    /// (`SessionManager::release_lock_by`), with the reason given.
+    LockReleased,
 }
 
 impl AuditEvent {
     /// Every kind, in the order of the declaration.
-    pub const ALL: [AuditEvent; 5] = [
+    pub const ALL: [AuditEvent; 6] = [
         Self::SessionStart,
         Self::SessionEnd,
         Self::SessionInterrupted,
         Self::SessionResumed,
         Self::LocksSwept,
+        Self::LockReleased,
     ];
 
     /// The kind stored as `event_type`, if it is one.
@@ -49,7 +53,31 @@ impl AuditEvent {
             Self::LocksSwept => "locks_swept",
             Self::SessionInterrupted => "session_interrupted",
             Self::SessionResumed => "session_resumed",
+            Self::LockReleased => "lock_released",
         }
+    }
+}
+
+/// Who asked for an operation on someone else's behalf (an operator's
+/// dashboard or script): recorded, with the action, in the `operator` field
+/// of the operation's audit rows.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Operator {
+    /// Where the request came from, such as `"dashboard"`.
+    pub via: String,
+    /// Why, in the operator's words.
+    pub reason: Option<String>,
+}
+
+impl Operator {
+    /// The `operator` field of an audit row for `action`, once the names
+    /// were checked.
+    pub(crate) fn details(&self, action: &str) -> crate::Result<serde_json::Value> {
+        crate::validate::name("via", &self.via)?;
+        if let Some(reason) = &self.reason {
+            crate::validate::name("reason", reason)?;
+        }
+        Ok(serde_json::json!({ "action": action, "via": self.via, "reason": self.reason }))
     }
 }
 

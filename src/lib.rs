@@ -52,7 +52,7 @@ mod status;
 mod validate;
 mod watch;
 
-pub use audit::AuditEvent;
+pub use audit::{AuditEvent, Operator};
 pub use config::{Config, MAX_CONFIG_DURATION, MAX_CONTEXT_BYTES_LIMIT};
 pub use context::{
     ContextRegistry, ContextSource, ContextWindow, CONTEXT_FORMAT_VERSION, MAX_CONTEXT_DEPTH,

@@ -8,6 +8,7 @@ use sea_orm::DatabaseConnection;
 use tracing::instrument;
 use uuid::Uuid;
 
+use crate::audit::Operator;
 use crate::context::{ContextRegistry, ContextSource, ContextWindow};
 use crate::lifecycle::{self, Heartbeat, ShutdownReport};
 use crate::locks::wake::{self, Freed, Wakers};
@@ -431,8 +432,32 @@ impl SessionManager {
     #[instrument(skip(self), err)]
     pub async fn release_lock(&self, lock_id: Uuid) -> Result<()> {
         self.usable()?;
-        if let Some(resource) = locks::release(&self.db, lock_id).await? {
+        if let Some(resource) = locks::release(&self.db, lock_id, None).await? {
             self.announce(Freed::One(resource), false).await;
+        }
+        Ok(())
+    }
+
+    /// [`release_lock`](Self::release_lock) on the holder's behalf, by an
+    /// operator who must give a reason: the release also writes a
+    /// `lock_released` audit row naming the lock, its holder and
+    /// `operator`. Releasing a lock already released writes nothing.
+    ///
+    /// # Errors
+    /// As `release_lock`, and [`Error::InvalidInput`](crate::Error::InvalidInput)
+    /// naming `reason` (missing or empty) or `via`.
+    #[instrument(skip(self), err)]
+    pub async fn release_lock_by(&self, lock_id: Uuid, operator: &Operator) -> Result<()> {
+        self.usable()?;
+        if operator.reason.is_none() {
+            return Err(Error::InvalidInput {
+                field: "reason",
+                reason: "is required to release another agent's lock".into(),
+            });
+        }
+        let details = operator.details("release_lock")?;
+        if let Some(resource) = locks::release(&self.db, lock_id, Some(details)).await? {
+            self.announce(Freed::One(resource), true).await;
         }
         Ok(())
     }
@@ -462,7 +487,34 @@ impl SessionManager {
         budget: std::time::Duration,
     ) -> Result<EndSessionReport> {
         self.usable()?;
-        let result = session::end::end_session(self, session_id, budget).await;
+        self.end_with(session_id, budget, None).await
+    }
+
+    /// [`end_session`](Self::end_session) asked for by an operator on the
+    /// session's behalf: its `session_end` audit row also names `operator`
+    /// (`{"action": "end_session", "via": …, "reason": …}`).
+    ///
+    /// # Errors
+    /// As `end_session`, and [`Error::InvalidInput`](crate::Error::InvalidInput)
+    /// naming `via` or `reason`.
+    pub async fn end_session_by(
+        &self,
+        session_id: Uuid,
+        operator: &Operator,
+    ) -> Result<EndSessionReport> {
+        let details = operator.details("end_session")?;
+        self.end_with(session_id, self.config.cleanup_timeout, Some(details))
+            .await
+    }
+
+    async fn end_with(
+        &self,
+        session_id: Uuid,
+        budget: std::time::Duration,
+        operator: Option<serde_json::Value>,
+    ) -> Result<EndSessionReport> {
+        self.usable()?;
+        let result = session::end::end_session(self, session_id, budget, operator).await;
         match &result {
             Ok(report) if report.already_ended => {}
             Ok(_) => self.announce(Freed::All, true).await,
@@ -495,7 +547,31 @@ impl SessionManager {
     #[instrument(skip(self), err)]
     pub async fn recover_stale(&self, stale_after: std::time::Duration) -> Result<RecoveryReport> {
         self.usable()?;
-        let report = match session::recovery::recover_stale(self, stale_after).await {
+        self.recover_with(stale_after, None).await
+    }
+
+    /// [`recover_stale`](Self::recover_stale) asked for by an operator: each
+    /// `session_interrupted` audit row also names `operator`.
+    ///
+    /// # Errors
+    /// As `recover_stale`, and [`Error::InvalidInput`](crate::Error::InvalidInput)
+    /// naming `via` or `reason`.
+    pub async fn recover_stale_by(
+        &self,
+        stale_after: std::time::Duration,
+        operator: &Operator,
+    ) -> Result<RecoveryReport> {
+        let details = operator.details("recover_stale")?;
+        self.recover_with(stale_after, Some(details)).await
+    }
+
+    async fn recover_with(
+        &self,
+        stale_after: std::time::Duration,
+        operator: Option<serde_json::Value>,
+    ) -> Result<RecoveryReport> {
+        self.usable()?;
+        let report = match session::recovery::recover_stale(self, stale_after, operator).await {
             Ok(report) => report,
             Err(e) => {
                 // Sessions recovered before the failure freed locks too.

@@ -352,21 +352,46 @@ async fn append_swept(
 }
 
 /// Releases a held lock; returns its resource, which may now be handed over,
-/// or `None` if it was already released.
-pub(crate) async fn release(conn: &db::Store, lock_id: Uuid) -> Result<Option<Resource>> {
+/// or `None` if it was already released. With `operator` (the `operator`
+/// field), a release asked for on the holder's behalf, which writes a
+/// `lock_released` audit row.
+pub(crate) async fn release(
+    conn: &db::Store,
+    lock_id: Uuid,
+    operator: Option<serde_json::Value>,
+) -> Result<Option<Resource>> {
     validate::id("lock_id", lock_id)?;
     let txn = db::begin_write(conn).await?;
-    let lock: Option<(String, String)> = resource_locks::Entity::find_by_id(lock_id.to_string())
-        .select_only()
-        .column(resource_locks::Column::ResourceType)
-        .column(resource_locks::Column::ResourceKey)
-        .into_tuple()
+    let lock = resource_locks::Entity::find_by_id(lock_id.to_string())
         .one(&*txn)
-        .await?;
-    let resource = lock.ok_or(Error::LockNotFound(lock_id))?;
-    let released = release_held(&txn, lock_id, db::now()).await?;
+        .await?
+        .ok_or(Error::LockNotFound(lock_id))?;
+    let now = db::now();
+    let released = release_held(&txn, lock_id, now).await?;
+    if let (true, Some(operator)) = (released, operator) {
+        let details = serde_json::json!({
+            "lock_id": lock_id,
+            "resource_type": lock.resource_type,
+            "resource_key": lock.resource_key,
+            "agent_id": lock.agent_id,
+            "fencing_token": lock.fencing_token,
+            "operator": operator,
+        });
+        let session = db::stored_id("session_id", &lock.session_id)?;
+        // The row's foreign key would read the session `FOR SHARE` after the
+        // `audit_head` lock; read it so first, so that nothing waits while
+        // the head is held (an end of that session holds it `FOR UPDATE`).
+        global_sessions::Entity::find_by_id(lock.session_id.as_str())
+            .select_only()
+            .column(global_sessions::Column::Id)
+            .lock_shared()
+            .into_tuple::<String>()
+            .one(&*txn)
+            .await?;
+        audit::append(&*txn, AuditEvent::LockReleased, Some(session), details, now).await?;
+    }
     txn.commit().await?;
-    Ok(released.then_some(resource))
+    Ok(released.then_some((lock.resource_type, lock.resource_key)))
 }
 
 /// The live waiters of a resource, head first.

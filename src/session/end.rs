@@ -37,10 +37,13 @@ use crate::db::{self, millis};
 use crate::status::{ReleaseReason, SessionStatus};
 use crate::{validate, Error, Result, SessionManager};
 
+/// `operator`: the `operator` field of the audit row, for an end asked for
+/// on the session's behalf.
 pub(crate) async fn end_session(
     manager: &SessionManager,
     session_id: Uuid,
     budget: Duration,
+    operator: Option<serde_json::Value>,
 ) -> Result<EndSessionReport> {
     let span = info_span!("end_session", %session_id, locks_released = field::Empty,
         cleanup_ms = field::Empty, already_ended = field::Empty);
@@ -62,7 +65,7 @@ pub(crate) async fn end_session(
         }
         let work = async {
             let txn = db::begin_write(manager.store()).await?; // 2.
-            let ended = end_in(&*txn, session_id, context, started).await?;
+            let ended = end_in(&*txn, session_id, context, started, operator).await?;
             Ok::<_, Error>((txn, ended))
         };
         let work = tokio::time::timeout(db::backstop(budget), work).await;
@@ -129,6 +132,7 @@ async fn end_in(
     session_id: Uuid,
     context: SavedContext,
     started: Instant,
+    operator: Option<serde_json::Value>,
 ) -> Result<Ended> {
     // 3. Only what the decision needs: the saved context stays unread.
     let id = session_id.to_string();
@@ -173,7 +177,7 @@ async fn end_in(
     let closed = close_holdings(txn, session_id, ReleaseReason::SessionEnd, now).await?;
     // 8. (AC5) Its cleanup_ms is the time up to this insert; the report's
     // adds the commit.
-    let details = serde_json::json!({
+    let mut details = serde_json::json!({
         "session_id": session_id,
         "cleanup_ms": millis(started.elapsed()),
         "context_windows": context.windows,
@@ -181,6 +185,9 @@ async fn end_in(
         "locks_released": closed.locks_released,
         "agents_cancelled": closed.agents_cancelled,
     });
+    if let Some(operator) = operator {
+        details["operator"] = operator;
+    }
     audit::append(txn, AuditEvent::SessionEnd, Some(session_id), details, now).await?;
     Ok(Ended {
         completed_at: now,

@@ -101,6 +101,7 @@ fn stale(cutoff: chrono::DateTime<chrono::Utc>, me: Uuid) -> Condition {
 pub(crate) async fn recover_stale(
     manager: &SessionManager,
     stale_after: Duration,
+    operator: Option<serde_json::Value>,
 ) -> Result<RecoveryReport> {
     let stale_after = validate::duration("stale_after", stale_after, true)?;
     let me = manager.instance_id();
@@ -141,11 +142,14 @@ pub(crate) async fn recover_stale(
             locks_released,
             agents_cancelled,
         } = close_holdings(&*txn, id, ReleaseReason::Orphaned, now).await?;
-        let details = serde_json::json!({
+        let mut details = serde_json::json!({
             "session_id": id,
             "locks_released": locks_released,
             "agents_cancelled": agents_cancelled,
         });
+        if let Some(operator) = &operator {
+            details["operator"] = operator.clone();
+        }
         audit::append(
             &*txn,
             AuditEvent::SessionInterrupted,

@@ -105,6 +105,25 @@ pub enum Command {
     /// Read the append-only audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Serve the operator dashboard and its JSON API (/api/v1/…, /events,
+    /// /metrics) until Ctrl-C.
+    Serve {
+        /// Address to listen on; anything but loopback needs --token.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7878")]
+        listen: std::net::SocketAddr,
+        /// Every request must carry it: `Authorization: Bearer TOKEN`, or a
+        /// browser opens /login?token=TOKEN once.
+        #[arg(
+            long,
+            value_name = "TOKEN",
+            env = "DEMIARCH_DASHBOARD_TOKEN",
+            hide_env_values = true
+        )]
+        token: Option<String>,
+        /// Show everything, change nothing: every action is hidden and refused.
+        #[arg(long)]
+        read_only: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

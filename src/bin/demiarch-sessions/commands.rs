@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use demiarch_sessions::entity::{agent_executions, resource_locks};
 use demiarch_sessions::{
     AuditEvent, AuditFilter, AuditRecord, Config, Error, LockFilter, LockInfo, LockWaiter,
-    SessionFilter, SessionInfo, SessionManager, SessionStatus, CONTEXT_FORMAT_VERSION,
+    Operator, SessionFilter, SessionInfo, SessionManager, SessionStatus, CONTEXT_FORMAT_VERSION,
 };
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use serde::Serialize;
@@ -55,11 +55,12 @@ pub async fn run(cli: Cli) -> Result<String, Failure> {
         json: cli.json,
         now: Utc::now(),
         url: shown,
+        operator: None,
     };
     match cli.command {
         Command::Demo => crate::demo::run(&ctx).await,
         Command::Sessions(SessionsCommand::List { status, limit }) => {
-            ctx.sessions_list(status.map(Into::into), limit).await
+            ctx.sessions_list(status.map(Into::into), limit, 0).await
         }
         Command::Sessions(SessionsCommand::Show { id }) => ctx.sessions_show(&id).await,
         Command::Sessions(SessionsCommand::End { id, force }) => ctx.sessions_end(&id, force).await,
@@ -74,6 +75,18 @@ pub async fn run(cli: Cli) -> Result<String, Failure> {
         }) => ctx.locks_waiters(&resource_type, &resource_key).await,
         Command::Locks(LocksCommand::Sweep) => ctx.locks_sweep().await,
         Command::Recover { stale_after } => ctx.recover(stale_after).await,
+        Command::Serve {
+            listen,
+            token,
+            read_only,
+        } => {
+            let options = crate::serve::Options {
+                listen,
+                token,
+                read_only,
+            };
+            crate::serve::run(ctx, options).await
+        }
         Command::Audit(AuditCommand::Tail {
             lines,
             session,
@@ -134,6 +147,9 @@ pub struct Ctx {
     pub now: DateTime<Utc>,
     /// The database URL, password redacted.
     pub url: String,
+    /// Who asks, when it is an operator on someone's behalf (the dashboard):
+    /// ends and recoveries name it in their audit rows.
+    pub operator: Option<Operator>,
 }
 
 /// The agents waiting for each held lock's resource, by lock id; a lock
@@ -188,15 +204,16 @@ impl Ctx {
             .map_err(|e| Failure::during(&format!("reading session {id}"), e))
     }
 
-    async fn sessions_list(
+    pub async fn sessions_list(
         &self,
         status: Option<SessionStatus>,
         limit: u64,
+        offset: u64,
     ) -> Result<String, Failure> {
         let filter = SessionFilter {
             status,
             limit: Some(limit),
-            offset: 0,
+            offset,
         };
         let sessions = self
             .manager
@@ -242,7 +259,7 @@ impl Ctx {
         }
     }
 
-    async fn sessions_show(&self, id: &str) -> Result<String, Failure> {
+    pub async fn sessions_show(&self, id: &str) -> Result<String, Failure> {
         let id = self.resolve(id).await?;
         let info = self.session(id).await?;
         let doing = format!("reading session {id}");
@@ -418,7 +435,7 @@ impl Ctx {
         }
     }
 
-    async fn sessions_end(&self, id: &str, force: bool) -> Result<String, Failure> {
+    pub async fn sessions_end(&self, id: &str, force: bool) -> Result<String, Failure> {
         let id = self.resolve(id).await?;
         let info = self.session(id).await?;
         if !force && alive(&info, self.now) {
@@ -436,11 +453,11 @@ impl Ctx {
                 ),
             ));
         }
-        let report = self
-            .manager
-            .end_session(id)
-            .await
-            .map_err(|e| Failure::during(&format!("ending session {id}"), e))?;
+        let report = match &self.operator {
+            Some(operator) => self.manager.end_session_by(id, operator).await,
+            None => self.manager.end_session(id).await,
+        }
+        .map_err(|e| Failure::during(&format!("ending session {id}"), e))?;
         if self.json {
             return output::json(&report);
         }
@@ -471,7 +488,7 @@ impl Ctx {
         Ok(text)
     }
 
-    async fn locks_list(
+    pub async fn locks_list(
         &self,
         held: bool,
         session: Option<&str>,
@@ -710,7 +727,7 @@ impl Ctx {
         Ok(text)
     }
 
-    async fn recover(&self, stale_after: Duration) -> Result<String, Failure> {
+    pub async fn recover(&self, stale_after: Duration) -> Result<String, Failure> {
         if stale_after < ALIVE_WITHIN {
             warn(&format!(
                 "--stale-after {} is short: sessions of live processes that heartbeat less \
@@ -720,10 +737,11 @@ impl Ctx {
         }
         let report = {
             let _spinner = Spinner::start("recovering stale sessions");
-            self.manager
-                .recover_stale(stale_after)
-                .await
-                .map_err(|e| Failure::during("recovering stale sessions", e))?
+            match &self.operator {
+                Some(operator) => self.manager.recover_stale_by(stale_after, operator).await,
+                None => self.manager.recover_stale(stale_after).await,
+            }
+            .map_err(|e| Failure::during("recovering stale sessions", e))?
         };
         if self.json {
             return output::json(&report);
@@ -794,7 +812,7 @@ impl Ctx {
         Ok((events, filter))
     }
 
-    async fn audit_tail(&self, tail: Tail<'_>) -> Result<String, Failure> {
+    pub async fn audit_tail(&self, tail: Tail<'_>) -> Result<String, Failure> {
         let (events, _) = self.audit_newest(&tail).await?;
         if self.json {
             return output::json(&events);

@@ -25,6 +25,7 @@ mod demo;
 mod exit;
 mod follow;
 mod output;
+mod serve;
 
 use exit::{Failure, INTERNAL};
 
