@@ -46,6 +46,8 @@ use uuid::Uuid;
 mod args;
 #[path = "scale/chart.rs"]
 mod chart;
+#[path = "scale/dashboard.rs"]
+mod dashboard;
 #[path = "scale/explain.rs"]
 mod explain;
 #[path = "scale/fixture.rs"]
@@ -81,6 +83,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
         Mode::Acquire => time_acquires(&args).await,
         Mode::Handoff => handoff::run(&args).await,
         Mode::Watch => watch::run(&args).await,
+        Mode::Dashboard => dashboard::run(&args).await,
         Mode::Explain => {
             let locks = args.locks[0];
             with_fixture(&args, |fx| async move { explain::run(&fx, locks).await }).await

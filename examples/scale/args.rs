@@ -37,6 +37,10 @@ modes (default: time ends, one JSON line per impl and combination):
                                end's event in one process and to a second manager (--iters
                                each, after 3 warm-up ones), and a feed keeping up with a
                                writer of --watch-rate events/s for --watch-seconds
+  --dashboard                  time the dashboard (demiarch-sessions serve, from
+                               $DEMIARCH_SESSIONS_BIN or target/release/demiarch-sessions):
+                               its pages and /api/v1/sessions over --background sessions,
+                               and the live stream's delivery of an end
   --watch-rate N               events per second the --watch writer appends [5000]
   --watch-seconds N            how long the --watch writer runs [3]
   --explain                    print the query plan of every statement of both ends
@@ -89,6 +93,7 @@ pub enum Mode {
     Acquire,
     Handoff,
     Watch,
+    Dashboard,
     Explain,
     WalPages,
     Chart {
@@ -142,6 +147,7 @@ impl Args {
         let mut acquire = false;
         let mut handoff = false;
         let mut watch = false;
+        let mut dashboard = false;
         let mut watch_rate = 5000;
         let mut watch_seconds = 3;
         let mut explain = false;
@@ -179,6 +185,7 @@ impl Args {
                 "--acquire" => acquire = true,
                 "--handoff" => handoff = true,
                 "--watch" => watch = true,
+                "--dashboard" => dashboard = true,
                 "--watch-rate" => watch_rate = number("--watch-rate", &value()?)?,
                 "--watch-seconds" => watch_seconds = number("--watch-seconds", &value()?)?,
                 "--explain" => explain = true,
@@ -196,11 +203,14 @@ impl Args {
             || handoff
             || explain
             || wal_pages;
-        if watch && other_mode {
-            return Err(format!("choose one mode: --watch goes alone\n\n{USAGE}").into());
+        if (watch || dashboard) && (other_mode || (watch && dashboard)) {
+            return Err(
+                format!("choose one mode: --watch and --dashboard go alone\n\n{USAGE}").into(),
+            );
         }
         let mode = match (chart, from, concurrency, acquire, handoff, explain, wal_pages) {
             _ if watch => Mode::Watch,
+            _ if dashboard => Mode::Dashboard,
             (Some(out), Some(from), None, false, false, false, false) => Mode::Chart { out, from },
             (Some(_), None, ..) | (None, Some(_), ..) => {
                 return Err(format!("--chart and --from go together\n\n{USAGE}").into())

@@ -111,6 +111,11 @@ impl Fixture {
         Ok(Some(manager))
     }
 
+    /// The URL the manager was connected with.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
     pub fn connection(&self) -> &DatabaseConnection {
         self.manager.connection()
     }

@@ -8,6 +8,7 @@ mod m20261124_000001_core_schema;
 mod m20261124_000002_session_ownership;
 mod m20261201_000003_lock_waiters;
 mod m20261201_000004_audit_seq;
+mod m20261201_000005_browse_indexes;
 
 pub struct Migrator;
 
@@ -19,6 +20,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000002_session_ownership::Migration),
             Box::new(m20261201_000003_lock_waiters::Migration),
             Box::new(m20261201_000004_audit_seq::Migration),
+            Box::new(m20261201_000005_browse_indexes::Migration),
         ]
     }
 }
