@@ -30,11 +30,16 @@ pub async fn run(cli: Cli) -> Result<String, Failure> {
     let url = args::database_url(cli.database_url.as_deref());
     let shown = args::redacted(&url);
     backend_compiled_in(&url, &shown)?;
-    let config = Config {
+    let mut config = Config {
         cleanup_timeout: cli.cleanup_timeout,
         busy_timeout: cli.busy_timeout,
         ..Config::default()
     };
+    if matches!(cli.command, Command::Serve { .. }) {
+        // The live stream should show a commit made by another process on
+        // a SQLite file (or another MariaDB instance) well within 100 ms.
+        config.watch_poll_interval = crate::serve::WATCH_POLL;
+    }
     let connect = SessionManager::connect_with(&url, config);
     let manager = match tokio::time::timeout(cli.connect_timeout, connect).await {
         Ok(Ok(manager)) => manager,

@@ -41,6 +41,9 @@ use crate::exit::{Failure, CONFLICT, INTERNAL, INVALID_INPUT, NOT_FOUND, TIMEOUT
 const MAX_PAGE: u64 = 500;
 /// Rows per page of the sessions page.
 const SESSIONS_PAGE: u64 = 50;
+/// How often the live stream looks for commits no wake-up announces (other
+/// processes on a SQLite file, other instances on MariaDB).
+pub const WATCH_POLL: Duration = Duration::from_millis(25);
 /// The largest request body taken.
 const MAX_BODY: usize = 16 * 1024;
 const COOKIE: &str = "demiarch_token";
