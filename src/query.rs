@@ -86,8 +86,8 @@ pub(crate) async fn list_sessions(
     let rows: Vec<SessionRow> = query
         .order_by_desc(global_sessions::Column::StartedAt)
         .order_by_desc(global_sessions::Column::Id)
-        .limit(filter.limit.unwrap_or(DEFAULT_PAGE))
-        .offset(filter.offset)
+        .limit(page_bound("limit", filter.limit.unwrap_or(DEFAULT_PAGE))?)
+        .offset(page_bound("offset", filter.offset)?)
         .into_tuple()
         .all(db)
         .await?;
@@ -219,8 +219,8 @@ pub(crate) async fn locks(db: &DatabaseConnection, filter: &LockFilter) -> Resul
     }
     query
         .order_by_desc(resource_locks::Column::FencingToken)
-        .limit(filter.limit.unwrap_or(DEFAULT_PAGE))
-        .offset(filter.offset)
+        .limit(page_bound("limit", filter.limit.unwrap_or(DEFAULT_PAGE))?)
+        .offset(page_bound("offset", filter.offset)?)
         .all(db)
         .await?
         .into_iter()
@@ -286,8 +286,8 @@ pub(crate) async fn audit_events(
     }
     query
         .order_by_desc(audit_log::Column::Seq)
-        .limit(filter.limit.unwrap_or(DEFAULT_PAGE))
-        .offset(filter.offset)
+        .limit(page_bound("limit", filter.limit.unwrap_or(DEFAULT_PAGE))?)
+        .offset(page_bound("offset", filter.offset)?)
         .all(db)
         .await?
         .into_iter()
@@ -322,4 +322,15 @@ pub(crate) async fn store_counts(db: &DatabaseConnection) -> Result<(u64, u64)> 
         .count(db)
         .await?;
     Ok((sessions, locks))
+}
+
+/// A limit or offset every backend binds: at most `i64::MAX`.
+fn page_bound(field: &'static str, value: u64) -> Result<u64> {
+    match i64::try_from(value) {
+        Ok(_) => Ok(value),
+        Err(_) => Err(Error::InvalidInput {
+            field,
+            reason: format!("{value} is over {}", i64::MAX),
+        }),
+    }
 }

@@ -204,10 +204,28 @@ async fn the_dashboard_in_a_real_browser() {
         .expect("open /audit");
     until_text(&client, "#live", "session_end").await;
     let other: Uuid = m.start_session().await.expect("start");
-    tokio::time::sleep(Duration::from_millis(300)).await;
     m.end_session(other).await.expect("end");
-    let live = until_text(&client, "#live", &other.to_string()).await;
-    assert!(live.contains("session_end"), "{live}");
+    // A row of its own: this end, not its start or the first session's end.
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut found = false;
+        for row in client
+            .find_all(Locator::Css("#live tr"))
+            .await
+            .expect("rows")
+        {
+            let text = row.text().await.unwrap_or_default();
+            found |= text.contains(&other.to_string()) && text.contains("session_end");
+        }
+        if found {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "the end of {other} never appeared live"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     client.close().await.expect("close the browser");
     m.close().await.expect("close");

@@ -178,6 +178,7 @@ async fn the_api_returns_the_clis_documents_and_actions_write_their_audit_rows()
         .await
         .expect("POST");
     assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.json::<Value>().await.expect("JSON")["held"], false);
     let released = m
         .audit_events(AuditFilter {
             event_type: Some("lock_released".into()),
@@ -410,6 +411,30 @@ async fn requests_from_another_site_are_refused_and_change_nothing() {
         m.session(s).await.expect("session").status,
         SessionStatus::Active
     );
+    // A page of another site whose name now points here (DNS rebinding)
+    // sends its own name as Host: without a token nothing is served to it.
+    let port = served.base.rsplit(':').next().expect("port").to_owned();
+    for (method, path) in [
+        (reqwest::Method::GET, "/api/v1/sessions".to_owned()),
+        (
+            reqwest::Method::POST,
+            format!("/api/v1/sessions/{s}/end?force=true"),
+        ),
+    ] {
+        let r = client()
+            .request(method, format!("{}{path}", served.base))
+            .header("Host", format!("evil.example:{port}"))
+            .header("Origin", format!("http://evil.example:{port}"))
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        assert_error(status, &r.text().await.expect("body"), 403, "127.0.0.1");
+    }
+    assert_eq!(
+        m.session(s).await.expect("session").status,
+        SessionStatus::Active
+    );
     // The dashboard's own page may.
     let origin = served.base.clone();
     let r = client()
@@ -454,7 +479,18 @@ async fn stored_values_are_escaped_and_limits_and_errors_are_one_line() {
         .send()
         .await
         .expect("POST");
-    assert_eq!(r.status().as_u16(), 413, "bodies are limited");
+    let status = r.status().as_u16();
+    assert_error(status, &r.text().await.expect("body"), 413, "");
+    let (status, body) = get(&format!(
+        "{base}/api/v1/sessions?offset=9223372036854775808"
+    ))
+    .await;
+    assert_error(status, &body, 400, "offset");
+    let (status, body) = get(&format!("{base}/api/v1/sessions?limit=abc")).await;
+    assert_error(status, &body, 400, "limit");
+    // No other site may frame the pages.
+    let r = client().get(format!("{base}/")).send().await.expect("GET");
+    assert_eq!(r.headers()["x-frame-options"], "DENY");
     let (status, _) = get(&format!("{base}/no/such/page")).await;
     assert_eq!(status, 404);
     m.close().await.expect("close");

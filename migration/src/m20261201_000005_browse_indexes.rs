@@ -17,6 +17,7 @@ impl MigrationTrait for Migration {
                 Index::create()
                     .name("ix_resource_locks_session_token")
                     .table(ResourceLocks::Table)
+                    .if_not_exists()
                     .col(ResourceLocks::SessionId)
                     .col(ResourceLocks::FencingToken)
                     .to_owned(),
@@ -27,6 +28,7 @@ impl MigrationTrait for Migration {
                 Index::create()
                     .name("ix_audit_log_type_seq")
                     .table(AuditLog::Table)
+                    .if_not_exists()
                     .col(AuditLog::EventType)
                     .col(AuditLog::Seq)
                     .to_owned(),

@@ -366,6 +366,19 @@ pub(crate) async fn release(
         .one(&*txn)
         .await?
         .ok_or(Error::LockNotFound(lock_id))?;
+    if operator.is_some() {
+        // The session first, `FOR SHARE`, as an end takes it (`FOR UPDATE`)
+        // before its locks: the two never wait for each other crosswise, and
+        // the audit row's foreign key finds it already locked, so nothing
+        // waits once `audit_head` is held.
+        global_sessions::Entity::find_by_id(lock.session_id.as_str())
+            .select_only()
+            .column(global_sessions::Column::Id)
+            .lock_shared()
+            .into_tuple::<String>()
+            .one(&*txn)
+            .await?;
+    }
     let now = db::now();
     let released = release_held(&txn, lock_id, now).await?;
     if let (true, Some(operator)) = (released, operator) {
@@ -378,16 +391,6 @@ pub(crate) async fn release(
             "operator": operator,
         });
         let session = db::stored_id("session_id", &lock.session_id)?;
-        // The row's foreign key would read the session `FOR SHARE` after the
-        // `audit_head` lock; read it so first, so that nothing waits while
-        // the head is held (an end of that session holds it `FOR UPDATE`).
-        global_sessions::Entity::find_by_id(lock.session_id.as_str())
-            .select_only()
-            .column(global_sessions::Column::Id)
-            .lock_shared()
-            .into_tuple::<String>()
-            .one(&*txn)
-            .await?;
         audit::append(&*txn, AuditEvent::LockReleased, Some(session), details, now).await?;
     }
     txn.commit().await?;

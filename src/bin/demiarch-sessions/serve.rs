@@ -59,6 +59,10 @@ struct App {
     token: Option<String>,
     read_only: bool,
     prometheus: PrometheusHandle,
+    /// The port it listens on, for the `Host` check.
+    port: u16,
+    /// Becomes true when the server stops: the live streams end then.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 type Shared = Arc<App>;
@@ -91,10 +95,15 @@ pub async fn run(ctx: Ctx, options: Options) -> Result<String, Failure> {
             ),
         ));
     }
-    if options.token.as_deref().is_some_and(|t| t.len() < 16) {
+    let usable = |t: &str| {
+        t.len() >= 16
+            && t.bytes()
+                .all(|b| b.is_ascii_graphic() && !matches!(b, b';' | b',' | b'"' | b'\\'))
+    };
+    if options.token.as_deref().is_some_and(|t| !usable(t)) {
         return Err(Failure::new(
             INVALID_INPUT,
-            "invalid --token: use at least 16 characters",
+            "invalid --token: use at least 16 printable ASCII characters, without ; , \" or \\",
         ));
     }
     let prometheus = PrometheusBuilder::new().install_recorder().map_err(|e| {
@@ -114,11 +123,22 @@ pub async fn run(ctx: Ctx, options: Options) -> Result<String, Failure> {
     let address = listener
         .local_addr()
         .map_err(|e| Failure::new(INTERNAL, format!("cannot read the listening address: {e}")))?;
+    // Histograms are drained by a scrape; without one they would only grow.
+    let upkeep = prometheus.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            upkeep.run_upkeep();
+        }
+    });
+    let (stop, stopping) = tokio::sync::watch::channel(false);
     let app = Arc::new(App {
         ctx,
         token: options.token,
         read_only: options.read_only,
         prometheus,
+        port: address.port(),
+        stopping,
     });
     eprintln!(
         "Dashboard of {} on http://{address}/{}",
@@ -126,8 +146,10 @@ pub async fn run(ctx: Ctx, options: Options) -> Result<String, Failure> {
         if app.read_only { " (read-only)" } else { "" }
     );
     axum::serve(listener, router(app))
-        .with_graceful_shutdown(async {
+        .with_graceful_shutdown(async move {
             let _ = tokio::signal::ctrl_c().await;
+            // Ends the live streams, which would otherwise keep it open.
+            let _ = stop.send(true);
         })
         .await
         .map_err(|e| Failure::new(INTERNAL, format!("the dashboard stopped: {e}")))?;
@@ -154,7 +176,9 @@ fn router(app: Shared) -> Router {
         .route("/login", get(login))
         .merge(guarded)
         .fallback(|| async { failure(StatusCode::NOT_FOUND, "no such page") })
+        .layer(middleware::map_response(one_line_errors))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn_with_state(app.clone(), local_host))
         .with_state(app)
 }
 
@@ -176,6 +200,72 @@ fn from_failure(f: Failure) -> Response {
     };
     let line = f.line();
     failure(status, line.trim_start_matches("error: "))
+}
+
+/// Every answer: framing by another site refused, and errors that are not
+/// one JSON line already (axum's own rejections: a malformed query or body,
+/// a body over the limit) made one.
+async fn one_line_errors(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    headers.insert(
+        "content-security-policy",
+        HeaderValue::from_static("frame-ancestors 'none'"),
+    );
+    let status = response.status();
+    let json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !status.is_client_error() && !status.is_server_error() || json {
+        return response;
+    }
+    let html = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/html"));
+    if html {
+        return response;
+    }
+    let body = axum::body::to_bytes(response.into_body(), MAX_BODY)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&body);
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let line = if line.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        line
+    };
+    let mut answer = failure(status, &line);
+    answer
+        .headers_mut()
+        .insert("x-frame-options", HeaderValue::from_static("DENY"));
+    answer
+}
+
+/// Without a token, only requests addressed to this host's loopback name
+/// are served: a page of another site whose name was re-pointed at
+/// 127.0.0.1 (DNS rebinding) sends its own name as `Host`.
+async fn local_host(State(app): State<Shared>, request: Request, next: Next) -> Response {
+    if app.token.is_none() {
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let port = app.port;
+        let local = ["127.0.0.1", "localhost", "[::1]"]
+            .iter()
+            .any(|name| host == format!("{name}:{port}"));
+        if !local {
+            return failure(
+                StatusCode::FORBIDDEN,
+                "refused: without --token only requests to 127.0.0.1, localhost or [::1] are served",
+            );
+        }
+    }
+    next.run(request).await
 }
 
 fn token_matches(given: &str, token: &str) -> bool {
@@ -209,7 +299,10 @@ fn carried(headers: &HeaderMap) -> Option<String> {
 fn same_origin(headers: &HeaderMap) -> bool {
     let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
     if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
-        return host.is_some_and(|host| origin == format!("http://{host}"));
+        // `https://` behind a TLS-terminating proxy that keeps `Host`.
+        return host.is_some_and(|host| {
+            origin == format!("http://{host}") || origin == format!("https://{host}")
+        });
     }
     match headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
         Some(site) => site == "same-origin" || site == "none",
@@ -373,7 +466,8 @@ async fn api_release(
         return failure(StatusCode::INTERNAL_SERVER_ERROR, "no operator");
     };
     match ctx.manager.release_lock_by(lock_id, operator).await {
-        Ok(()) => Json(json!({ "lock_id": lock_id, "released": true })).into_response(),
+        // Released now, or already before: either way no longer held.
+        Ok(()) => Json(json!({ "lock_id": lock_id, "held": false })).into_response(),
         Err(e) => from_failure(Failure::during(&format!("releasing lock {lock_id}"), e)),
     }
 }
@@ -467,20 +561,30 @@ async fn events(
         after: resumed.or(q.after),
         ..WatchOptions::default()
     };
-    let feed = app.ctx.manager.watch(options).map(|item| {
-        Ok(match item {
-            Ok(record) => Event::default()
-                .id(record.seq.to_string())
-                .event("audit")
-                .json_data(&record)
-                .unwrap_or_else(|_| {
-                    Event::default()
-                        .event("error")
-                        .data("an event could not be encoded")
-                }),
-            Err(e) => Event::default().event("error").data(e.to_string()),
+    let mut stopping = app.stopping.clone();
+    let stopped = async move {
+        let _ = stopping.wait_for(|stop| *stop).await;
+    };
+    let feed = app
+        .ctx
+        .manager
+        .watch(options)
+        .map(|item| {
+            Ok(match item {
+                Ok(record) => Event::default()
+                    .id(record.seq.to_string())
+                    .event("audit")
+                    .json_data(&record)
+                    .unwrap_or_else(|_| {
+                        Event::default()
+                            .event("feed-error")
+                            .data("an event could not be encoded")
+                    }),
+                // A read failed; the feed retries by itself.
+                Err(e) => Event::default().event("feed-error").data(e.to_string()),
+            })
         })
-    });
+        .take_until(stopped);
     Sse::new(feed).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
@@ -528,7 +632,7 @@ function recoverStale() { act('/api/v1/recover?stale_after=5m', {}, 'Interrupt s
 function listen() {
   const rows = document.getElementById('live');
   if (!rows) return;
-  const source = new EventSource('/events');
+  const source = new EventSource('/events?after=' + (rows.dataset.after || 0));
   source.addEventListener('audit', (e) => {
     const ev = JSON.parse(e.data);
     const tr = document.createElement('tr');
@@ -726,12 +830,17 @@ async fn audit_page(State(app): State<Shared>) -> Response {
         Err(f) => return error_page(&app, f),
     };
     let mut events = doc.as_array().cloned().unwrap_or_default();
+    // The stream goes on after the newest row shown, so none is missed.
+    let newest = events
+        .last()
+        .map(|e| text(&e["seq"]))
+        .unwrap_or_else(|| "0".into());
     events.reverse();
     let body = html! {
         p { "New events appear at the top as they commit, from any process or host." }
         table {
             thead { tr { th { "Seq" } th { "Time" } th { "Event" } th { "Session" } th { "Details" } } }
-            tbody #live {
+            tbody #live data-after=(newest) {
                 @for e in &events {
                     tr { td { (text(&e["seq"])) } td { (text(&e["event_time"])) } td { (text(&e["event_type"])) } td { (text(&e["session_id"])) } td { (e["details"].to_string()) } }
                 }
