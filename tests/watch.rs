@@ -663,7 +663,13 @@ async fn the_migration_numbers_existing_rows_in_time_order() {
     use sea_orm_migration::MigratorTrait;
     each_backend("the_migration_numbers_existing_rows_in_time_order", |db| async move {
         let conn = db.manager.connection();
-        Migrator::down(conn, Some(1)).await.expect("down one");
+        // Back to before audit_seq (and browse_indexes, which follows it).
+        Migrator::down(conn, Some(2)).await.expect("down two");
+        let status = Migrator::get_pending_migrations(conn).await.expect("pending");
+        assert_eq!(
+            status.iter().map(|m| m.name().to_owned()).collect::<Vec<_>>(),
+            ["m20261201_000004_audit_seq", "m20261201_000005_browse_indexes"]
+        );
         let base = chrono::DurationRound::duration_trunc(chrono::Utc::now(), chrono::Duration::seconds(1)).expect("whole seconds");
         let t = |s: i64| base - chrono::Duration::seconds(s);
         // Inserted out of time order; two share a time and sort by id.
