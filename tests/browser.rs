@@ -9,17 +9,16 @@
 //! and passes. With `DASHBOARD_SCREENSHOT=path.png` it also saves the
 //! session page as a screenshot.
 #![cfg(feature = "cli")]
+mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use demiarch_sessions::{Config, SessionManager, SessionStatus};
+use demiarch_sessions::{SessionManager, SessionStatus};
 use fantoccini::{Client, ClientBuilder, Locator};
 use uuid::Uuid;
 
-const BIN: &str = env!("CARGO_BIN_EXE_demiarch-sessions");
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 
@@ -37,28 +36,6 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
-}
-
-/// `serve` on `url`; its base address once it listens.
-fn serve(url: &str) -> (Killed, String) {
-    let mut child = Command::new(BIN)
-        .env_remove("DATABASE_URL")
-        .args(["--database-url", url, "serve", "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start serve");
-    let mut line = String::new();
-    BufReader::new(child.stderr.take().expect("stderr"))
-        .read_line(&mut line)
-        .expect("serve's first line");
-    let base = line
-        .split("on ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .map(|b| b.trim_end_matches('/').to_owned())
-        .unwrap_or_else(|| panic!("no address in {line:?}"));
-    (Killed(child), base)
 }
 
 async fn browser() -> (Killed, Client) {
@@ -127,11 +104,7 @@ async fn the_dashboard_in_a_real_browser() {
     }
     let dir = tempfile::tempdir().expect("temp dir");
     let url = format!("sqlite://{}", dir.path().join("b.db").display());
-    let config = Config {
-        heartbeat_interval: Duration::from_secs(3600),
-        ..Config::default()
-    };
-    let m = SessionManager::connect_with(&url, config)
+    let m = SessionManager::connect_with(&url, common::test_config())
         .await
         .expect("connect");
     let session = m.start_session().await.expect("start");
@@ -149,7 +122,8 @@ async fn the_dashboard_in_a_real_browser() {
             serde_json::json!({"step": 3, "todo": ["review"]}),
         )
         .expect("context");
-    let (_server, base) = serve(&url);
+    let (server, base) = common::serve(&url, &[]);
+    let _server = Killed(server);
     let (_driver, client) = browser().await;
 
     // 1. The sessions page lists the session.

@@ -4,12 +4,12 @@
 //! read-only, other sites, loopback, escaping, limits, one-line errors).
 //! Rows are read back through the library.
 #![cfg(feature = "cli")]
+mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
-use demiarch_sessions::{AuditFilter, Config, LockOptions, SessionManager, SessionStatus};
+use demiarch_sessions::{AuditFilter, LockOptions, SessionManager, SessionStatus};
 use serde_json::Value;
 use tempfile::TempDir;
 use uuid::Uuid;
@@ -29,26 +29,7 @@ impl Served {
     fn start(args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let url = format!("sqlite://{}", dir.path().join("d.db").display());
-        let mut child = Command::new(BIN)
-            .env_remove("DATABASE_URL")
-            .env_remove("DEMIARCH_DASHBOARD_TOKEN")
-            .args(["--database-url", &url, "serve", "--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start serve");
-        let stderr = child.stderr.take().expect("stderr");
-        let mut line = String::new();
-        BufReader::new(stderr)
-            .read_line(&mut line)
-            .expect("serve's first line");
-        let base = line
-            .split("on ")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .map(|b| b.trim_end_matches('/').to_owned())
-            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        let (child, base) = common::serve(&url, args);
         Self {
             child,
             base,
@@ -73,11 +54,7 @@ impl Served {
     }
 
     async fn manager(&self) -> SessionManager {
-        let config = Config {
-            heartbeat_interval: Duration::from_secs(3600),
-            ..Config::default()
-        };
-        SessionManager::connect_with(&self.url, config)
+        SessionManager::connect_with(&self.url, common::test_config())
             .await
             .expect("connect")
     }

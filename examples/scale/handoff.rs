@@ -35,7 +35,7 @@ use uuid::Uuid;
 
 use crate::args::Args;
 use crate::fixture::{BoxResult, Fixture};
-use crate::report::{peak_rss_kb, print_json, round1, summarize};
+use crate::report::{peak_rss_kb, print_json, round1, summarize, SkippedLine};
 use crate::{manager_config, median, open_populated, WARMUP};
 
 /// How long each waiter is prepared to wait; far beyond any hand-over.
@@ -91,15 +91,6 @@ struct DrainLine {
     in_order: bool,
     out_of_order_drains: usize,
     peak_rss_kb: u64,
-}
-
-/// A case that cannot run on this backend.
-#[derive(Debug, Serialize)]
-struct SkippedLine {
-    op: &'static str,
-    backend: &'static str,
-    case: &'static str,
-    skipped: &'static str,
 }
 
 const OP: &str = "lock_handoff";

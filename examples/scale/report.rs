@@ -96,3 +96,12 @@ pub fn print_json<T: Serialize>(line: &T) -> Result<(), serde_json::Error> {
     println!("{}", serde_json::to_string(line)?);
     Ok(())
 }
+
+/// A case that cannot run on this backend, and why.
+#[derive(Debug, Serialize)]
+pub struct SkippedLine {
+    pub op: &'static str,
+    pub backend: &'static str,
+    pub case: &'static str,
+    pub skipped: &'static str,
+}

@@ -41,7 +41,7 @@ use uuid::Uuid;
 
 use crate::args::Args;
 use crate::fixture::{BoxResult, Fixture};
-use crate::report::{peak_rss_kb, print_json, round1, summarize};
+use crate::report::{peak_rss_kb, print_json, round1, summarize, SkippedLine};
 use crate::{manager_config, open_populated, WARMUP};
 
 const OP: &str = "watch";
@@ -111,14 +111,6 @@ struct WritersLine {
     lag_p99_us: f64,
     lag_max_us: f64,
     peak_rss_kb: u64,
-}
-
-#[derive(Debug, Serialize)]
-struct SkippedLine {
-    op: &'static str,
-    backend: &'static str,
-    case: &'static str,
-    skipped: &'static str,
 }
 
 pub async fn run(args: &Args) -> BoxResult<()> {

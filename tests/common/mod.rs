@@ -539,3 +539,31 @@ pub async fn lock_row_of(
 pub fn id(text: &str) -> Uuid {
     Uuid::parse_str(text).unwrap_or_else(|e| panic!("stored id {text:?} is not a UUID: {e}"))
 }
+
+/// `demiarch-sessions serve` on `url` with `args`, listening on a free
+/// loopback port; the child and its base address (`http://127.0.0.1:PORT`),
+/// once it listens. Kill the child to stop it.
+#[cfg(feature = "cli")]
+pub fn serve(url: &str, args: &[&str]) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_demiarch-sessions"))
+        .env_remove("DATABASE_URL")
+        .env_remove("DEMIARCH_DASHBOARD_TOKEN")
+        .args(["--database-url", url, "serve", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start serve");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stderr.take().expect("stderr"))
+        .read_line(&mut line)
+        .expect("serve's first line");
+    let base = line
+        .split("on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(|b| b.trim_end_matches('/').to_owned())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    (child, base)
+}

@@ -189,59 +189,55 @@ fn failure(status: StatusCode, message: &str) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
 }
 
-fn from_failure(f: Failure) -> Response {
-    let status = match f.code {
+/// The HTTP status of a command's failure, by its exit code's class.
+fn http_status(f: &Failure) -> StatusCode {
+    match f.code {
         INVALID_INPUT => StatusCode::BAD_REQUEST,
         NOT_FOUND => StatusCode::NOT_FOUND,
         CONFLICT => StatusCode::CONFLICT,
-        TIMEOUT => StatusCode::SERVICE_UNAVAILABLE,
-        UNREACHABLE => StatusCode::SERVICE_UNAVAILABLE,
+        TIMEOUT | UNREACHABLE => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
-    };
+    }
+}
+
+fn from_failure(f: Failure) -> Response {
     let line = f.line();
-    failure(status, line.trim_start_matches("error: "))
+    failure(http_status(&f), line.trim_start_matches("error: "))
 }
 
 /// Every answer: framing by another site refused, and errors that are not
 /// one JSON line already (axum's own rejections: a malformed query or body,
 /// a body over the limit) made one.
-async fn one_line_errors(mut response: Response) -> Response {
+async fn one_line_errors(response: Response) -> Response {
+    let status = response.status();
+    let one_line_already = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| {
+            let v = v.as_bytes();
+            v.starts_with(b"application/json") || v.starts_with(b"text/html")
+        });
+    let mut response =
+        if (status.is_client_error() || status.is_server_error()) && !one_line_already {
+            let body = axum::body::to_bytes(response.into_body(), MAX_BODY)
+                .await
+                .unwrap_or_default();
+            let text = String::from_utf8_lossy(&body);
+            let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+            match line.is_empty() {
+                true => failure(status, status.canonical_reason().unwrap_or("error")),
+                false => failure(status, &line),
+            }
+        } else {
+            response
+        };
     let headers = response.headers_mut();
     headers.insert("x-frame-options", HeaderValue::from_static("DENY"));
     headers.insert(
         "content-security-policy",
         HeaderValue::from_static("frame-ancestors 'none'"),
     );
-    let status = response.status();
-    let json = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if !status.is_client_error() && !status.is_server_error() || json {
-        return response;
-    }
-    let html = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"text/html"));
-    if html {
-        return response;
-    }
-    let body = axum::body::to_bytes(response.into_body(), MAX_BODY)
-        .await
-        .unwrap_or_default();
-    let text = String::from_utf8_lossy(&body);
-    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    let line = if line.is_empty() {
-        status.canonical_reason().unwrap_or("error").to_owned()
-    } else {
-        line
-    };
-    let mut answer = failure(status, &line);
-    answer
-        .headers_mut()
-        .insert("x-frame-options", HeaderValue::from_static("DENY"));
-    answer
+    response
 }
 
 /// Without a token, only requests addressed to this host's loopback name
@@ -673,9 +669,12 @@ fn layout(app: &App, title: &str, body: Markup) -> Markup {
 }
 
 fn error_page(app: &App, f: Failure) -> Response {
-    let status = from_failure(Failure::new(f.code, f.message.clone())).status();
     let line = f.line();
-    (status, layout(app, "Error", html! { p { (line) } })).into_response()
+    (
+        http_status(&f),
+        layout(app, "Error", html! { p { (line) } }),
+    )
+        .into_response()
 }
 
 fn text(v: &Value) -> String {
