@@ -19,7 +19,9 @@ pub struct Config {
     /// (`PRAGMA busy_timeout`).
     pub busy_timeout: Duration,
     /// Most locks one transaction of `sweep_locks` releases, so a sweep over a
-    /// million stale locks never holds the write lock for long.
+    /// million stale locks never holds the write lock for long. At most
+    /// [`MAX_SWEEP_BATCH`]: each batch's `locks_swept` audit row names every
+    /// lock it released, and must fit in one statement on every backend.
     pub sweep_batch: u64,
     /// After an involuntary release (expired or orphaned), how long the resource
     /// stays unavailable, so a holder that was swept away can notice before
@@ -63,6 +65,11 @@ pub const MAX_CONFIG_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
 /// budget an end is attempted with.
 pub(crate) const MIN_BUDGET: Duration = Duration::from_millis(1);
 
+/// The largest [`Config::sweep_batch`]: ten thousand locks, whose
+/// `locks_swept` audit row (about 3 MB) fits in one statement on every
+/// backend, MariaDB's default 16 MiB packet included.
+pub const MAX_SWEEP_BATCH: u64 = 10_000;
+
 /// The most bytes of context one session may save: 256 MiB (PostgreSQL's
 /// `jsonb` holds at most 255 MiB; MariaDB's default packet limit is smaller).
 pub const MAX_CONTEXT_BYTES_LIMIT: usize = 256 * 1024 * 1024;
@@ -72,8 +79,8 @@ impl Config {
     /// 1 ms or over [`MAX_CONFIG_DURATION`] for `cleanup_timeout`,
     /// `connect_timeout`, `heartbeat_interval`, `lock_poll_interval`, `watch_poll_interval`, `busy_timeout` and
     /// `lock_delay` (the last two may be zero, which turns them off); `sweep_batch`,
-    /// `max_connections` and `watch_page_size` of zero or over a million /
-    /// ten thousand / ten thousand;
+    /// `max_connections` and `watch_page_size` of zero or over ten thousand
+    /// ([`MAX_SWEEP_BATCH`] for the first);
     /// `max_context_bytes` under 64 (the empty context needs 26) or over
     /// [`MAX_CONTEXT_BYTES_LIMIT`].
     /// `SessionManager::connect_with` and `new` call it.
@@ -105,10 +112,14 @@ impl Config {
                 return Err(invalid(field, format!("{value:?} is longer than one day")));
             }
         }
-        if !(1..=1_000_000).contains(&self.sweep_batch) {
+        if !(1..=MAX_SWEEP_BATCH).contains(&self.sweep_batch) {
             return Err(invalid(
                 "sweep_batch",
-                format!("{} is not between 1 and 1 000 000", self.sweep_batch),
+                format!(
+                    "{} is not between 1 and {MAX_SWEEP_BATCH} (one batch's audit row \
+                     names every lock it releases)",
+                    self.sweep_batch
+                ),
             ));
         }
         if !(1..=10_000).contains(&self.max_connections) {

@@ -67,6 +67,8 @@ pub(crate) async fn connect(url: &str, config: &Config) -> Result<Store> {
         None
     };
     let mut store = Store::with_writer(db, writer, config.busy_timeout);
+    // Read up front, so an end never waits for it.
+    store.context_limit().await?;
     if sqlite && !memory {
         store.file = FileIdentity::of(url);
         if store.file.is_none() {
@@ -359,7 +361,14 @@ pub(crate) struct Store {
     txn_lock_timeout: Option<Duration>,
     /// The SQLite file opened by [`connect`], checked before each write.
     file: Option<FileIdentity>,
+    /// MariaDB/MySQL's `max_allowed_packet`, read once (at connect, or at the
+    /// first end on an app's connection); `None` elsewhere.
+    packet_limit: Arc<tokio::sync::OnceCell<Option<u64>>>,
 }
+
+/// Room an end's `UPDATE` needs in one packet besides its context: the
+/// statement id and the other parameters, with ample margin.
+const STATEMENT_OVERHEAD: u64 = 64 * 1024;
 
 impl Store {
     /// A store on a connection the app set up: no writer, and each write
@@ -388,7 +397,35 @@ impl Store {
             gate_timeout,
             txn_lock_timeout: None,
             file: None,
+            packet_limit: Arc::default(),
         }
+    }
+
+    /// The most bytes of context the server takes in the one statement that
+    /// saves it, when the server caps a statement's size: on MariaDB/MySQL,
+    /// `max_allowed_packet` less [`STATEMENT_OVERHEAD`]; `None` on SQLite
+    /// and PostgreSQL, where `Config::max_context_bytes` is the only bound.
+    pub(crate) async fn context_limit(&self) -> Result<Option<(u64, u64)>> {
+        if self.conn.get_database_backend() != DatabaseBackend::MySql {
+            return Ok(None);
+        }
+        let packet = self
+            .packet_limit
+            .get_or_try_init(|| async {
+                // A server variable: SeaORM's query builder has no expression for it.
+                let statement = sea_orm::Statement::from_string(
+                    DatabaseBackend::MySql,
+                    "SELECT @@max_allowed_packet AS packet",
+                );
+                let row = self.conn.query_one_raw(statement).await?;
+                let packet: Option<u64> = match row {
+                    Some(row) => Some(row.try_get("", "packet")?),
+                    None => None,
+                };
+                Ok::<_, Error>(packet)
+            })
+            .await?;
+        Ok(packet.map(|packet| (packet.saturating_sub(STATEMENT_OVERHEAD), packet)))
     }
 
     /// The connection for writes: the writer where there is one. Use it only

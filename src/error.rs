@@ -91,6 +91,20 @@ pub enum Error {
         "context is {bytes} bytes, over the {limit}-byte limit; trim the context windows and retry"
     )]
     ContextTooLarge { bytes: usize, limit: usize },
+    /// The serialized context windows are within `Config::max_context_bytes`
+    /// but more than the server takes in one statement: `limit` is what its
+    /// `setting` (MariaDB/MySQL's `max_allowed_packet`, `value` bytes)
+    /// leaves for the context. Nothing changed and the windows are kept:
+    /// raise the setting on the server, or trim the windows, and retry.
+    #[error(
+        "context is {bytes} bytes, over the {limit} bytes the server's {setting} ({value}) takes; raise {setting} or trim the context windows and retry"
+    )]
+    ContextTooLargeForServer {
+        bytes: usize,
+        limit: usize,
+        setting: &'static str,
+        value: u64,
+    },
     /// A caller-supplied value was rejected before touching the database.
     #[error("invalid {field}: {reason}")]
     InvalidInput { field: &'static str, reason: String },
@@ -132,6 +146,10 @@ pub enum Error {
     /// ran; nothing was written, since the write would go to the old file.
     #[error("the database file {path} was deleted or replaced while in use; reconnect to the file now at that path")]
     DatabaseMoved { path: String },
+    /// A call's work ended without an answer (it panicked). What it wrote
+    /// before is consistent: every write is one transaction.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// Waiting for a shutdown signal failed.
     #[error("cannot listen for shutdown signals: {0}")]
     Signal(#[from] std::io::Error),

@@ -41,6 +41,7 @@ mod audit;
 mod config;
 mod context;
 mod db;
+mod detached;
 mod error;
 mod lifecycle;
 mod locks;
@@ -53,7 +54,7 @@ mod validate;
 mod watch;
 
 pub use audit::{AuditEvent, Operator};
-pub use config::{Config, MAX_CONFIG_DURATION, MAX_CONTEXT_BYTES_LIMIT};
+pub use config::{Config, MAX_CONFIG_DURATION, MAX_CONTEXT_BYTES_LIMIT, MAX_SWEEP_BATCH};
 pub use context::{
     ContextRegistry, ContextSource, ContextWindow, CONTEXT_FORMAT_VERSION, MAX_CONTEXT_DEPTH,
 };

@@ -20,7 +20,7 @@ use crate::query::{
 use crate::session::recovery::RecoveryReport;
 use crate::session::EndSessionReport;
 use crate::watch::WatchOptions;
-use crate::{db, locks, session, Config, Error, Result};
+use crate::{db, detached, locks, session, Config, Error, Result};
 
 /// The handle apps keep: cheap to clone, safe to share across tasks.
 #[derive(Clone)]
@@ -73,8 +73,12 @@ impl SessionManager {
     /// when the URL is malformed or the file cannot be created.
     pub async fn connect_with(url: &str, config: Config) -> Result<Self> {
         config.validate()?;
-        let store = db::connect(url, &config).await?;
-        Ok(Self::from_store(store, config))
+        let url = url.to_owned();
+        detached::run(async move {
+            let store = db::connect(&url, &config).await?;
+            Ok(Self::from_store(store, config))
+        })
+        .await
     }
 
     /// Wraps a connection the app owns. The app runs `migration::Migrator`
@@ -146,9 +150,23 @@ impl SessionManager {
     /// [`Error::Database`](crate::Error::Database) if closing failed.
     pub async fn close(&self) -> Result<()> {
         self.state.store(CLOSED, Ordering::SeqCst);
-        self.heartbeat.stop().await;
-        self.lock_wakers.stop();
-        Ok(self.db.close().await?)
+        self.detached(|m| async move {
+            m.heartbeat.stop().await;
+            m.lock_wakers.stop();
+            Ok(m.db.close().await?)
+        })
+        .await
+    }
+
+    /// Runs `call` on a clone of this manager in a task of its own, so that
+    /// dropping the caller's future cuts nothing: see [`detached`].
+    async fn detached<T, F, Fut>(&self, call: F) -> Result<T>
+    where
+        F: FnOnce(SessionManager) -> Fut,
+        Fut: std::future::Future<Output = Result<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        detached::run(call(self.clone())).await
     }
 
     /// The configuration in force.
@@ -224,9 +242,12 @@ impl SessionManager {
     /// [`Error::Database`](crate::Error::Database).
     pub async fn record_store_gauges(&self) -> Result<(u64, u64)> {
         self.usable()?;
-        let (sessions, locks) = query::store_counts(&self.db).await?;
-        crate::metrics::record_store_gauges(sessions, locks, self.config.cleanup_timeout);
-        Ok((sessions, locks))
+        self.detached(|m| async move {
+            let (sessions, locks) = query::store_counts(&m.db).await?;
+            crate::metrics::record_store_gauges(sessions, locks, m.config.cleanup_timeout);
+            Ok((sessions, locks))
+        })
+        .await
     }
 
     /// Refuses every call once the manager was closed.
@@ -255,10 +276,13 @@ impl SessionManager {
     #[instrument(skip(self), err)]
     pub async fn start_session(&self) -> Result<Uuid> {
         self.takes_new_work()?;
-        let id = session::start::start_session(&self.db, self.instance_id).await?;
-        self.start_heartbeat();
-        self.announce(Freed::Nothing, true).await;
-        Ok(id)
+        self.detached(|m| async move {
+            let id = session::start::start_session(&m.db, m.instance_id).await?;
+            m.start_heartbeat();
+            m.announce(Freed::Nothing, true).await;
+            Ok(id)
+        })
+        .await
     }
 
     /// Registers a `running` agent execution in an active session.
@@ -271,7 +295,11 @@ impl SessionManager {
     #[instrument(skip(self), err)]
     pub async fn register_agent(&self, session_id: Uuid, agent_type: &str) -> Result<Uuid> {
         self.takes_new_work()?;
-        session::start::register_agent(&self.db, session_id, agent_type).await
+        let agent_type = agent_type.to_owned();
+        self.detached(|m| async move {
+            session::start::register_agent(&m.db, session_id, &agent_type).await
+        })
+        .await
     }
 
     /// Takes the lock on (`resource_type`, `resource_key`) for a running agent
@@ -366,7 +394,9 @@ impl SessionManager {
         resource_key: &str,
     ) -> Result<Vec<LockWaiter>> {
         self.usable()?;
-        locks::waiters(&self.db, resource_type, resource_key).await
+        let resource = (resource_type.to_owned(), resource_key.to_owned());
+        self.detached(|m| async move { locks::waiters(&m.db, &resource.0, &resource.1).await })
+            .await
     }
 
     /// Extends a held lock's time to live to `ttl` from now.
@@ -378,7 +408,8 @@ impl SessionManager {
     #[instrument(skip(self), err)]
     pub async fn renew_lock(&self, lock_id: Uuid, ttl: std::time::Duration) -> Result<()> {
         self.usable()?;
-        locks::renew(&self.db, lock_id, ttl).await
+        self.detached(|m| async move { locks::renew(&m.db, lock_id, ttl).await })
+            .await
     }
 
     /// Releases expired locks (reason `expired`) and the held locks of
@@ -391,19 +422,22 @@ impl SessionManager {
     #[instrument(skip(self), err)]
     pub async fn sweep_locks(&self) -> Result<SweepReport> {
         self.usable()?;
-        let report = match locks::sweep(&self.db, self.config.sweep_batch).await {
-            Ok(report) => report,
-            Err(e) => {
-                // Batches committed before the failure freed locks too.
-                self.announce(Freed::All, true).await;
-                return Err(e);
+        self.detached(|m| async move {
+            let report = match locks::sweep(&m.db, m.config.sweep_batch).await {
+                Ok(report) => report,
+                Err(e) => {
+                    // Batches committed before the failure freed locks too.
+                    m.announce(Freed::All, true).await;
+                    return Err(e);
+                }
+            };
+            m.metrics.record_sweep(&report);
+            if report.expired + report.orphaned > 0 {
+                m.announce(Freed::All, true).await;
             }
-        };
-        self.metrics.record_sweep(&report);
-        if report.expired + report.orphaned > 0 {
-            self.announce(Freed::All, true).await;
-        }
-        Ok(report)
+            Ok(report)
+        })
+        .await
     }
 
     /// Whether `fencing_token` belongs to the current, unexpired holder of the
@@ -420,7 +454,11 @@ impl SessionManager {
         fencing_token: i64,
     ) -> Result<bool> {
         self.usable()?;
-        locks::validate_fence(&self.db, resource_type, resource_key, fencing_token).await
+        let resource = (resource_type.to_owned(), resource_key.to_owned());
+        self.detached(|m| async move {
+            locks::validate_fence(&m.db, &resource.0, &resource.1, fencing_token).await
+        })
+        .await
     }
 
     /// Releases a held lock (reason `released`), and wakes the resource's
@@ -432,10 +470,13 @@ impl SessionManager {
     #[instrument(skip(self), err)]
     pub async fn release_lock(&self, lock_id: Uuid) -> Result<()> {
         self.usable()?;
-        if let Some(resource) = locks::release(&self.db, lock_id, None).await? {
-            self.announce(Freed::One(resource), false).await;
-        }
-        Ok(())
+        self.detached(|m| async move {
+            if let Some(resource) = locks::release(&m.db, lock_id, None).await? {
+                m.announce(Freed::One(resource), false).await;
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// [`release_lock`](Self::release_lock) on the holder's behalf, by an
@@ -456,10 +497,13 @@ impl SessionManager {
             });
         }
         let details = operator.details("release_lock")?;
-        if let Some(resource) = locks::release(&self.db, lock_id, Some(details)).await? {
-            self.announce(Freed::One(resource), true).await;
-        }
-        Ok(())
+        self.detached(|m| async move {
+            if let Some(resource) = locks::release(&m.db, lock_id, Some(details)).await? {
+                m.announce(Freed::One(resource), true).await;
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Ends a session with cleanup (story 6.5): saves its context windows,
@@ -471,6 +515,7 @@ impl SessionManager {
     /// # Errors
     /// [`Error::SessionNotFound`](crate::Error::SessionNotFound),
     /// [`Error::ContextTooLarge`](crate::Error::ContextTooLarge),
+    /// [`Error::ContextTooLargeForServer`](crate::Error::ContextTooLargeForServer),
     /// [`Error::ContextRefused`](crate::Error::ContextRefused),
     /// [`Error::Timeout`](crate::Error::Timeout),
     /// [`Error::Database`](crate::Error::Database); on every error nothing changed.
@@ -513,14 +558,17 @@ impl SessionManager {
         operator: Option<serde_json::Value>,
     ) -> Result<EndSessionReport> {
         self.usable()?;
-        let result = session::end::end_session(self, session_id, budget, operator).await;
-        match &result {
-            Ok(report) if report.already_ended => {}
-            Ok(_) => self.announce(Freed::All, true).await,
-            Err(crate::Error::Timeout { .. }) => self.metrics.record_end_timeout(),
-            Err(_) => self.metrics.record_end_failure(),
-        }
-        result
+        self.detached(|m| async move {
+            let result = session::end::end_session(&m, session_id, budget, operator).await;
+            match &result {
+                Ok(report) if report.already_ended => {}
+                Ok(_) => m.announce(Freed::All, true).await,
+                Err(crate::Error::Timeout { .. }) => m.metrics.record_end_timeout(),
+                Err(_) => m.metrics.record_end_failure(),
+            }
+            result
+        })
+        .await
     }
 
     /// The saved context of an ended session, or the live windows of an open one.
@@ -532,7 +580,8 @@ impl SessionManager {
     #[instrument(skip(self), err)]
     pub async fn session_context(&self, session_id: Uuid) -> Result<Vec<ContextWindow>> {
         self.usable()?;
-        session::recovery::session_context(self, session_id).await
+        self.detached(|m| async move { session::recovery::session_context(&m, session_id).await })
+            .await
     }
 
     /// Interrupts open sessions whose owner has not heartbeated for
@@ -569,19 +618,22 @@ impl SessionManager {
         operator: Option<serde_json::Value>,
     ) -> Result<RecoveryReport> {
         self.usable()?;
-        let report = match session::recovery::recover_stale(self, stale_after, operator).await {
-            Ok(report) => report,
-            Err(e) => {
-                // Sessions recovered before the failure freed locks too.
-                self.announce(Freed::All, true).await;
-                return Err(e);
+        self.detached(|m| async move {
+            let report = match session::recovery::recover_stale(&m, stale_after, operator).await {
+                Ok(report) => report,
+                Err(e) => {
+                    // Sessions recovered before the failure freed locks too.
+                    m.announce(Freed::All, true).await;
+                    return Err(e);
+                }
+            };
+            m.metrics.record_recovery(report.interrupted.len());
+            if !report.interrupted.is_empty() {
+                m.announce(Freed::All, true).await;
             }
-        };
-        self.metrics.record_recovery(report.interrupted.len());
-        if !report.interrupted.is_empty() {
-            self.announce(Freed::All, true).await;
-        }
-        Ok(report)
+            Ok(report)
+        })
+        .await
     }
 
     /// Starts a new active session from an interrupted or completed one: the
@@ -595,9 +647,12 @@ impl SessionManager {
     #[instrument(skip(self), err)]
     pub async fn resume_session(&self, from: Uuid) -> Result<Uuid> {
         self.takes_new_work()?;
-        let id = session::recovery::resume_session(self, from).await?;
-        self.announce(Freed::Nothing, true).await;
-        Ok(id)
+        self.detached(|m| async move {
+            let id = session::recovery::resume_session(&m, from).await?;
+            m.announce(Freed::Nothing, true).await;
+            Ok(id)
+        })
+        .await
     }
 
     /// Sessions, newest first, without their saved context.
@@ -606,7 +661,8 @@ impl SessionManager {
     /// [`Error::Database`](crate::Error::Database).
     pub async fn list_sessions(&self, filter: SessionFilter) -> Result<Vec<SessionInfo>> {
         self.usable()?;
-        query::list_sessions(&self.db, &filter).await
+        self.detached(|m| async move { query::list_sessions(&m.db, &filter).await })
+            .await
     }
 
     /// One session, without its saved context.
@@ -615,7 +671,8 @@ impl SessionManager {
     /// [`Error::SessionNotFound`](crate::Error::SessionNotFound).
     pub async fn session(&self, session_id: Uuid) -> Result<SessionInfo> {
         self.usable()?;
-        query::session(&self.db, session_id).await
+        self.detached(|m| async move { query::session(&m.db, session_id).await })
+            .await
     }
 
     /// The session whose id is `prefix` or starts with it (8 or more hex digits).
@@ -626,7 +683,9 @@ impl SessionManager {
     /// or non-hex prefix.
     pub async fn find_session(&self, prefix: &str) -> Result<Uuid> {
         self.usable()?;
-        query::session_by_prefix(&self.db, prefix).await
+        let prefix = prefix.to_owned();
+        self.detached(|m| async move { query::session_by_prefix(&m.db, &prefix).await })
+            .await
     }
 
     /// The agents of a session, oldest first.
@@ -635,7 +694,8 @@ impl SessionManager {
     /// [`Error::Database`](crate::Error::Database).
     pub async fn agents(&self, session_id: Uuid) -> Result<Vec<AgentInfo>> {
         self.usable()?;
-        query::agents(&self.db, session_id).await
+        self.detached(|m| async move { query::agents(&m.db, session_id).await })
+            .await
     }
 
     /// Locks, newest grant first.
@@ -644,7 +704,8 @@ impl SessionManager {
     /// [`Error::Database`](crate::Error::Database).
     pub async fn locks(&self, filter: LockFilter) -> Result<Vec<LockInfo>> {
         self.usable()?;
-        query::locks(&self.db, &filter).await
+        self.detached(|m| async move { query::locks(&m.db, &filter).await })
+            .await
     }
 
     /// Watches the audit log: every matching event committed after
@@ -707,7 +768,8 @@ impl SessionManager {
     /// [`Error::Database`](crate::Error::Database).
     pub async fn audit_events(&self, filter: AuditFilter) -> Result<Vec<AuditRecord>> {
         self.usable()?;
-        query::audit_events(&self.db, &filter).await
+        self.detached(|m| async move { query::audit_events(&m.db, &filter).await })
+            .await
     }
 
     /// Ends, concurrently, every open session this instance owns, after
@@ -728,7 +790,8 @@ impl SessionManager {
         let _ = self
             .state
             .compare_exchange(OPEN, SHUT_DOWN, Ordering::SeqCst, Ordering::SeqCst);
-        lifecycle::shutdown(self, deadline).await
+        self.detached(|m| async move { lifecycle::shutdown(&m, deadline).await })
+            .await
     }
 
     /// Waits for Ctrl-C or SIGTERM, then [`shutdown`](Self::shutdown)s within

@@ -582,6 +582,9 @@ pub(crate) async fn sweep(conn: &db::Store, batch: u64) -> Result<SweepReport> {
     Ok(report)
 }
 
+/// The most ids one statement binds in an `IN` list.
+pub(crate) const IDS_PER_STATEMENT: usize = 1_000;
+
 /// Releases the given locks if still held (and, for `expired`, still past
 /// their time to live); returns those it released. Shared by the sweep and by
 /// the acquire that meets an expired holder.
@@ -594,30 +597,37 @@ async fn release_batch(
     if locks.is_empty() {
         return Ok(Vec::new());
     }
-    let ids: Vec<&str> = locks.iter().map(|l| l.id.as_str()).collect();
-    let mut release = resource_locks::Entity::update_many()
-        .col_expr(resource_locks::Column::ReleasedAt, Expr::value(now))
-        .col_expr(
-            resource_locks::Column::ReleaseReason,
-            Expr::value(reason.as_str()),
-        )
-        .filter(resource_locks::Column::Id.is_in(ids.clone()))
-        .filter(resource_locks::Column::ReleasedAt.is_null());
-    if reason == ReleaseReason::Expired {
-        // Re-checked in the UPDATE itself: a lock renewed after it was found
-        // (on the servers, by a concurrent `renew_lock`) is never expired.
-        release = release.filter(resource_locks::Column::ExpiresAt.lte(now));
+    let mut swept = Vec::with_capacity(locks.len());
+    // One statement per chunk: a list of ids is bound one variable each, and
+    // every backend caps the variables of a statement (SQLite at 32 766).
+    for chunk in locks.chunks(IDS_PER_STATEMENT) {
+        let ids: Vec<&str> = chunk.iter().map(|l| l.id.as_str()).collect();
+        let mut release = resource_locks::Entity::update_many()
+            .col_expr(resource_locks::Column::ReleasedAt, Expr::value(now))
+            .col_expr(
+                resource_locks::Column::ReleaseReason,
+                Expr::value(reason.as_str()),
+            )
+            .filter(resource_locks::Column::Id.is_in(ids.clone()))
+            .filter(resource_locks::Column::ReleasedAt.is_null());
+        if reason == ReleaseReason::Expired {
+            // Re-checked in the UPDATE itself: a lock renewed after it was found
+            // (on the servers, by a concurrent `renew_lock`) is never expired.
+            release = release.filter(resource_locks::Column::ExpiresAt.lte(now));
+        }
+        let released = release.exec(txn).await?.rows_affected;
+        if released == chunk.len() as u64 {
+            swept.extend(chunk.iter().map(|l| SweptLock::new(l, reason)));
+            continue;
+        }
+        // Some were released concurrently (servers): name only the ones we released.
+        let ours = resource_locks::Entity::find()
+            .filter(resource_locks::Column::Id.is_in(ids))
+            .filter(resource_locks::Column::ReleasedAt.eq(now))
+            .filter(resource_locks::Column::ReleaseReason.eq(reason.as_str()))
+            .all(txn)
+            .await?;
+        swept.extend(ours.iter().map(|l| SweptLock::new(l, reason)));
     }
-    let released = release.exec(txn).await?.rows_affected;
-    if released == locks.len() as u64 {
-        return Ok(locks.iter().map(|l| SweptLock::new(l, reason)).collect());
-    }
-    // Some were released concurrently (servers): name only the ones we released.
-    let ours = resource_locks::Entity::find()
-        .filter(resource_locks::Column::Id.is_in(ids))
-        .filter(resource_locks::Column::ReleasedAt.eq(now))
-        .filter(resource_locks::Column::ReleaseReason.eq(reason.as_str()))
-        .all(txn)
-        .await?;
-    Ok(ours.iter().map(|l| SweptLock::new(l, reason)).collect())
+    Ok(swept)
 }

@@ -8,13 +8,14 @@
 //! nobody else can take the free resource meanwhile, since a later arrival
 //! finds the head still queued ahead of it.
 //!
-//! Each attempt (one transaction) runs in a task of its own, so dropping the
-//! acquire future (a timeout or `select!` around it) never cuts a
-//! transaction midway. A dropped acquire's entry is removed by a task
+//! Each attempt (one transaction, and the wake-ups after its commit) and
+//! each look at the queue is a detached call (`crate::detached`), so
+//! dropping the acquire future (a timeout or `select!` around it) never cuts
+//! a transaction midway. A dropped acquire's entry is removed by a task
 //! spawned on the runtime, one write transaction after the drop, and an
-//! attempt that finds its caller gone releases what it was granted. Should
-//! that write fail, the entry is ignored once its wait, plus a margin, has
-//! run out.
+//! attempt whose answer nobody received is undone: its grant released, its
+//! entry removed. Should that write fail, the entry is ignored once its
+//! wait, plus a margin, has run out.
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,18 +63,8 @@ pub(crate) async fn acquire(
     let Some(wait) = wait else {
         let outcome = cleanup.attempt(&request, None).await?;
         return match outcome {
-            Attempt::Granted { grant, swept } => {
-                if swept {
-                    cleanup.announce_swept().await;
-                }
-                Ok(grant)
-            }
-            Attempt::Refused(refusal) => {
-                if refusal.expired_one {
-                    cleanup.announce().await;
-                }
-                Err(refused_now(&resource, *refusal))
-            }
+            Attempt::Granted { grant, .. } => Ok(grant),
+            Attempt::Refused(refusal) => Err(refused_now(&resource, *refusal)),
         };
     };
     let started = Instant::now();
@@ -102,7 +93,11 @@ pub(crate) async fn acquire(
             next = match cleanup.entry {
                 None => Next::Attempt,
                 Some(entry) => {
-                    match queue::look(&**manager.store(), entry, &resource, db::now()).await {
+                    let (store, looked_at) = (manager.store().clone(), resource.clone());
+                    let look = crate::detached::run(async move {
+                        queue::look(&*store, entry, &looked_at, db::now()).await
+                    });
+                    match look.await {
                         // Its session ended or was recovered: the attempt says which.
                         Ok(Look::Gone) => {
                             registration.leave();
@@ -145,12 +140,9 @@ pub(crate) async fn acquire(
                 tokio::time::timeout_at(deadline, attempt).await
             };
             match outcome {
-                Ok(Ok(Attempt::Granted { grant, swept })) => {
+                Ok(Ok(Attempt::Granted { grant, .. })) => {
                     if queued {
                         crate::metrics::record_handoff();
-                    }
-                    if swept {
-                        cleanup.announce_swept().await;
                     }
                     return Ok(grant);
                 }
@@ -160,9 +152,6 @@ pub(crate) async fn acquire(
                         registration.queued(entry.ticket);
                     }
                     timers.refused(&refusal);
-                    if refusal.expired_one {
-                        cleanup.announce().await;
-                    }
                 }
                 // Busy: look again shortly.
                 Ok(Err(e)) if e.is_timeout() => timers.retry_soon(),
@@ -285,7 +274,9 @@ impl Timers {
 /// The error of a wait that ran out, naming the holder as it is now.
 async fn timed_out(manager: &SessionManager, resource: &Resource, started: Instant) -> Error {
     let now = db::now();
-    let holder = match queue::holder_of(&**manager.store(), resource).await {
+    let (store, looked_at) = (manager.store().clone(), resource.clone());
+    let holder = crate::detached::run(async move { Ok(queue::holder_of(&*store, &looked_at).await?) });
+    let holder = match holder.await {
         Ok(holder) => holder.filter(|h| !super::is_expired(h, now)),
         Err(e) => {
             tracing::debug!(error = %e, "could not read the holder of a timed-out wait");
@@ -350,64 +341,29 @@ impl<'a> Cleanup<'a> {
         }
     }
 
-    /// One attempt, run to its end even if this future is dropped.
+    /// One attempt, and the wake-ups after its commit, run to their end even
+    /// if this future is dropped; an attempt nobody received is undone.
     async fn attempt(&mut self, request: &Request, queued: Option<Entry>) -> Result<Attempt> {
-        let (store, config) = (self.manager.store(), self.manager.config());
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return attempt(store, config, request, queued, Uuid::new_v4()).await;
-        };
-        let (manager, request) = (self.manager.clone(), request.clone());
-        let (reply, outcome) = tokio::sync::oneshot::channel();
         // Taken before the task exists, so the agent's next acquire always
         // comes after this attempt and its undo.
         let guard = self.gate.clone().lock_owned().await;
-        runtime.spawn(async move {
+        let (manager, request) = (self.manager.clone(), request.clone());
+        let work = async move {
             let store = manager.store();
-            let done = attempt(store, manager.config(), &request, queued, Uuid::new_v4()).await;
-            if let Err((Ok(unreceived), guard)) = reply.send((done, guard)) {
-                undo(&manager, &request.resource, unreceived, guard).await;
-            }
-        });
-        let mut answer = Answer {
-            manager: self.manager,
-            resource: self.resource.clone(),
-            outcome: Some(outcome),
+            let done = attempt(store, manager.config(), &request, queued, Uuid::new_v4()).await?;
+            announce_attempt(&manager, &request.resource, &done).await;
+            Ok((done, guard))
         };
-        let outcome = match answer.outcome.as_mut() {
-            Some(outcome) => outcome.await,
-            None => return Err(Error::CorruptRow("a lock attempt was awaited twice".into())),
+        let (manager, resource) = (self.manager.clone(), self.resource.clone());
+        let undo = move |(unreceived, guard): (Attempt, GateGuard)| async move {
+            undo(&manager, &resource, unreceived, guard).await;
         };
-        answer.outcome = None;
-        let (outcome, _guard) = outcome.map_err(|_| {
-            Error::CorruptRow("a lock attempt's task ended without an answer".into())
-        })?;
-        if matches!(outcome, Ok(Attempt::Granted { .. })) {
+        let (outcome, _guard) = crate::detached::run_or_undo(work, undo).await?;
+        if matches!(outcome, Attempt::Granted { .. }) {
             // The grant's transaction removed the entry.
             self.entry = None;
         }
-        outcome
-    }
-
-    /// Wakes the feeds after a granted attempt released an expired holder
-    /// (its `locks_swept` row); the resource itself is held again.
-    async fn announce_swept(&self) {
-        let (store, instance) = (self.manager.store(), self.manager.instance_id());
-        wake::announce(
-            store,
-            self.manager.lock_wakers(),
-            instance,
-            Freed::Nothing,
-            true,
-        )
-        .await;
-    }
-
-    /// Wakes the head waiter after an attempt released an expired holder
-    /// (the resource may be free), and the feeds (its `locks_swept` row).
-    async fn announce(&self) {
-        let freed = Freed::One(self.resource.clone());
-        let (store, instance) = (self.manager.store(), self.manager.instance_id());
-        wake::announce(store, self.manager.lock_wakers(), instance, freed, true).await;
+        Ok(outcome)
     }
 
     /// Leaves the queue now, if queued, in a task of its own so that
@@ -420,44 +376,27 @@ impl<'a> Cleanup<'a> {
         };
         let guard = self.gate.clone().lock_owned().await;
         let (manager, resource) = (self.manager.clone(), self.resource.clone());
-        let leaving = async move {
+        let leaving = crate::detached::run(async move {
             abandon(&manager, &resource, Some(entry), None).await;
             drop(guard);
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                let _ = runtime.spawn(leaving).await;
-            }
-            Err(_) => leaving.await,
-        }
+            Ok(())
+        });
         self.entry = None;
+        let _ = leaving.await;
     }
 }
 
-/// An attempt's answer, still to be received. Dropped unreceived, it stops
-/// the attempt's task from sending (the task then undoes the attempt), or
-/// undoes an answer that was sent but never read.
-struct Answer<'a> {
-    manager: &'a SessionManager,
-    resource: Resource,
-    outcome: Option<tokio::sync::oneshot::Receiver<(Result<Attempt>, GateGuard)>>,
-}
-
-impl Drop for Answer<'_> {
-    fn drop(&mut self) {
-        let Some(mut outcome) = self.outcome.take() else {
-            return;
-        };
-        outcome.close();
-        let Ok((Ok(unreceived), guard)) = outcome.try_recv() else {
-            return;
-        };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (manager, resource) = (self.manager.clone(), self.resource.clone());
-        runtime.spawn(async move { undo(&manager, &resource, unreceived, guard).await });
-    }
+/// Wakes whoever an attempt's commit concerns: the feeds for the
+/// `locks_swept` row of an expired holder it released, and, when it was then
+/// refused, the head waiter (the resource may be free).
+async fn announce_attempt(manager: &SessionManager, resource: &Resource, done: &Attempt) {
+    let freed = match done {
+        Attempt::Granted { swept: true, .. } => Freed::Nothing,
+        Attempt::Refused(refusal) if refusal.expired_one => Freed::One(resource.clone()),
+        _ => return,
+    };
+    let (store, instance) = (manager.store(), manager.instance_id());
+    wake::announce(store, manager.lock_wakers(), instance, freed, true).await;
 }
 
 /// Undoes an attempt nobody received: its grant, or the entry it queued.
@@ -480,15 +419,12 @@ impl Drop for Cleanup<'_> {
         let Some(entry) = self.entry.take() else {
             return;
         };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         let (manager, resource) = (self.manager.clone(), self.resource.clone());
         // Taken here, before the agent can ask again; if a clean-up of the
         // same agent holds it, this one queues behind it.
         let held = self.gate.clone().try_lock_owned();
         let gate = self.gate.clone();
-        runtime.spawn(async move {
+        crate::detached::spawn(async move {
             let guard = match held {
                 Ok(guard) => guard,
                 Err(_) => gate.lock_owned().await,

@@ -56,6 +56,17 @@ pub(crate) async fn end_session(
         let context =
             SavedContext::capture(session_id, windows, manager.config().max_context_bytes)?;
         let (windows, bytes) = (context.windows, context.bytes);
+        if let Some((limit, packet)) = manager.store().context_limit().await? {
+            if bytes > limit {
+                let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+                return Err(Error::ContextTooLargeForServer {
+                    bytes: size(bytes),
+                    limit: size(limit),
+                    setting: "max_allowed_packet",
+                    value: packet,
+                });
+            }
+        }
 
         if budget < MIN_BUDGET {
             // Too short to finish: refused before touching the database.

@@ -87,7 +87,8 @@ impl Failure {
             | Error::AlreadyWaiting { .. }
             | Error::LockNotHeld { .. }
             | Error::SessionStillOpen { .. }
-            | Error::ContextTooLarge { .. } => Self::new(CONFLICT, err.to_string()),
+            | Error::ContextTooLarge { .. }
+            | Error::ContextTooLargeForServer { .. } => Self::new(CONFLICT, err.to_string()),
             other => Self::new(INTERNAL, format!("{doing}: {other}")),
         }
     }
