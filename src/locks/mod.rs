@@ -582,8 +582,9 @@ pub(crate) async fn sweep(conn: &db::Store, batch: u64) -> Result<SweepReport> {
     Ok(report)
 }
 
-/// The most ids one statement binds in an `IN` list.
-pub(crate) const IDS_PER_STATEMENT: usize = 1_000;
+/// The most ids one statement binds in an `IN` list: under 999, the
+/// smallest variable limit a SQLite build may have.
+pub(crate) const IDS_PER_STATEMENT: usize = 900;
 
 /// Releases the given locks if still held (and, for `expired`, still past
 /// their time to live); returns those it released. Shared by the sweep and by

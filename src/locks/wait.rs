@@ -275,7 +275,8 @@ impl Timers {
 async fn timed_out(manager: &SessionManager, resource: &Resource, started: Instant) -> Error {
     let now = db::now();
     let (store, looked_at) = (manager.store().clone(), resource.clone());
-    let holder = crate::detached::run(async move { Ok(queue::holder_of(&*store, &looked_at).await?) });
+    let holder =
+        crate::detached::run(async move { Ok(queue::holder_of(&*store, &looked_at).await?) });
     let holder = match holder.await {
         Ok(holder) => holder.filter(|h| !super::is_expired(h, now)),
         Err(e) => {

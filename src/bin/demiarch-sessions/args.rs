@@ -123,6 +123,14 @@ pub enum Command {
         /// Show everything, change nothing: every action is hidden and refused.
         #[arg(long)]
         read_only: bool,
+        /// A connection must send a request's headers within this time of
+        /// opening, or of its previous response; idle ones close after it.
+        #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = positive_duration)]
+        header_timeout: Duration,
+        /// Connections served at once. At the cap, the oldest one that has
+        /// not sent a request yet is closed to make room for a new one.
+        #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        max_connections: u32,
     },
 }
 

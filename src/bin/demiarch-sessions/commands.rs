@@ -84,11 +84,17 @@ pub async fn run(cli: Cli) -> Result<String, Failure> {
             listen,
             token,
             read_only,
+            header_timeout,
+            max_connections,
         } => {
             let options = crate::serve::Options {
                 listen,
                 token,
                 read_only,
+                limits: crate::listen::Limits {
+                    header_timeout,
+                    max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+                },
             };
             crate::serve::run(ctx, options).await
         }

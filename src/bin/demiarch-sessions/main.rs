@@ -24,6 +24,7 @@ mod commands;
 mod demo;
 mod exit;
 mod follow;
+mod listen;
 mod output;
 mod serve;
 

@@ -10,7 +10,8 @@
 //!   sets, `SameSite=Strict`); every change is a POST from the same origin
 //!   (an `Origin` or `Sec-Fetch-Site` of another site is refused);
 //!   `--read-only` hides and refuses every action; bodies are limited to
-//!   16 KiB and pages to 500 rows; errors are one line, never a trace.
+//!   16 KiB and pages to 500 rows; errors are one line, never a trace;
+//!   header read time, request time and connections are bounded (`listen`).
 //!   Every stored value reaches a page through maud, which escapes it.
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -52,6 +53,7 @@ pub struct Options {
     pub listen: SocketAddr,
     pub token: Option<String>,
     pub read_only: bool,
+    pub limits: crate::listen::Limits,
 }
 
 struct App {
@@ -145,14 +147,14 @@ pub async fn run(ctx: Ctx, options: Options) -> Result<String, Failure> {
         app.ctx.url,
         if app.read_only { " (read-only)" } else { "" }
     );
-    axum::serve(listener, router(app))
-        .with_graceful_shutdown(async move {
-            let _ = tokio::signal::ctrl_c().await;
-            // Ends the live streams, which would otherwise keep it open.
-            let _ = stop.send(true);
-        })
-        .await
-        .map_err(|e| Failure::new(INTERNAL, format!("the dashboard stopped: {e}")))?;
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        // Stops taking connections and ends the live streams, which would
+        // otherwise keep it open.
+        let _ = stop.send(true);
+    });
+    let stopping = app.stopping.clone();
+    crate::listen::serve(listener, router(app), options.limits, stopping).await;
     Ok(String::new())
 }
 
