@@ -23,6 +23,12 @@ use crate::watch::WatchOptions;
 use crate::{db, detached, locks, session, Config, Error, Result};
 
 /// The handle apps keep: cheap to clone, safe to share across tasks.
+///
+/// Every `async` method is safe to drop at any await (a timeout, a
+/// `select!`): its work runs in a task of its own, to its end, and only the
+/// wait for its answer is dropped. A lock granted to a dropped acquire is
+/// released, and a dropped wait leaves the queue; everything else a dropped
+/// call wrote stands, as if it had been awaited.
 #[derive(Clone)]
 pub struct SessionManager {
     db: db::Store,
