@@ -29,6 +29,9 @@ fn is_sqlite_memory(url: &str) -> bool {
     url.contains(":memory:") || url.contains("mode=memory")
 }
 
+/// Held while a connect of this process checks and runs the migrations.
+static MIGRATING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Connects, applies the production settings, and runs pending migrations.
 ///
 /// On a SQLite file the store also opens its writer: one more connection, with
@@ -53,11 +56,15 @@ pub(crate) async fn connect(url: &str, config: &Config) -> Result<Store> {
     let db = Database::connect(connect_options(url, config, pool_size))
         .await
         .map_err(not_a_database)?;
+    // One migrator at a time in this process: a connect whose caller gave
+    // up still finishes migrating, and a retry must not race it.
+    let _migrating = MIGRATING.lock().await;
     refuse_newer_schema(&db).await.map_err(|e| match e {
         Error::Database(e) => not_a_database(e),
         other => other,
     })?;
     migration::Migrator::up(&db, None).await?;
+    drop(_migrating);
     let writer = if sqlite && !memory {
         let mut options = connect_options(url, config, 1);
         // Kept open for the manager's life: a reopened writer starts cold.
@@ -67,7 +74,7 @@ pub(crate) async fn connect(url: &str, config: &Config) -> Result<Store> {
         None
     };
     let mut store = Store::with_writer(db, writer, config.busy_timeout);
-    // Read up front, so an end never waits for it.
+    // Read up front, so that no end of this store waits for it.
     store.context_limit().await?;
     if sqlite && !memory {
         store.file = FileIdentity::of(url);
@@ -361,8 +368,9 @@ pub(crate) struct Store {
     txn_lock_timeout: Option<Duration>,
     /// The SQLite file opened by [`connect`], checked before each write.
     file: Option<FileIdentity>,
-    /// MariaDB/MySQL's `max_allowed_packet`, read once (at connect, or at the
-    /// first end on an app's connection); `None` elsewhere.
+    /// MariaDB/MySQL's `max_allowed_packet`, read once per manager (at
+    /// connect, or at the first end on an app's connection: a later change
+    /// on the server is seen by a new manager); `None` elsewhere.
     packet_limit: Arc<tokio::sync::OnceCell<Option<u64>>>,
 }
 

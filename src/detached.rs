@@ -13,20 +13,27 @@
 //! attempt's undo releases its grant or leaves the queue; every other call
 //! has nothing to undo, since what it wrote stands as if it had been
 //! received.
+//!
+//! The tasks of a manager are tracked, so that `close` lets them finish
+//! before it closes the pool they use. A panic in the work is resumed in
+//! the caller, as if the work had run in its future.
 use std::future::Future;
 
+use tokio::runtime::Handle;
 use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::{Error, Result};
 
 /// Runs `work` to its end whatever happens to the caller; its answer.
-pub(crate) async fn run<T, W>(work: W) -> Result<T>
+pub(crate) async fn run<T, W>(tasks: &TaskTracker, work: W) -> Result<T>
 where
     W: Future<Output = Result<T>> + Send + 'static,
     T: Send + 'static,
 {
-    run_or_undo(work, keep).await
+    run_or_undo(tasks, work, keep).await
 }
 
 /// What a call without an undo does with an answer nobody received: keeps
@@ -38,20 +45,20 @@ async fn keep<T>(_: T) {}
 ///
 /// Outside a tokio runtime there is nothing to spawn on, and `work` runs in
 /// the caller's future.
-pub(crate) async fn run_or_undo<T, W, U, UF>(work: W, undo: U) -> Result<T>
+pub(crate) async fn run_or_undo<T, W, U, UF>(tasks: &TaskTracker, work: W, undo: U) -> Result<T>
 where
     W: Future<Output = Result<T>> + Send + 'static,
     T: Send + 'static,
     U: FnOnce(T) -> UF + Clone + Send + 'static,
     UF: Future<Output = ()> + Send + 'static,
 {
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+    let Ok(runtime) = Handle::try_current() else {
         return work.await;
     };
     let (reply, answer) = oneshot::channel();
     let task_undo = undo.clone();
     let span = tracing::Span::current();
-    runtime.spawn(
+    let task = tasks.spawn_on(
         async move {
             let done = work.await;
             if let Err(Ok(unreceived)) = reply.send(done) {
@@ -59,10 +66,12 @@ where
             }
         }
         .instrument(span),
+        &runtime,
     );
     let mut pending = Pending {
         answer: Some(answer),
-        undo: Some(undo),
+        task: Some(task),
+        undo: Some((undo, runtime, tasks.clone())),
     };
     pending.receive().await
 }
@@ -75,7 +84,9 @@ where
     T: Send + 'static,
 {
     answer: Option<oneshot::Receiver<Result<T>>>,
-    undo: Option<U>,
+    task: Option<JoinHandle<()>>,
+    /// The undo, and where to run it should the caller drop the answer.
+    undo: Option<(U, Handle, TaskTracker)>,
 }
 
 impl<T, U, UF> Pending<T, U, UF>
@@ -91,7 +102,20 @@ where
         let received = answer.await;
         // Received: from here on the answer is the caller's.
         self.answer = None;
-        received.map_err(|_| Error::Internal("a call's task ended without an answer".into()))?
+        if let Ok(done) = received {
+            return done;
+        }
+        // The task ended without answering: it panicked (resumed here), or
+        // the runtime is shutting down and cancelled it.
+        match self.task.take() {
+            Some(task) => match task.await {
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                _ => Err(Error::Internal(
+                    "the runtime shut down before the call's work finished".into(),
+                )),
+            },
+            None => Err(Error::Internal("a detached call was awaited twice".into())),
+        }
     }
 }
 
@@ -108,22 +132,26 @@ where
         // After `close` the task can no longer send: either its answer is
         // already here (undone below) or the task undoes it itself.
         answer.close();
-        let (Ok(Ok(unreceived)), Some(undo)) = (answer.try_recv(), self.undo.take()) else {
+        let (Ok(Ok(unreceived)), Some((undo, runtime, tasks))) =
+            (answer.try_recv(), self.undo.take())
+        else {
             return;
         };
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(undo(unreceived));
-        }
+        // The runtime the call was made on, wherever the caller is dropped.
+        tasks.spawn_on(undo(unreceived), &runtime);
     }
 }
 
 /// Starts `work` in a task of its own without waiting for it: what a `Drop`
 /// that must still write (leave a queue) hands its work to.
-pub(crate) fn spawn<W>(work: W)
+pub(crate) fn spawn<W>(tasks: &TaskTracker, work: W)
 where
     W: Future<Output = ()> + Send + 'static,
 {
-    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-        runtime.spawn(work.instrument(tracing::Span::current()));
+    match Handle::try_current() {
+        Ok(runtime) => {
+            tasks.spawn_on(work.instrument(tracing::Span::current()), &runtime);
+        }
+        Err(_) => tracing::warn!("dropped outside a tokio runtime: its clean-up cannot run"),
     }
 }

@@ -146,8 +146,9 @@ pub enum Error {
     /// ran; nothing was written, since the write would go to the old file.
     #[error("the database file {path} was deleted or replaced while in use; reconnect to the file now at that path")]
     DatabaseMoved { path: String },
-    /// A call's work ended without an answer (it panicked). What it wrote
-    /// before is consistent: every write is one transaction.
+    /// A call's work ended without an answer: the tokio runtime shut down
+    /// under it. What it wrote is consistent: every write is one
+    /// transaction. (A panic in the work is resumed in the caller instead.)
     #[error("internal error: {0}")]
     Internal(String),
     /// Waiting for a shutdown signal failed.

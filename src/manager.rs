@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use sea_orm::DatabaseConnection;
+use tokio_util::task::TaskTracker;
 use tracing::instrument;
 use uuid::Uuid;
 
@@ -40,6 +41,8 @@ pub struct SessionManager {
     heartbeat: Arc<Heartbeat>,
     state: Arc<AtomicU8>,
     lock_wakers: Arc<Wakers>,
+    /// The tasks its calls run in (see [`detached`]), which `close` waits for.
+    tasks: TaskTracker,
 }
 
 /// Where a manager is in its life; shared by its clones.
@@ -80,7 +83,7 @@ impl SessionManager {
     pub async fn connect_with(url: &str, config: Config) -> Result<Self> {
         config.validate()?;
         let url = url.to_owned();
-        detached::run(async move {
+        detached::run(&TaskTracker::new(), async move {
             let store = db::connect(&url, &config).await?;
             Ok(Self::from_store(store, config))
         })
@@ -111,6 +114,7 @@ impl SessionManager {
             heartbeat: Arc::default(),
             state: Arc::default(),
             lock_wakers: Arc::default(),
+            tasks: TaskTracker::new(),
         }
     }
 
@@ -146,7 +150,9 @@ impl SessionManager {
         self.db.writer()
     }
 
-    /// Stops the heartbeat and closes the manager's connections (on a SQLite
+    /// Stops the heartbeat, lets the calls under way finish (a dropped
+    /// call's work included; at most `cleanup_timeout` plus
+    /// `connect_timeout`), and closes the manager's connections (on a SQLite
     /// file, the writer and the pool), waiting for those in use to come back.
     /// It ends no session: call [`shutdown`](Self::shutdown) first for that.
     /// Calls on this manager or its clones afterwards fail. Without it, the
@@ -156,9 +162,25 @@ impl SessionManager {
     /// [`Error::Database`](crate::Error::Database) if closing failed.
     pub async fn close(&self) -> Result<()> {
         self.state.store(CLOSED, Ordering::SeqCst);
-        self.detached(|m| async move {
+        let m = self.clone();
+        // Not among the tasks it waits for.
+        let untracked = TaskTracker::new();
+        detached::run(&untracked, async move {
             m.heartbeat.stop().await;
             m.lock_wakers.stop();
+            // Calls already under way (a dropped one's work, an undo) finish
+            // on the pool first; each is bounded by its own timeouts.
+            m.tasks.close();
+            let bound = m
+                .config
+                .cleanup_timeout
+                .saturating_add(m.config.connect_timeout);
+            if tokio::time::timeout(bound, m.tasks.wait()).await.is_err() {
+                tracing::warn!(
+                    running = m.tasks.len(),
+                    "calls still running when the manager closed; they will fail"
+                );
+            }
             Ok(m.db.close().await?)
         })
         .await
@@ -172,7 +194,12 @@ impl SessionManager {
         Fut: std::future::Future<Output = Result<T>> + Send + 'static,
         T: Send + 'static,
     {
-        detached::run(call(self.clone())).await
+        detached::run(&self.tasks, call(self.clone())).await
+    }
+
+    /// The tasks this manager's calls run in.
+    pub(crate) fn tasks(&self) -> &TaskTracker {
+        &self.tasks
     }
 
     /// The configuration in force.

@@ -6,14 +6,12 @@
 #![cfg(feature = "cli")]
 mod common;
 
-use std::io::BufRead;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const BIN: &str = env!("CARGO_BIN_EXE_demiarch-sessions");
 const TOKEN: &str = "a-token-of-32-characters-at-least";
 
 struct Served {
@@ -33,32 +31,14 @@ impl Drop for Served {
 fn serve(args: &[&str]) -> Served {
     let dir = tempfile::tempdir().expect("temp dir");
     let url = format!("sqlite://{}", dir.path().join("d.db").display());
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg("ulimit -n 1024 && exec \"$0\" \"$@\"")
-        .arg(BIN)
-        .env_remove("DATABASE_URL")
-        .env_remove("DEMIARCH_DASHBOARD_TOKEN")
-        .args(["--database-url", &url, "serve", "--listen", "127.0.0.1:0"])
-        .args(["--token", TOKEN])
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start serve");
-    let mut line = String::new();
-    std::io::BufReader::new(child.stderr.take().expect("stderr"))
-        .read_line(&mut line)
-        .expect("serve's first line");
-    let address = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_owned();
+    let args: Vec<&str> = ["--token", TOKEN]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect();
+    let (child, base) = common::serve_limited(&url, &args, Some(1024));
     Served {
         child,
-        address,
+        address: base.trim_start_matches("http://").to_owned(),
         _dir: dir,
     }
 }
@@ -180,6 +160,24 @@ async fn the_header_timeout_and_connection_cap_are_configurable() {
         closed(&mut kept, Duration::from_secs(3)).await,
         "a kept-alive idle connection stayed open"
     );
+    // Connections kept alive after a complete (refused) request are idle
+    // too: at the cap they make room as well.
+    let mut kept_alive = Vec::new();
+    for _ in 0..16 {
+        let mut stream = TcpStream::connect(&served.address).await.expect("connect");
+        stream
+            .write_all(b"GET /api/v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            .await
+            .expect("an unauthenticated request");
+        let mut answer = [0u8; 12];
+        stream.read_exact(&mut answer).await.expect("its answer");
+        assert_eq!(&answer, b"HTTP/1.1 401", "refused without the token");
+        kept_alive.push(stream);
+    }
+    let (status, took) = authenticated(&served.address).await;
+    assert_eq!(status, 200, "kept-alive idle connections made room");
+    assert!(took < Duration::from_secs(2), "waited {took:?}");
+    drop(kept_alive);
     // Over the cap, the oldest idle connection makes room, and a request
     // is answered.
     let mut idle = idle_connections(&served.address, 40).await;

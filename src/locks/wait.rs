@@ -94,7 +94,7 @@ pub(crate) async fn acquire(
                 None => Next::Attempt,
                 Some(entry) => {
                     let (store, looked_at) = (manager.store().clone(), resource.clone());
-                    let look = crate::detached::run(async move {
+                    let look = crate::detached::run(manager.tasks(), async move {
                         queue::look(&*store, entry, &looked_at, db::now()).await
                     });
                     match look.await {
@@ -275,8 +275,9 @@ impl Timers {
 async fn timed_out(manager: &SessionManager, resource: &Resource, started: Instant) -> Error {
     let now = db::now();
     let (store, looked_at) = (manager.store().clone(), resource.clone());
-    let holder =
-        crate::detached::run(async move { Ok(queue::holder_of(&*store, &looked_at).await?) });
+    let holder = crate::detached::run(manager.tasks(), async move {
+        Ok(queue::holder_of(&*store, &looked_at).await?)
+    });
     let holder = match holder.await {
         Ok(holder) => holder.filter(|h| !super::is_expired(h, now)),
         Err(e) => {
@@ -359,7 +360,8 @@ impl<'a> Cleanup<'a> {
         let undo = move |(unreceived, guard): (Attempt, GateGuard)| async move {
             undo(&manager, &resource, unreceived, guard).await;
         };
-        let (outcome, _guard) = crate::detached::run_or_undo(work, undo).await?;
+        let tasks = self.manager.tasks();
+        let (outcome, _guard) = crate::detached::run_or_undo(tasks, work, undo).await?;
         if matches!(outcome, Attempt::Granted { .. }) {
             // The grant's transaction removed the entry.
             self.entry = None;
@@ -377,7 +379,7 @@ impl<'a> Cleanup<'a> {
         };
         let guard = self.gate.clone().lock_owned().await;
         let (manager, resource) = (self.manager.clone(), self.resource.clone());
-        let leaving = crate::detached::run(async move {
+        let leaving = crate::detached::run(self.manager.tasks(), async move {
             abandon(&manager, &resource, Some(entry), None).await;
             drop(guard);
             Ok(())
@@ -425,7 +427,7 @@ impl Drop for Cleanup<'_> {
         // same agent holds it, this one queues behind it.
         let held = self.gate.clone().try_lock_owned();
         let gate = self.gate.clone();
-        crate::detached::spawn(async move {
+        crate::detached::spawn(self.manager.tasks(), async move {
             let guard = match held {
                 Ok(guard) => guard,
                 Err(_) => gate.lock_owned().await,

@@ -56,17 +56,6 @@ pub(crate) async fn end_session(
         let context =
             SavedContext::capture(session_id, windows, manager.config().max_context_bytes)?;
         let (windows, bytes) = (context.windows, context.bytes);
-        if let Some((limit, packet)) = manager.store().context_limit().await? {
-            if bytes > limit {
-                let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
-                return Err(Error::ContextTooLargeForServer {
-                    bytes: size(bytes),
-                    limit: size(limit),
-                    setting: "max_allowed_packet",
-                    value: packet,
-                });
-            }
-        }
 
         if budget < MIN_BUDGET {
             // Too short to finish: refused before touching the database.
@@ -75,6 +64,18 @@ pub(crate) async fn end_session(
             });
         }
         let work = async {
+            // What the server takes in one statement (read once per manager).
+            if let Some((limit, packet)) = manager.store().context_limit().await? {
+                if bytes > limit {
+                    let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+                    return Err(Error::ContextTooLargeForServer {
+                        bytes: size(bytes),
+                        limit: size(limit),
+                        setting: "max_allowed_packet",
+                        value: packet,
+                    });
+                }
+            }
             let txn = db::begin_write(manager.store()).await?; // 2.
             let ended = end_in(&*txn, session_id, context, started, operator).await?;
             Ok::<_, Error>((txn, ended))

@@ -545,8 +545,30 @@ pub fn id(text: &str) -> Uuid {
 /// once it listens. Kill the child to stop it.
 #[cfg(feature = "cli")]
 pub fn serve(url: &str, args: &[&str]) -> (std::process::Child, String) {
+    serve_limited(url, args, None)
+}
+
+/// [`serve`] under an open-files limit (`ulimit -n`), when given.
+#[cfg(feature = "cli")]
+pub fn serve_limited(
+    url: &str,
+    args: &[&str],
+    open_files: Option<u32>,
+) -> (std::process::Child, String) {
     use std::io::BufRead;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_demiarch-sessions"))
+    let bin = env!("CARGO_BIN_EXE_demiarch-sessions");
+    let mut command = match open_files {
+        Some(limit) => {
+            let mut shell = std::process::Command::new("sh");
+            shell
+                .arg("-c")
+                .arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\""))
+                .arg(bin);
+            shell
+        }
+        None => std::process::Command::new(bin),
+    };
+    let mut child = command
         .env_remove("DATABASE_URL")
         .env_remove("DEMIARCH_DASHBOARD_TOKEN")
         .args(["--database-url", url, "serve", "--listen", "127.0.0.1:0"])

@@ -8,13 +8,14 @@
 //! - **Request time.** A request must be answered (its headers; a stream's
 //!   body may then run on) within [`REQUEST_TIMEOUT`], slow bodies included.
 //! - **Connections.** At most `max_connections` are served at once. When a
-//!   new one arrives at the cap, the oldest connection that has not sent a
-//!   complete request header yet is closed to make room; when every
-//!   connection has, the new one is closed at once. An attacker's idle
-//!   connections therefore never keep an operator's request out, and file
-//!   descriptors stay under the cap.
+//!   new one arrives at the cap, the oldest connection that is not in a
+//!   request (none sent yet, or kept alive between requests) is closed to
+//!   make room; a connection whose response is still streaming (the live
+//!   events) counts as in a request. When every connection is in a
+//!   request, the new one is closed at once. Idle connections therefore
+//!   never keep an operator's request out, however they got idle.
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -22,6 +23,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
@@ -38,12 +40,16 @@ pub struct Limits {
     pub max_connections: usize,
 }
 
-/// The connections being served, oldest first, each with whether it has
-/// sent a complete request header yet, and a way to close it.
+/// How long a stopping server waits for the responses under way.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// The connections being served, oldest first, each with its requests in
+/// progress (from the headers read to the response's last byte), and a way
+/// to close it.
 #[derive(Default)]
 struct Connections {
     next: u64,
-    open: BTreeMap<u64, (Arc<AtomicBool>, watch::Sender<bool>)>,
+    open: BTreeMap<u64, (Arc<AtomicUsize>, watch::Sender<bool>)>,
 }
 
 impl Connections {
@@ -56,7 +62,7 @@ impl Connections {
         let idle = self
             .open
             .iter()
-            .find(|(_, (requested, _))| !requested.load(Ordering::SeqCst))
+            .find(|(_, (requests, _))| requests.load(Ordering::SeqCst) == 0)
             .map(|(id, _)| *id);
         match idle.and_then(|id| self.open.remove(&id)) {
             Some((_, close)) => {
@@ -65,6 +71,38 @@ impl Connections {
             }
             None => false,
         }
+    }
+}
+
+/// One request in progress on a connection, until dropped with its response.
+struct InRequest(Arc<AtomicUsize>);
+
+impl InRequest {
+    fn start(requests: &Arc<AtomicUsize>) -> Self {
+        requests.fetch_add(1, Ordering::SeqCst);
+        Self(requests.clone())
+    }
+}
+
+impl Drop for InRequest {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A connection's place among the open ones, given up however its task ends.
+struct Slot {
+    id: u64,
+    connections: Arc<Mutex<Connections>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        open.open.remove(&self.id);
     }
 }
 
@@ -98,9 +136,9 @@ pub async fn serve(
                 continue;
             }
         };
-        let requested = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(AtomicUsize::new(0));
         let (close, mut closing) = watch::channel(false);
-        let id = {
+        let slot = {
             let mut open = connections.lock().unwrap_or_else(PoisonError::into_inner);
             if !open.make_room(limits.max_connections) {
                 drop(stream);
@@ -108,35 +146,43 @@ pub async fn serve(
             }
             let id = open.next;
             open.next += 1;
-            open.open.insert(id, (requested.clone(), close));
-            id
+            open.open.insert(id, (requests.clone(), close));
+            Slot {
+                id,
+                connections: connections.clone(),
+            }
         };
         let router = router.clone();
-        let seen = requested.clone();
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-            seen.store(true, Ordering::SeqCst);
+            let in_request = InRequest::start(&requests);
             let answer = router.clone().oneshot(request.map(Body::new));
             async move {
-                match tokio::time::timeout(REQUEST_TIMEOUT, answer).await {
-                    Ok(answered) => answered,
-                    Err(_) => Ok(timed_out()),
-                }
+                let response = match tokio::time::timeout(REQUEST_TIMEOUT, answer).await {
+                    Ok(answered) => answered?,
+                    Err(_) => timed_out(),
+                };
+                // In a request until the response's body is done (or dropped).
+                Ok::<_, std::convert::Infallible>(response.map(|body| {
+                    Body::new(body.map_frame(move |frame| {
+                        let _ = &in_request;
+                        frame
+                    }))
+                }))
             }
         });
         let connection = http.serve_connection(TokioIo::new(stream), service);
-        let (connections, mut stopping) = (connections.clone(), stopping.clone());
+        let mut stopping = stopping.clone();
         tasks.spawn(async move {
+            let _slot = slot;
             tokio::pin!(connection);
             tokio::select! {
                 _ = connection.as_mut() => {}
                 _ = turned_true(&mut closing) => {}
                 _ = turned_true(&mut stopping) => {
                     connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
+                    let _ = tokio::time::timeout(STOP_GRACE, connection).await;
                 }
             }
-            let mut open = connections.lock().unwrap_or_else(PoisonError::into_inner);
-            open.open.remove(&id);
         });
     }
     while tasks.join_next().await.is_some() {}
