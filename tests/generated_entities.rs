@@ -20,7 +20,7 @@ use sea_orm_migration::MigratorTrait;
 
 /// The flags of `sea-orm-cli generate entity`, after the database URL and the
 /// output directory.
-const GENERATE: &[&str] = &["--lib", "--with-prelude", "all", "--with-serde", "none"];
+const GENERATE: &[&str] = &["--lib", "--with-prelude", "all", "--with-serde", "both"];
 
 fn entity_src() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

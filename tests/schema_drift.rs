@@ -69,6 +69,7 @@ async fn entities_match_migrated_tables() {
         assert_entity_matches(&db, entity::audit_log::Entity).await;
         assert_entity_matches(&db, entity::audit_head::Entity).await;
         assert_entity_matches(&db, entity::lock_waiters::Entity).await;
+        assert_entity_matches(&db, entity::retention::Entity).await;
     })
     .await;
 }

@@ -9,3 +9,4 @@ pub mod global_sessions;
 pub mod lock_fencing;
 pub mod lock_waiters;
 pub mod resource_locks;
+pub mod retention;

@@ -7,3 +7,4 @@ pub use super::global_sessions::Entity as GlobalSessions;
 pub use super::lock_fencing::Entity as LockFencing;
 pub use super::lock_waiters::Entity as LockWaiters;
 pub use super::resource_locks::Entity as ResourceLocks;
+pub use super::retention::Entity as Retention;

@@ -9,6 +9,7 @@ mod m20261124_000002_session_ownership;
 mod m20261201_000003_lock_waiters;
 mod m20261201_000004_audit_seq;
 mod m20261201_000005_browse_indexes;
+mod m20261207_000006_retention;
 
 pub struct Migrator;
 
@@ -21,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000003_lock_waiters::Migration),
             Box::new(m20261201_000004_audit_seq::Migration),
             Box::new(m20261201_000005_browse_indexes::Migration),
+            Box::new(m20261207_000006_retention::Migration),
         ]
     }
 }

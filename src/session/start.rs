@@ -41,6 +41,7 @@ pub(crate) async fn insert_session(
         context_data: Set(None),
         owner_instance: Set(Some(owner.to_string())),
         last_heartbeat_at: Set(Some(now.into())),
+        context_cleared_at: Set(None),
     };
     global_sessions::Entity::insert(row)
         .exec_without_returning(&*txn)
