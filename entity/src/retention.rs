@@ -9,7 +9,7 @@ pub struct Model {
     #[sea_orm(primary_key, auto_increment = false)]
     pub id: i64,
     pub compacted_through: i64,
-    pub pruner_instance: Option<String>,
+    pub pruner: Option<String>,
     pub pruner_until: Option<DateTimeWithTimeZone>,
     pub last_prune_at: Option<DateTimeWithTimeZone>,
 }

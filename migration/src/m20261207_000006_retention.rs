@@ -3,9 +3,9 @@
 //!
 //! - `retention`, one row (`id = 1`): the audit log's compaction horizon
 //!   `compacted_through` (every audit row at or below that `seq` may be
-//!   gone), the pruner's lease (`pruner_instance`, `pruner_until`), so that
-//!   one pruner works at a time across every instance of a store, and when
-//!   the last prune finished;
+//!   gone), the lease of the prune under way (`pruner`, its id, and
+//!   `pruner_until`), so that one prune works at a time across every
+//!   instance of a store, and when the last prune finished;
 //! - `global_sessions.context_cleared_at`: when a prune cleared the saved
 //!   context (`context_data` is then NULL); a completed session has its
 //!   context or says when it was cleared;
@@ -57,7 +57,7 @@ impl MigrationTrait for Migration {
                     .if_not_exists()
                     .col(big_integer(Retention::Id).primary_key())
                     .col(big_integer(Retention::CompactedThrough).default(0))
-                    .col(string_len_null(Retention::PrunerInstance, UUID_TEXT_LEN))
+                    .col(string_len_null(Retention::Pruner, UUID_TEXT_LEN))
                     .col(timestamp_col(
                         backend,
                         Retention::PrunerUntil.into_iden(),
@@ -426,7 +426,7 @@ enum Retention {
     Table,
     Id,
     CompactedThrough,
-    PrunerInstance,
+    Pruner,
     PrunerUntil,
     LastPruneAt,
 }
