@@ -1,7 +1,8 @@
 //! The audit vocabulary and the one function that appends a row.
 //!
-//! The log is append-only: nothing in this library updates or deletes an
-//! audit row, and the database's triggers refuse it.
+//! The log is append-only: nothing in this library updates an audit row,
+//! and only a prune deletes them, oldest first, at or below the compaction
+//! horizon it raises first; the database's triggers refuse anything else.
 use chrono::{DateTime, Utc};
 use sea_orm::{ActiveValue::Set, ConnectionTrait, EntityTrait, QuerySelect};
 use uuid::Uuid;
@@ -27,17 +28,28 @@ pub enum AuditEvent {
     /// An operator released a lock on its holder's behalf
     /// (`SessionManager::release_lock_by`), with the reason given.
     LockReleased,
+    /// A prune deleted ended sessions whole (agents, locks, waiters). Names
+    /// each session.
+    SessionsPruned,
+    /// A prune cleared the saved context of ended sessions. Names each.
+    ContextsCleared,
+    /// A prune deleted old audit rows and raised the compaction horizon;
+    /// names the horizon and the prune's counts.
+    AuditCompacted,
 }
 
 impl AuditEvent {
     /// Every kind, in the order of the declaration.
-    pub const ALL: [AuditEvent; 6] = [
+    pub const ALL: [AuditEvent; 9] = [
         Self::SessionStart,
         Self::SessionEnd,
         Self::SessionInterrupted,
         Self::SessionResumed,
         Self::LocksSwept,
         Self::LockReleased,
+        Self::SessionsPruned,
+        Self::ContextsCleared,
+        Self::AuditCompacted,
     ];
 
     /// The kind stored as `event_type`, if it is one.
@@ -54,6 +66,9 @@ impl AuditEvent {
             Self::SessionInterrupted => "session_interrupted",
             Self::SessionResumed => "session_resumed",
             Self::LockReleased => "lock_released",
+            Self::SessionsPruned => "sessions_pruned",
+            Self::ContextsCleared => "contexts_cleared",
+            Self::AuditCompacted => "audit_compacted",
         }
     }
 }

@@ -55,6 +55,14 @@ pub struct Config {
     /// The most audit rows a feed reads at once, and so holds in memory
     /// while its consumer falls behind. 500 by default.
     pub watch_page_size: u64,
+    /// What the manager prunes in the background, every `prune_interval`
+    /// (see [`SessionManager::prune`](crate::SessionManager::prune)); `None`
+    /// (the default) prunes nothing. Of all the instances of a store, one
+    /// prunes at a time; the others skip their turn.
+    pub retention: Option<crate::RetentionPolicy>,
+    /// How often the background prune runs when `retention` is set: the
+    /// first an interval after connecting. One hour by default.
+    pub prune_interval: Duration,
 }
 
 /// The longest timeout or interval a [`Config`] takes: one day. (PostgreSQL
@@ -77,12 +85,14 @@ pub const MAX_CONTEXT_BYTES_LIMIT: usize = 256 * 1024 * 1024;
 impl Config {
     /// Refuses a value the library cannot honour, naming the field: under
     /// 1 ms or over [`MAX_CONFIG_DURATION`] for `cleanup_timeout`,
-    /// `connect_timeout`, `heartbeat_interval`, `lock_poll_interval`, `watch_poll_interval`, `busy_timeout` and
+    /// `connect_timeout`, `heartbeat_interval`, `lock_poll_interval`,
+    /// `watch_poll_interval`, `prune_interval`, `busy_timeout` and
     /// `lock_delay` (the last two may be zero, which turns them off); `sweep_batch`,
     /// `max_connections` and `watch_page_size` of zero or over ten thousand
     /// ([`MAX_SWEEP_BATCH`] for the first);
     /// `max_context_bytes` under 64 (the empty context needs 26) or over
-    /// [`MAX_CONTEXT_BYTES_LIMIT`].
+    /// [`MAX_CONTEXT_BYTES_LIMIT`]; a `retention` policy that
+    /// [`RetentionPolicy::validate`](crate::RetentionPolicy::validate) refuses.
     /// `SessionManager::connect_with` and `new` call it.
     ///
     /// # Errors
@@ -96,6 +106,7 @@ impl Config {
             ("lock_delay", self.lock_delay, true),
             ("lock_poll_interval", self.lock_poll_interval, false),
             ("watch_poll_interval", self.watch_poll_interval, false),
+            ("prune_interval", self.prune_interval, false),
         ] {
             if value.is_zero() && zero_ok {
                 continue;
@@ -143,6 +154,9 @@ impl Config {
                 ),
             ));
         }
+        if let Some(policy) = &self.retention {
+            policy.validate()?;
+        }
         Ok(())
     }
 }
@@ -165,6 +179,8 @@ impl Default for Config {
             lock_poll_interval: Duration::from_millis(100),
             watch_poll_interval: Duration::from_millis(100),
             watch_page_size: 500,
+            retention: None,
+            prune_interval: Duration::from_secs(60 * 60),
         }
     }
 }

@@ -144,9 +144,12 @@ fn connect_options(url: &str, config: &Config, pool_size: u32) -> ConnectOptions
         options.test_before_acquire(false);
         let busy_timeout = config.busy_timeout;
         options.map_sqlx_sqlite_opts(move |opts| {
-            use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+            use sea_orm::sqlx::sqlite::{SqliteAutoVacuum, SqliteJournalMode, SqliteSynchronous};
             let opts = opts
                 .create_if_missing(true)
+                // Takes effect in a new file only: a prune can then give
+                // freed pages back (`PRAGMA incremental_vacuum`).
+                .auto_vacuum(SqliteAutoVacuum::Incremental)
                 .foreign_keys(true)
                 .busy_timeout(busy_timeout)
                 // FULL: a committed end survives power loss, not only a crash.

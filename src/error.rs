@@ -151,6 +151,24 @@ pub enum Error {
     /// transaction. (A panic in the work is resumed in the caller instead.)
     #[error("internal error: {0}")]
     Internal(String),
+    /// The audit rows after `after` were partly deleted by a prune: the log
+    /// is whole only after `compacted_through`. Nothing was skipped
+    /// silently: read on from `compacted_through` (or later), knowing that
+    /// the rows in between may be gone.
+    #[error("audit events after seq {after} were compacted away: the log is whole only after seq {compacted_through}")]
+    Compacted { after: i64, compacted_through: i64 },
+    /// A prune could not write its archive file; that batch deleted
+    /// nothing, and the prune stopped.
+    #[error("cannot write the prune archive {path}: {reason}; nothing more was deleted")]
+    Archive { path: String, reason: String },
+    /// Another prune (this instance's or another's) holds the store's prune
+    /// lease; nothing was deleted. Retry after it finishes (its lease runs
+    /// until `until` unless renewed).
+    #[error("another prune ({pruner}) is under way{}; retry when it finishes", .until.map(|t| format!(" (lease until {})", t.to_rfc3339())).unwrap_or_default())]
+    PruneInProgress {
+        pruner: String,
+        until: Option<chrono::DateTime<chrono::Utc>>,
+    },
     /// Waiting for a shutdown signal failed.
     #[error("cannot listen for shutdown signals: {0}")]
     Signal(#[from] std::io::Error),

@@ -48,6 +48,7 @@ mod locks;
 mod manager;
 mod metrics;
 mod query;
+mod retention;
 mod session;
 mod status;
 mod validate;
@@ -66,6 +67,7 @@ pub use metrics::MetricsSnapshot;
 pub use query::{
     AgentInfo, AuditFilter, AuditRecord, LockFilter, LockInfo, SessionFilter, SessionInfo,
 };
+pub use retention::{ArchiveLine, PruneReport, RetentionPolicy, MAX_PRUNE_BATCH};
 pub use session::{EndSessionReport, RecoveryReport};
 pub use status::{AgentStatus, ReleaseReason, SessionStatus};
 pub use validate::{MAX_ARGUMENT_DURATION, MAX_NAME_BYTES};

@@ -23,35 +23,45 @@ fn open_statuses() -> [&'static str; 2] {
     OPEN.map(SessionStatus::as_str)
 }
 
-/// The background task refreshing `last_heartbeat_at`. Started by the first
-/// session this manager opens; stopped by `shutdown`, or when every clone of
-/// the manager is gone (the task holds only a weak reference). Nothing runs
+/// A background task that runs a job every interval: the heartbeat that
+/// refreshes `last_heartbeat_at`, and the pruner. Started on demand;
+/// stopped by `shutdown` or `close`, or when every clone of the manager is
+/// gone (the task holds only a weak reference to its handle). Nothing runs
 /// in `Drop`.
 #[derive(Debug, Default)]
-pub(crate) struct Heartbeat {
-    state: Mutex<HeartbeatState>,
+pub(crate) struct Periodic {
+    state: Mutex<PeriodicState>,
 }
 
 #[derive(Debug, Default)]
-struct HeartbeatState {
+struct PeriodicState {
     task: Option<(JoinHandle<()>, watch::Sender<bool>)>,
     stopped: bool,
 }
 
-impl Heartbeat {
-    pub fn ensure_started(self: &Arc<Self>, db: &db::Store, owner: Uuid, every: Duration) {
+impl Periodic {
+    /// Starts running `job` every `every` (the first an interval from now),
+    /// unless it runs already or was stopped; a failed run is logged as
+    /// `what` and retried at the next tick.
+    /// `job` is given the stop signal, which turns true once `stop` is
+    /// called, so that a long job can end early.
+    pub fn ensure_started<F, Fut>(self: &Arc<Self>, every: Duration, what: &'static str, job: F)
+    where
+        F: Fn(watch::Receiver<bool>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<()>> + Send,
+    {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if state.stopped || state.task.is_some() || every.is_zero() {
             return;
         }
         // Outside a runtime (a manager built with `new` in sync code) there is
-        // nothing to run it on; sessions then just never look alive to others.
+        // nothing to run it on: sessions then never look alive to others,
+        // and nothing is pruned in the background.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let (stop, mut stopping) = watch::channel(false);
         let alive = Arc::downgrade(self);
-        let db = db.clone();
         let task = runtime.spawn(async move {
             let mut ticker = tokio::time::interval(every);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -64,15 +74,15 @@ impl Heartbeat {
                 if alive.upgrade().is_none() {
                     break;
                 }
-                if let Err(e) = beat(&db, owner).await {
-                    warn!(error = %e, "session heartbeat failed; will retry");
+                if let Err(e) = job(stopping.clone()).await {
+                    warn!(error = %e, "{what} failed; will retry");
                 }
             }
         });
         state.task = Some((task, stop));
     }
 
-    /// Stops the task after its current beat, if any. Idempotent.
+    /// Stops the task after its current run, if any. Idempotent.
     pub async fn stop(&self) {
         let task = {
             let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
@@ -89,7 +99,7 @@ impl Heartbeat {
 /// Marks this instance's open sessions alive. On SQLite it takes its turn at
 /// the write gate like every other writer of the manager, rather than waiting
 /// in SQLite's busy handler for a gap between gated writers.
-async fn beat(db: &db::Store, owner: Uuid) -> Result<u64> {
+pub(crate) async fn beat(db: &db::Store, owner: Uuid) -> Result<u64> {
     let _gate = db::write_gate(db).await?;
     Ok(global_sessions::Entity::update_many()
         .col_expr(
@@ -130,6 +140,7 @@ pub(crate) async fn shutdown(
     deadline: Duration,
 ) -> Result<ShutdownReport> {
     manager.heartbeat().stop().await;
+    manager.pruner().stop().await;
     let open: Vec<TextUuid> = global_sessions::Entity::find()
         .select_only()
         .column(global_sessions::Column::Id)

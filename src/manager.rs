@@ -11,13 +11,14 @@ use uuid::Uuid;
 
 use crate::audit::Operator;
 use crate::context::{ContextRegistry, ContextSource, ContextWindow};
-use crate::lifecycle::{self, Heartbeat, ShutdownReport};
+use crate::lifecycle::{self, Periodic, ShutdownReport};
 use crate::locks::wake::{self, Freed, Wakers};
 use crate::locks::{LockGrant, LockOptions, LockWaiter, SweepReport};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::query::{
     self, AgentInfo, AuditFilter, AuditRecord, LockFilter, LockInfo, SessionFilter, SessionInfo,
 };
+use crate::retention::{self, PruneReport, RetentionPolicy};
 use crate::session::recovery::RecoveryReport;
 use crate::session::EndSessionReport;
 use crate::watch::WatchOptions;
@@ -38,7 +39,9 @@ pub struct SessionManager {
     source: Arc<dyn ContextSource>,
     metrics: Arc<Metrics>,
     instance_id: Uuid,
-    heartbeat: Arc<Heartbeat>,
+    heartbeat: Arc<Periodic>,
+    /// The background prune of `Config::retention`.
+    pruner: Arc<Periodic>,
     state: Arc<AtomicU8>,
     lock_wakers: Arc<Wakers>,
     /// The tasks its calls run in (see [`detached`]), which `close` waits for.
@@ -72,8 +75,10 @@ impl SessionManager {
     /// Connects to `url` (`sqlite://path.db`, `sqlite::memory:`), applies the
     /// production settings and runs pending migrations.
     ///
-    /// A SQLite file is created if missing (mode 0600 on Unix) and opened in WAL
-    /// mode with `synchronous=FULL`, foreign keys on and `Config::busy_timeout`.
+    /// A SQLite file is created if missing (mode 0600 on Unix, with
+    /// `auto_vacuum = INCREMENTAL`, so that a prune can shrink it) and opened
+    /// in WAL mode with `synchronous=FULL`, foreign keys on and
+    /// `Config::busy_timeout`.
     /// Every `sqlite::memory:` connect is a fresh, empty database.
     ///
     /// # Errors
@@ -104,7 +109,7 @@ impl SessionManager {
 
     fn from_store(db: db::Store, config: Config) -> Self {
         let contexts = Arc::new(ContextRegistry::default());
-        Self {
+        let manager = Self {
             db,
             config: Arc::new(config),
             source: contexts.clone(),
@@ -112,10 +117,13 @@ impl SessionManager {
             metrics: Arc::default(),
             instance_id: Uuid::new_v4(),
             heartbeat: Arc::default(),
+            pruner: Arc::default(),
             state: Arc::default(),
             lock_wakers: Arc::default(),
             tasks: TaskTracker::new(),
-        }
+        };
+        manager.start_pruner();
+        manager
     }
 
     /// Makes `end_session` read live context windows from `source` instead of
@@ -167,6 +175,7 @@ impl SessionManager {
         let untracked = TaskTracker::new();
         detached::run(&untracked, async move {
             m.heartbeat.stop().await;
+            m.pruner.stop().await;
             m.lock_wakers.stop();
             // Calls already under way (a dropped one's work, an undo) finish
             // on the pool first; each is bounded by its own timeouts.
@@ -226,13 +235,53 @@ impl SessionManager {
         self.instance_id
     }
 
-    pub(crate) fn heartbeat(&self) -> &Heartbeat {
+    pub(crate) fn heartbeat(&self) -> &Periodic {
         &self.heartbeat
     }
 
+    pub(crate) fn pruner(&self) -> &Periodic {
+        &self.pruner
+    }
+
     pub(crate) fn start_heartbeat(&self) {
-        self.heartbeat
-            .ensure_started(&self.db, self.instance_id, self.config.heartbeat_interval);
+        let (db, owner) = (self.db.clone(), self.instance_id);
+        self.heartbeat.ensure_started(
+            self.config.heartbeat_interval,
+            "session heartbeat",
+            move |_| {
+                let db = db.clone();
+                async move { lifecycle::beat(&db, owner).await.map(drop) }
+            },
+        );
+    }
+
+    /// Starts the background prune of `Config::retention`, if any (and if
+    /// there is a runtime to run it on).
+    fn start_pruner(&self) {
+        let Some(policy) = self.config.retention.clone() else {
+            return;
+        };
+        let (db, wakers, instance) = (self.db.clone(), self.lock_wakers.clone(), self.instance_id);
+        self.pruner.ensure_started(
+            self.config.prune_interval,
+            "background prune",
+            move |stop| {
+                let (db, wakers, policy) = (db.clone(), wakers.clone(), policy.clone());
+                async move {
+                    match retention::prune(&db, &policy, Some(stop), None).await {
+                        Ok(report) => {
+                            pruned(&db, &wakers, instance, &report).await;
+                            Ok(())
+                        }
+                        Err(Error::PruneInProgress { pruner, .. }) => {
+                            tracing::debug!(%pruner, "another prune is under way; skipped");
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+            },
+        );
     }
 
     /// This manager's lock waiters, for waking them.
@@ -604,7 +653,8 @@ impl SessionManager {
         .await
     }
 
-    /// The saved context of an ended session, or the live windows of an open one.
+    /// The saved context of an ended session (none once a prune cleared
+    /// it), or the live windows of an open one.
     ///
     /// # Errors
     /// [`Error::SessionNotFound`](crate::Error::SessionNotFound),
@@ -805,6 +855,82 @@ impl SessionManager {
             .await
     }
 
+    /// Applies a retention policy now: deletes ended sessions, clears old
+    /// saved contexts and compacts the audit log, a batch per transaction,
+    /// as the policy says (see [`RetentionPolicy`]). Open sessions and
+    /// everything of theirs are never touched. One prune at a time works on
+    /// a store, whichever instance runs it.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> demiarch_sessions::Result<()> {
+    /// use std::time::Duration;
+    /// use demiarch_sessions::{RetentionPolicy, SessionManager};
+    ///
+    /// let manager = SessionManager::connect("sqlite::memory:").await?;
+    /// let session = manager.start_session().await?;
+    /// manager.end_session(session).await?;
+    /// let report = manager
+    ///     .prune(&RetentionPolicy {
+    ///         completed_after: Some(Duration::ZERO),
+    ///         ..RetentionPolicy::default()
+    ///     })
+    ///     .await?;
+    /// assert_eq!(report.sessions_deleted, 1);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) naming a policy
+    /// field; [`Error::PruneInProgress`](crate::Error::PruneInProgress) while
+    /// another prune works (nothing deleted);
+    /// [`Error::Archive`](crate::Error::Archive) when the archive cannot be
+    /// written (that batch deleted nothing); [`Error::Database`](crate::Error::Database).
+    /// Batches committed before a failure stay.
+    pub async fn prune(&self, policy: &RetentionPolicy) -> Result<PruneReport> {
+        self.prune_with_progress(policy, |_| {}).await
+    }
+
+    /// [`prune`](Self::prune), calling `progress` after each batch with the
+    /// counts so far (for a progress bar).
+    ///
+    /// # Errors
+    /// As `prune`.
+    pub async fn prune_with_progress<F>(
+        &self,
+        policy: &RetentionPolicy,
+        progress: F,
+    ) -> Result<PruneReport>
+    where
+        F: Fn(&PruneReport) + Send + Sync + 'static,
+    {
+        self.usable()?;
+        policy.validate()?;
+        let policy = policy.clone();
+        self.detached(|m| async move {
+            let report = retention::prune(&m.db, &policy, None, Some(Box::new(progress))).await?;
+            pruned(&m.db, &m.lock_wakers, m.instance_id, &report).await;
+            Ok(report)
+        })
+        .await
+    }
+
+    /// Counts what [`prune`](Self::prune) with `policy` would delete and
+    /// clear now, and the horizon it would leave, deleting nothing (the
+    /// report's `dry_run` is true).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) naming a policy
+    /// field; [`Error::Database`](crate::Error::Database).
+    pub async fn prune_dry_run(&self, policy: &RetentionPolicy) -> Result<PruneReport> {
+        self.usable()?;
+        policy.validate()?;
+        let policy = policy.clone();
+        self.detached(|m| async move { retention::preview(&*m.db, &policy).await })
+            .await
+    }
+
     /// Ends, concurrently, every open session this instance owns, after
     /// stopping its heartbeat, and then takes no new sessions, agents or
     /// locks. Each end has `deadline` (at most `Config::cleanup_timeout`) up
@@ -854,5 +980,14 @@ impl SessionManager {
     ) -> Result<ShutdownReport> {
         lifecycle::shutdown_signal().await?;
         self.shutdown(deadline).await
+    }
+}
+
+/// After a prune: its metrics, and the change feeds woken for the audit
+/// rows it appended.
+async fn pruned(db: &db::Store, wakers: &Wakers, instance: Uuid, report: &PruneReport) {
+    crate::metrics::record_prune(report);
+    if report.batches > 0 {
+        wake::announce(db, wakers, instance, Freed::Nothing, true).await;
     }
 }

@@ -23,6 +23,9 @@ pub(crate) const LOCK_HANDOFFS: &str = "demiarch_sessions_lock_handoffs_total";
 pub(crate) const ACTIVE_SESSIONS: &str = "demiarch_sessions_active_sessions";
 pub(crate) const HELD_LOCKS: &str = "demiarch_sessions_held_locks";
 pub(crate) const WATCH_LAG: &str = "demiarch_sessions_watch_lag_seconds";
+pub(crate) const PRUNED: &str = "demiarch_sessions_pruned_total";
+pub(crate) const PRUNE_DURATION: &str = "demiarch_sessions_prune_duration_seconds";
+pub(crate) const LAST_PRUNE: &str = "demiarch_sessions_last_prune_timestamp_seconds";
 
 /// Power-of-two buckets of cleanup duration in microseconds: bucket `i` holds
 /// durations below `2^(i+1)` µs (the last one, everything longer).
@@ -145,6 +148,9 @@ impl Metrics {
 /// | `demiarch_sessions_active_sessions` | gauge | | open sessions in the store (`active` or `paused`), when last counted |
 /// | `demiarch_sessions_held_locks` | gauge | | held locks in the store, when last counted |
 /// | `demiarch_sessions_watch_lag_seconds` | histogram | | from an audit event's `event_time` to its delivery by a `watch` feed |
+/// | `demiarch_sessions_pruned_total` | counter | `kind`: `sessions`, `contexts`, `agents`, `locks`, `waiters`, `audit` | rows a prune deleted (contexts: cleared) |
+/// | `demiarch_sessions_prune_duration_seconds` | histogram | | a prune's time |
+/// | `demiarch_sessions_last_prune_timestamp_seconds` | gauge | | when this process's last prune finished (Unix time) |
 ///
 /// The two store gauges are counted by
 /// [`SessionManager::record_store_gauges`](crate::SessionManager::record_store_gauges),
@@ -191,4 +197,22 @@ pub(crate) fn record_store_gauges(active_sessions: u64, held_locks: u64, budget:
     metrics::gauge!(ACTIVE_SESSIONS).set(active_sessions as f64);
     metrics::gauge!(HELD_LOCKS).set(held_locks as f64);
     metrics::gauge!(END_BUDGET).set(budget.as_secs_f64());
+}
+
+/// A prune that finished: rows by kind, its time, and when.
+pub(crate) fn record_prune(report: &crate::PruneReport) {
+    for (kind, rows) in [
+        ("sessions", report.sessions_deleted),
+        ("contexts", report.contexts_cleared),
+        ("agents", report.agents_deleted),
+        ("locks", report.locks_deleted),
+        ("waiters", report.waiters_deleted),
+        ("audit", report.audit_deleted),
+    ] {
+        metrics::counter!(PRUNED, "kind" => kind).increment(rows);
+    }
+    metrics::histogram!(PRUNE_DURATION).record(report.elapsed_ms as f64 / 1000.0);
+    let now = chrono::Utc::now();
+    let seconds = now.timestamp() as f64 + f64::from(now.timestamp_subsec_micros()) / 1e6;
+    metrics::gauge!(LAST_PRUNE).set(seconds);
 }

@@ -38,6 +38,9 @@ pub struct SessionInfo {
     /// The manager instance that owns it (heartbeats for it).
     pub owner_instance: Option<String>,
     pub last_heartbeat_at: Option<DateTime<Utc>>,
+    /// When a prune cleared its saved context ([`RetentionPolicy::context_after`](crate::RetentionPolicy::context_after));
+    /// its `session_context` is then empty.
+    pub context_cleared_at: Option<DateTime<Utc>>,
 }
 
 type SessionRow = (
@@ -47,6 +50,7 @@ type SessionRow = (
     DateTime<Utc>,
     Option<DateTime<Utc>>,
     Option<String>,
+    Option<DateTime<Utc>>,
     Option<DateTime<Utc>>,
 );
 
@@ -59,6 +63,7 @@ fn session_info(row: SessionRow) -> Result<SessionInfo> {
         completed_at: row.4,
         owner_instance: row.5,
         last_heartbeat_at: row.6,
+        context_cleared_at: row.7,
     })
 }
 
@@ -72,6 +77,7 @@ fn session_columns() -> sea_orm::Select<global_sessions::Entity> {
         C::CompletedAt,
         C::OwnerInstance,
         C::LastHeartbeatAt,
+        C::ContextClearedAt,
     ])
 }
 
@@ -238,7 +244,8 @@ pub struct AuditFilter {
     pub since: Option<DateTime<Utc>>,
     /// Events before this time.
     pub until: Option<DateTime<Utc>>,
-    /// Events with a `seq` greater than this one.
+    /// Events with a `seq` greater than this one; below the compaction
+    /// horizon, [`Error::Compacted`](crate::Error::Compacted).
     pub after: Option<i64>,
     pub limit: Option<u64>,
     pub offset: u64,
@@ -284,15 +291,17 @@ pub(crate) async fn audit_events(
         }
         query = query.filter(audit_log::Column::Seq.gt(after));
     }
-    query
+    let rows = query
         .order_by_desc(audit_log::Column::Seq)
         .limit(page_bound("limit", filter.limit.unwrap_or(DEFAULT_PAGE))?)
         .offset(page_bound("offset", filter.offset)?)
         .all(db)
-        .await?
-        .into_iter()
-        .map(AuditRecord::from_row)
-        .collect()
+        .await?;
+    if let Some(after) = filter.after {
+        // After the rows, as a feed does: see `watch::read_page`.
+        crate::retention::check_horizon(db, after).await?;
+    }
+    rows.into_iter().map(AuditRecord::from_row).collect()
 }
 
 impl AuditRecord {

@@ -19,8 +19,7 @@
 //!
 //! The lock is never held across a wait for another transaction: by the
 //! time an end takes it, it already holds its session's row and has done
-//! the rest of its work, and the audit row's foreign key points at a session
-//! the transaction itself locked or created. An end blocked on one session's
+//! the rest of its work. An end blocked on one session's
 //! row has not reached the lock, so other sessions' ends commit, and are
 //! delivered, meanwhile. On SQLite, `BEGIN IMMEDIATE` already serializes
 //! every write transaction and the lock is a plain read.
@@ -60,6 +59,8 @@ use crate::{AuditEvent, Error, Result, SessionManager};
 pub struct WatchOptions {
     /// Deliver events with `seq` greater than this one: the `seq` of the last
     /// event the consumer handled. `Some(0)` starts from the first event.
+    /// Below the compaction horizon (a prune deleted rows after it), the
+    /// feed yields [`Error::Compacted`] and ends: it never skips silently.
     /// `None`: after the newest event committed when the stream is first
     /// polled.
     pub after: Option<i64>,
@@ -188,7 +189,7 @@ impl Feed {
                 Ok(false) => self.wait().await,
                 Err(e) => {
                     self.state = match e {
-                        Error::ManagerClosed => State::Ended,
+                        Error::ManagerClosed | Error::Compacted { .. } => State::Ended,
                         _ => State::Failed,
                     };
                     return Some(Err(e));
@@ -272,8 +273,9 @@ async fn read_page(
     limit: u64,
 ) -> Result<Page> {
     let Some(after) = cursor else {
+        let horizon = crate::retention::horizon(&db).await?.unwrap_or(0);
         return Ok(Page {
-            after: newest_seq(&db).await?,
+            after: newest_seq(&db).await?.max(horizon),
             rows: Vec::new(),
             caught_up_to: None,
         });
@@ -298,6 +300,9 @@ async fn read_page(
         .limit(limit)
         .all(&db)
         .await?;
+    // After the rows: a prune that deleted any row after `after` before
+    // they were read had raised the horizon above it first.
+    crate::retention::check_horizon(&db, after).await?;
     let whole = (rows.len() as u64) < limit;
     Ok(Page {
         after,

@@ -33,7 +33,8 @@ pub struct Migration;
 
 /// The completed-session check before and after: a completed session keeps
 /// its context, or says when a prune cleared it.
-const CHECK_BEFORE: &str = "\"status\" <> 'completed' OR (\"completed_at\" IS NOT NULL AND \"context_data\" IS NOT NULL)";
+const CHECK_BEFORE: &str =
+    "\"status\" <> 'completed' OR (\"completed_at\" IS NOT NULL AND \"context_data\" IS NOT NULL)";
 const CHECK_AFTER: &str = "\"status\" <> 'completed' OR (\"completed_at\" IS NOT NULL AND (\"context_data\" IS NOT NULL OR \"context_cleared_at\" IS NOT NULL))";
 
 /// The foreign key clause SQLite keeps in `audit_log`'s definition.
@@ -328,7 +329,8 @@ async fn rewrite_sqlite_table(
     let bumped = db
         .execute_unprepared(&format!("PRAGMA schema_version = {}", version + 1))
         .await;
-    db.execute_unprepared("PRAGMA writable_schema = OFF").await?;
+    db.execute_unprepared("PRAGMA writable_schema = OFF")
+        .await?;
     updated?;
     bumped?;
     let check = db

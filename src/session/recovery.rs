@@ -2,7 +2,7 @@
 //! session saved.
 use std::time::Duration;
 
-use sea_orm::entity::prelude::TextUuid;
+use sea_orm::entity::prelude::{DateTimeWithTimeZone, TextUuid};
 use sea_orm::ActiveValue::{Set, Unchanged};
 use sea_orm::{ActiveModelTrait, ColumnTrait, Condition, EntityTrait, QueryFilter, QuerySelect};
 use serde::Serialize;
@@ -21,9 +21,11 @@ pub(crate) async fn session_context(
     session_id: Uuid,
 ) -> Result<Vec<ContextWindow>> {
     validate::id("session_id", session_id)?;
-    let row: Option<Option<serde_json::Value>> = global_sessions::Entity::find()
+    type Row = (Option<serde_json::Value>, Option<DateTimeWithTimeZone>);
+    let row: Option<Row> = global_sessions::Entity::find()
         .select_only()
         .column(global_sessions::Column::ContextData)
+        .column(global_sessions::Column::ContextClearedAt)
         .filter(global_sessions::Column::Id.eq(TextUuid(session_id)))
         .into_tuple()
         .one(manager.connection())
@@ -41,8 +43,10 @@ pub(crate) async fn session_context(
         })?;
     match row {
         None => Err(Error::SessionNotFound(session_id)),
-        Some(Some(saved)) => context::decode(session_id, saved),
-        Some(None) => Ok(manager.context_source().windows(session_id)),
+        Some((Some(saved), _)) => context::decode(session_id, saved),
+        // Cleared by a prune.
+        Some((None, Some(_))) => Ok(Vec::new()),
+        Some((None, None)) => Ok(manager.context_source().windows(session_id)),
     }
 }
 

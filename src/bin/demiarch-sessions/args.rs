@@ -34,7 +34,10 @@ Exit codes:
   4  timeout: the database stayed busy past the budget; nothing changed, retry
   5  database unreachable: cannot open or connect, not a database, schema too new
   6  conflict: the state of a session or lock forbids it (e.g. its owner is still
-     alive, the resource is held, waiting would deadlock)";
+     alive, the resource is held, waiting would deadlock), or another prune runs
+  7  compacted: audit events after the --after given were pruned; the message
+     names the seq to resume after
+  8  archive: the prune archive file cannot be written; nothing more was deleted";
 
 /// The operator CLI of the demiarch session store.
 #[derive(Debug, Parser)]
@@ -105,6 +108,35 @@ pub enum Command {
     /// Read the append-only audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Delete ended sessions, clear old saved contexts and compact the audit
+    /// log, in short batches. Open sessions are never touched.
+    Prune {
+        /// Delete sessions completed or interrupted longer ago than this
+        /// (with their agents, locks and waiters).
+        #[arg(long, value_name = "AGE", value_parser = age)]
+        completed_after: Option<Duration>,
+        /// Clear the saved context of sessions ended longer ago than this,
+        /// keeping their rows.
+        #[arg(long, value_name = "AGE", value_parser = age)]
+        context_after: Option<Duration>,
+        /// Delete audit rows older than this (not those of open sessions);
+        /// feeds from before them are told (`audit tail --after`: exit 7).
+        #[arg(long, value_name = "AGE", value_parser = age)]
+        audit_after: Option<Duration>,
+        /// Keep the N most recently ended sessions whatever their age.
+        #[arg(long, value_name = "N")]
+        keep_last: Option<u64>,
+        /// Append what is deleted or cleared to this file as JSON lines,
+        /// flushed to disk before each batch commits.
+        #[arg(long, value_name = "FILE")]
+        archive: Option<std::path::PathBuf>,
+        /// Sessions, contexts or audit rows per transaction.
+        #[arg(long, value_name = "N", default_value_t = 1000)]
+        batch: u32,
+        /// Count what would go; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Serve the operator dashboard and its JSON API (/api/v1/…, /events,
     /// /metrics) until Ctrl-C.
     Serve {
@@ -201,7 +233,8 @@ pub enum AuditCommand {
         #[arg(long, value_name = "ID")]
         session: Option<String>,
         /// Only events of this type (session_start, session_end,
-        /// session_interrupted, session_resumed, locks_swept).
+        /// session_interrupted, session_resumed, locks_swept, lock_released,
+        /// sessions_pruned, contexts_cleared, audit_compacted).
         #[arg(long, value_name = "EVENT")]
         event: Option<String>,
         /// Only events after this seq (the SEQ column; with --json, "seq"):
@@ -243,6 +276,12 @@ fn positive_count(text: &str) -> Result<u64, String> {
         Ok(n) => Ok(n),
         Err(_) => Err(format!("{text:?} is not a whole number")),
     }
+}
+
+/// An age for `prune`: a humantime duration (`30d`, `12h`), zero included.
+fn age(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{e} (write an age such as 30d, 12h or 90m)"))
 }
 
 /// A humantime duration (`200ms`, `5m`, `1h 30m`) greater than zero.

@@ -7,7 +7,8 @@ use chrono::{DateTime, Utc};
 use demiarch_sessions::entity::{agent_executions, resource_locks};
 use demiarch_sessions::{
     AuditEvent, AuditFilter, AuditRecord, Config, Error, LockFilter, LockInfo, LockWaiter,
-    Operator, SessionFilter, SessionInfo, SessionManager, SessionStatus, CONTEXT_FORMAT_VERSION,
+    Operator, RetentionPolicy, SessionFilter, SessionInfo, SessionManager, SessionStatus,
+    CONTEXT_FORMAT_VERSION,
 };
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use serde::Serialize;
@@ -15,7 +16,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::args::{self, AuditCommand, Cli, Command, LocksCommand, SessionsCommand};
-use crate::exit::{Failure, CONFLICT, INVALID_INPUT, UNREACHABLE};
+use crate::exit::{Failure, CONFLICT, INVALID_INPUT, NOT_FOUND, UNREACHABLE};
 use crate::output::{self, count, short, Spinner};
 
 /// An open session whose owner heartbeated this recently is taken to be
@@ -80,6 +81,25 @@ pub async fn run(cli: Cli) -> Result<String, Failure> {
         }) => ctx.locks_waiters(&resource_type, &resource_key).await,
         Command::Locks(LocksCommand::Sweep) => ctx.locks_sweep().await,
         Command::Recover { stale_after } => ctx.recover(stale_after).await,
+        Command::Prune {
+            completed_after,
+            context_after,
+            audit_after,
+            keep_last,
+            archive,
+            batch,
+            dry_run,
+        } => {
+            let policy = RetentionPolicy {
+                completed_after,
+                context_after,
+                audit_after,
+                keep_last,
+                batch,
+                archive,
+            };
+            ctx.prune(&policy, dry_run).await
+        }
         Command::Serve {
             listen,
             token,
@@ -208,6 +228,32 @@ impl Ctx {
             .map_err(|e| Failure::during(&format!("looking up session {id}"), e))
     }
 
+    /// Why a session given by its full id is missing, when an audit row
+    /// still tells that it existed: a prune deleted it.
+    async fn pruned(&self, id: &str) -> Option<Failure> {
+        let id = Uuid::parse_str(id.trim()).ok()?;
+        let last = self
+            .manager
+            .audit_events(AuditFilter {
+                session_id: Some(id),
+                limit: Some(1),
+                ..AuditFilter::default()
+            })
+            .await
+            .ok()?
+            .pop()?;
+        Some(Failure::new(
+            NOT_FOUND,
+            format!(
+                "session {id} was pruned: its rows are gone, its audit rows remain (the last: \
+                 {} at {}, seq {})",
+                last.event_type,
+                output::time_ago(last.event_time, self.now),
+                last.seq
+            ),
+        ))
+    }
+
     async fn session(&self, id: Uuid) -> Result<SessionInfo, Failure> {
         self.manager
             .session(id)
@@ -271,7 +317,12 @@ impl Ctx {
     }
 
     pub async fn sessions_show(&self, id: &str) -> Result<String, Failure> {
-        let id = self.resolve(id).await?;
+        let id = match self.resolve(id).await {
+            Err(missing) if missing.code == NOT_FOUND => {
+                return Err(self.pruned(id).await.unwrap_or(missing))
+            }
+            found => found?,
+        };
         let info = self.session(id).await?;
         let doing = format!("reading session {id}");
         let agents = self
@@ -932,6 +983,12 @@ fn alive(info: &SessionInfo, now: DateTime<Utc>) -> bool {
 fn context_line(info: &SessionInfo, context: &ContextSummary) -> String {
     if let Some(error) = &context.error {
         return format!("unreadable: {error}");
+    }
+    if let Some(at) = info.context_cleared_at {
+        return format!(
+            "cleared by a prune at {} (the session was ended before its --context-after)",
+            at.format("%Y-%m-%d %H:%M:%S UTC")
+        );
     }
     if !context.saved {
         return match info.status {

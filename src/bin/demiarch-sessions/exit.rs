@@ -17,6 +17,10 @@ pub const UNREACHABLE: u8 = 5;
 /// The state of a session or lock forbids the operation: the resource is
 /// held (also after waiting for it), or waiting would deadlock.
 pub const CONFLICT: u8 = 6;
+/// The audit events asked for (after a seq) were partly pruned.
+pub const COMPACTED: u8 = 7;
+/// A prune's archive file cannot be written.
+pub const ARCHIVE: u8 = 8;
 
 const LIST_HINT: &str = "`demiarch-sessions sessions list` shows the sessions there are";
 
@@ -88,7 +92,15 @@ impl Failure {
             | Error::LockNotHeld { .. }
             | Error::SessionStillOpen { .. }
             | Error::ContextTooLarge { .. }
-            | Error::ContextTooLargeForServer { .. } => Self::new(CONFLICT, err.to_string()),
+            | Error::ContextTooLargeForServer { .. }
+            | Error::PruneInProgress { .. } => Self::new(CONFLICT, err.to_string()),
+            Error::Compacted {
+                compacted_through, ..
+            } => Self::new(
+                COMPACTED,
+                format!("{err}; run again with --after {compacted_through}"),
+            ),
+            Error::Archive { .. } => Self::new(ARCHIVE, err.to_string()),
             other => Self::new(INTERNAL, format!("{doing}: {other}")),
         }
     }

@@ -10,6 +10,8 @@
 //! demiarch-sessions locks sweep
 //! demiarch-sessions recover [--stale-after 5m]
 //! demiarch-sessions audit tail [-n N] [--session ID] [--event E] [--after SEQ] [--follow]
+//! demiarch-sessions prune [--completed-after AGE] [--context-after AGE] [--audit-after AGE]
+//!                        [--keep-last N] [--archive FILE] [--batch N] [--dry-run]
 //! ```
 //!
 //! Every command takes `--json` and `--database-url`; exit codes are listed
@@ -26,6 +28,7 @@ mod exit;
 mod follow;
 mod listen;
 mod output;
+mod prune;
 mod serve;
 
 use exit::{Failure, INTERNAL};
