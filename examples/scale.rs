@@ -29,7 +29,9 @@
 //! (acquire_lock latency), `--handoff` (how soon a waiting acquire receives a
 //! released lock: in one process, on a second manager, and a queue of 16
 //! draining; see scale/handoff.rs), `--watch` (how soon and how many events a
-//! change feed delivers; see scale/watch.rs), `--explain` (query plans), `--wal-pages`
+//! change feed delivers; see scale/watch.rs), `--prune` (a prune's rate against
+//! raw SQL, ends during it, a SQLite file's growth; see scale/prune.rs),
+//! `--explain` (query plans), `--wal-pages`
 //! (what each end writes to SQLite's WAL, per table and index), `--chart` (the
 //! SVG in docs/). See `--help` and docs/performance.md.
 use std::error::Error;
@@ -54,6 +56,8 @@ mod explain;
 mod fixture;
 #[path = "scale/handoff.rs"]
 mod handoff;
+#[path = "scale/prune.rs"]
+mod prune;
 #[path = "scale/raw_seed.rs"]
 mod raw_seed;
 #[path = "scale/report.rs"]
@@ -84,6 +88,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
         Mode::Handoff => handoff::run(&args).await,
         Mode::Watch => watch::run(&args).await,
         Mode::Dashboard => dashboard::run(&args).await,
+        Mode::Prune => prune::run(&args).await,
         Mode::Explain => {
             let locks = args.locks[0];
             with_fixture(&args, |fx| async move { explain::run(&fx, locks).await }).await

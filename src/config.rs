@@ -61,7 +61,8 @@ pub struct Config {
     /// prunes at a time; the others skip their turn.
     pub retention: Option<crate::RetentionPolicy>,
     /// How often the background prune runs when `retention` is set: the
-    /// first an interval after connecting. One hour by default.
+    /// first right after connecting, then every interval. One hour by
+    /// default.
     pub prune_interval: Duration,
 }
 

@@ -40,13 +40,19 @@ struct PeriodicState {
 }
 
 impl Periodic {
-    /// Starts running `job` every `every` (the first an interval from now),
-    /// unless it runs already or was stopped; a failed run is logged as
-    /// `what` and retried at the next tick.
+    /// Starts running `job` every `every` (the first at once when
+    /// `at_once`, else an interval from now), unless it runs already or was
+    /// stopped; a failed run is logged as `what` and retried at the next
+    /// tick.
     /// `job` is given the stop signal, which turns true once `stop` is
     /// called, so that a long job can end early.
-    pub fn ensure_started<F, Fut>(self: &Arc<Self>, every: Duration, what: &'static str, job: F)
-    where
+    pub fn ensure_started<F, Fut>(
+        self: &Arc<Self>,
+        every: Duration,
+        at_once: bool,
+        what: &'static str,
+        job: F,
+    ) where
         F: Fn(watch::Receiver<bool>) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = Result<()>> + Send,
     {
@@ -65,7 +71,9 @@ impl Periodic {
         let task = runtime.spawn(async move {
             let mut ticker = tokio::time::interval(every);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            ticker.tick().await;
+            if !at_once {
+                ticker.tick().await;
+            }
             loop {
                 tokio::select! {
                     _ = ticker.tick() => {}

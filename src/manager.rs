@@ -247,6 +247,7 @@ impl SessionManager {
         let (db, owner) = (self.db.clone(), self.instance_id);
         self.heartbeat.ensure_started(
             self.config.heartbeat_interval,
+            false,
             "session heartbeat",
             move |_| {
                 let db = db.clone();
@@ -264,6 +265,7 @@ impl SessionManager {
         let (db, wakers, instance) = (self.db.clone(), self.lock_wakers.clone(), self.instance_id);
         self.pruner.ensure_started(
             self.config.prune_interval,
+            true,
             "background prune",
             move |stop| {
                 let (db, wakers, policy) = (db.clone(), wakers.clone(), policy.clone());

@@ -26,7 +26,8 @@ load on the machine falls on all of them alike.
 
 modes (default: time ends, one JSON line per impl and combination):
   --concurrency N              throughput: end --sessions sessions serially, then with N tasks
-  --sessions N                 sessions per throughput phase [1000]
+  --sessions N                 sessions per throughput phase; with --prune, ended
+                               sessions to prune (the issue's figure: 100000) [1000]
   --rounds N                   throughput rounds (serial + concurrent phase each) [3]
   --acquire                    time acquire_lock instead of end_session
   --handoff                    time a lock's hand-over to a waiting acquire (LockOptions::wait):
@@ -43,6 +44,11 @@ modes (default: time ends, one JSON line per impl and combination):
                                and the live stream's delivery of an end
   --watch-rate N               events per second the --watch writer appends [5000]
   --watch-seconds N            how long the --watch writer runs [3]
+  --prune                      time SessionManager::prune over --sessions ended sessions
+                               (2 agents x 5 locks, 1 KiB context) against raw SQL deletes,
+                               and --iters ends before and during it; on sqlite-wal, the
+                               file's size after 10 000 sessions, pruned, and 10 000 more
+  --batch N[,N...]             --prune: RetentionPolicy::batch, one pair of lines each [1000]
   --explain                    print the query plan of every statement of both ends
   --wal-pages                  sqlite-wal: pages each end writes to the WAL, per table/index
   --chart OUT.svg --from FILE  draw median end latency against locks from JSON lines
@@ -94,6 +100,7 @@ pub enum Mode {
     Handoff,
     Watch,
     Dashboard,
+    Prune,
     Explain,
     WalPages,
     Chart {
@@ -117,6 +124,9 @@ pub struct Args {
     /// `--watch`: the writer's events per second, and how long it runs.
     pub watch_rate: u64,
     pub watch_seconds: u64,
+    /// `--prune`: ended sessions, and the batch sizes to try.
+    pub sessions: usize,
+    pub prune_batches: Vec<u32>,
     pub mode: Mode,
 }
 
@@ -148,6 +158,8 @@ impl Args {
         let mut handoff = false;
         let mut watch = false;
         let mut dashboard = false;
+        let mut prune = false;
+        let mut prune_batches = vec![1000];
         let mut watch_rate = 5000;
         let mut watch_seconds = 3;
         let mut explain = false;
@@ -186,6 +198,8 @@ impl Args {
                 "--handoff" => handoff = true,
                 "--watch" => watch = true,
                 "--dashboard" => dashboard = true,
+                "--prune" => prune = true,
+                "--batch" => prune_batches = list("--batch", &value()?)?,
                 "--watch-rate" => watch_rate = number("--watch-rate", &value()?)?,
                 "--watch-seconds" => watch_seconds = number("--watch-seconds", &value()?)?,
                 "--explain" => explain = true,
@@ -203,14 +217,18 @@ impl Args {
             || handoff
             || explain
             || wal_pages;
-        if (watch || dashboard) && (other_mode || (watch && dashboard)) {
-            return Err(
-                format!("choose one mode: --watch and --dashboard go alone\n\n{USAGE}").into(),
-            );
+        if [watch, dashboard, prune].iter().filter(|m| **m).count() + usize::from(other_mode) > 1
+            && (watch || dashboard || prune)
+        {
+            return Err(format!(
+                "choose one mode: --watch, --dashboard and --prune go alone\n\n{USAGE}"
+            )
+            .into());
         }
         let mode = match (chart, from, concurrency, acquire, handoff, explain, wal_pages) {
             _ if watch => Mode::Watch,
             _ if dashboard => Mode::Dashboard,
+            _ if prune => Mode::Prune,
             (Some(out), Some(from), None, false, false, false, false) => Mode::Chart { out, from },
             (Some(_), None, ..) | (None, Some(_), ..) => {
                 return Err(format!("--chart and --from go together\n\n{USAGE}").into())
@@ -257,6 +275,8 @@ impl Args {
             max_connections,
             watch_rate,
             watch_seconds,
+            sessions,
+            prune_batches,
             mode,
         })
     }

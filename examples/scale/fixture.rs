@@ -178,6 +178,47 @@ impl Fixture {
         Ok(ids)
     }
 
+    /// Ends every open session in bulk, as `end_session` leaves them, at
+    /// `ended_at`: completed with a saved context of one window of
+    /// `context_bytes`, agents cancelled, locks released. Returns how many.
+    pub async fn end_all_open(
+        &self,
+        ended_at: DateTime<Utc>,
+        context_bytes: usize,
+    ) -> BoxResult<u64> {
+        let context = serde_json::json!({
+            "version": demiarch_sessions::CONTEXT_FORMAT_VERSION,
+            "windows": [{ "key": "window-0", "data": context_text(context_bytes) }],
+        });
+        let txn = self.manager.write_connection().begin().await?;
+        resource_locks::Entity::update_many()
+            .col_expr(resource_locks::Column::ReleasedAt, Expr::value(ended_at))
+            .col_expr(
+                resource_locks::Column::ReleaseReason,
+                Expr::value("session_end"),
+            )
+            .filter(resource_locks::Column::ReleasedAt.is_null())
+            .exec(&txn)
+            .await?;
+        agent_executions::Entity::update_many()
+            .col_expr(agent_executions::Column::Status, Expr::value("cancelled"))
+            .col_expr(agent_executions::Column::CompletedAt, Expr::value(ended_at))
+            .filter(agent_executions::Column::Status.eq("running"))
+            .exec(&txn)
+            .await?;
+        let ended = global_sessions::Entity::update_many()
+            .col_expr(global_sessions::Column::Status, Expr::value("completed"))
+            .col_expr(global_sessions::Column::CompletedAt, Expr::value(ended_at))
+            .col_expr(global_sessions::Column::UpdatedAt, Expr::value(ended_at))
+            .col_expr(global_sessions::Column::ContextData, Expr::value(context))
+            .filter(global_sessions::Column::Status.eq("active"))
+            .exec(&txn)
+            .await?
+            .rows_affected;
+        txn.commit().await?;
+        Ok(ended)
+    }
+
     /// The `--background` sessions: 2 agents holding 5 locks each.
     pub async fn populate_background(&self, sessions: u64) -> BoxResult<()> {
         self.create_sessions(sessions, 2, 10).await?;

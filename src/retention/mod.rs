@@ -288,42 +288,47 @@ impl Lease {
     /// Takes the lease, free or expired, or refuses naming its holder.
     async fn claim(store: &db::Store) -> Result<Self> {
         let lease = Self { id: Uuid::new_v4() };
-        if lease.extend(store, true).await? {
-            return Ok(lease);
+        let txn = db::begin_write(store).await?;
+        let taken = lease.extend(&*txn, true).await?;
+        txn.commit().await?;
+        match taken {
+            true => Ok(lease),
+            false => Err(lease.held_elsewhere(store).await),
         }
-        Err(lease.held_elsewhere(store).await)
     }
 
-    /// Extends the lease by [`LEASE`] from now; `Error::PruneInProgress`
-    /// if another prune took it meanwhile.
-    async fn renew(&self, store: &db::Store) -> Result<()> {
-        if self.extend(store, false).await? {
-            return Ok(());
+    /// Opens a batch's transaction, extending the lease by [`LEASE`] in it
+    /// first; `Error::PruneInProgress` if another prune took the lease
+    /// meanwhile (it had expired).
+    async fn begin(&self, store: &db::Store) -> Result<db::WriteTxn> {
+        let txn = db::begin_write(store).await?;
+        if self.extend(&*txn, false).await? {
+            return Ok(txn);
         }
+        txn.rollback().await?;
         Err(self.held_elsewhere(store).await)
     }
 
-    async fn extend(&self, store: &db::Store, or_take: bool) -> Result<bool> {
-        let txn = db::begin_write(store).await?;
+    /// Sets the lease to this prune's until [`LEASE`] from now: when it
+    /// holds it, or (`or_take`) when it is free or expired. Whether it did.
+    async fn extend(&self, txn: &impl ConnectionTrait, or_take: bool) -> Result<bool> {
         let now = db::now();
         let until = now + chrono::Duration::from_std(LEASE).unwrap_or(chrono::Duration::MAX);
         let mine = retention::Column::Pruner.eq(self.id.to_string());
-        let free = Condition::any()
-            .add(mine)
-            .add(retention::Column::PrunerUntil.is_null())
-            .add(retention::Column::PrunerUntil.lt(now));
+        let mut holder = Condition::any().add(mine);
+        if or_take {
+            holder = holder
+                .add(retention::Column::PrunerUntil.is_null())
+                .add(retention::Column::PrunerUntil.lt(now));
+        }
         let updated = retention::Entity::update_many()
             .col_expr(retention::Column::Pruner, Expr::value(self.id.to_string()))
             .col_expr(retention::Column::PrunerUntil, Expr::value(until))
             .filter(retention::Column::Id.eq(1))
-            .filter(match or_take {
-                true => free,
-                false => Condition::all().add(retention::Column::Pruner.eq(self.id.to_string())),
-            })
-            .exec(&*txn)
+            .filter(holder)
+            .exec(txn)
             .await?
             .rows_affected;
-        txn.commit().await?;
         Ok(updated == 1)
     }
 
@@ -441,14 +446,16 @@ impl Pruning<'_> {
         Ok(())
     }
 
-    /// Runs `step` a batch at a time, renewing the lease before each, until
-    /// a batch takes less than a full batch.
+    /// Runs `step` a batch at a time (each renews the lease), until a batch
+    /// takes less than a full batch.
     async fn in_batches(&mut self, step: Step, before: DateTime<Utc>) -> Result<()> {
         loop {
-            if self.stop.as_ref().is_some_and(|stop| *stop.borrow()) {
+            // Stopped, or the manager that asked for it is gone.
+            let stopped =
+                |stop: &watch::Receiver<bool>| stop.has_changed().is_err() || *stop.borrow();
+            if self.stop.as_ref().is_some_and(stopped) {
                 return Ok(());
             }
-            self.lease.renew(self.store).await?;
             let taken = match step {
                 Step::Sessions => self.delete_sessions(before).await?,
                 Step::Contexts => self.clear_contexts(before).await?,
@@ -468,7 +475,7 @@ impl Pruning<'_> {
 
     /// One batch of step 1; the number of sessions deleted.
     async fn delete_sessions(&mut self, before: DateTime<Utc>) -> Result<u64> {
-        let txn = db::begin_write(self.store).await?;
+        let txn = self.lease.begin(self.store).await?;
         let ids: Vec<String> = ended_before(before)
             .select_only()
             .column(global_sessions::Column::Id)
@@ -528,7 +535,7 @@ impl Pruning<'_> {
 
     /// One batch of step 2; the number of contexts cleared.
     async fn clear_contexts(&mut self, before: DateTime<Utc>) -> Result<u64> {
-        let txn = db::begin_write(self.store).await?;
+        let txn = self.lease.begin(self.store).await?;
         let now = db::now();
         let ids: Vec<String> = context_kept_before(before)
             .select_only()
@@ -571,7 +578,7 @@ impl Pruning<'_> {
 
     /// One batch of step 3; the number of audit rows deleted.
     async fn compact_audit(&mut self, before: DateTime<Utc>) -> Result<u64> {
-        let txn = db::begin_write(self.store).await?;
+        let txn = self.lease.begin(self.store).await?;
         let horizon: Option<i64> = retention::Entity::find_by_id(1)
             .select_only()
             .column(retention::Column::CompactedThrough)
@@ -639,7 +646,7 @@ impl Pruning<'_> {
     /// The `audit_compacted` row of a prune that deleted audit rows, which
     /// every feed after the horizon sees.
     async fn record_compaction(&mut self) -> Result<()> {
-        let txn = db::begin_write(self.store).await?;
+        let txn = self.lease.begin(self.store).await?;
         let report = &self.report;
         let details = serde_json::json!({
             "compacted_through": horizon(&*txn).await?,
