@@ -136,6 +136,23 @@ async fn operations_report_through_the_metrics_facade() {
         vec![stale]
     );
 
+    // A prune of the two ended sessions (the first, and the interrupted one).
+    let pruned = m
+        .prune(&demiarch_sessions::RetentionPolicy {
+            completed_after: Some(Duration::ZERO),
+            ..Default::default()
+        })
+        .await
+        .expect("prune");
+    assert_eq!(
+        (
+            pruned.sessions_deleted,
+            pruned.agents_deleted,
+            pruned.locks_deleted
+        ),
+        (2, 1, 2)
+    );
+
     // A feed delivers one event; the store's gauges are counted.
     let mut feed = Box::pin(m.watch(WatchOptions {
         after: Some(0),
@@ -163,6 +180,21 @@ async fn operations_report_through_the_metrics_facade() {
             ((kind, key.name().to_owned(), labels), value)
         })
         .collect();
+    let pruned = "demiarch_sessions_pruned_total";
+    assert_eq!(counter(&all, pruned, &[("kind", "sessions")]), 2);
+    assert_eq!(counter(&all, pruned, &[("kind", "agents")]), 1);
+    assert_eq!(counter(&all, pruned, &[("kind", "locks")]), 2);
+    assert_eq!(counter(&all, pruned, &[("kind", "audit")]), 0);
+    assert_eq!(
+        samples(&all, "demiarch_sessions_prune_duration_seconds", &[]),
+        1
+    );
+    let last = gauge(&all, "demiarch_sessions_last_prune_timestamp_seconds");
+    let now = chrono::Utc::now().timestamp() as f64;
+    assert!(
+        (now - 60.0..=now + 1.0).contains(&last),
+        "last prune at {last}, now {now}"
+    );
     let ends = "demiarch_sessions_ends_total";
     assert_eq!(counter(&all, ends, &[("outcome", "ended")]), 1);
     assert_eq!(counter(&all, ends, &[("outcome", "already_ended")]), 1);

@@ -15,7 +15,7 @@ use chrono::Utc;
 use common::{each_backend, each_backend_with, exec_sql, test_config, Backend, TestDb};
 use demiarch_sessions::entity::{agent_executions, global_sessions, resource_locks};
 use demiarch_sessions::{ArchiveLine, Config, Error, RetentionPolicy};
-use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QuerySelect};
+use sea_orm::{ActiveValue::Set, EntityTrait, QuerySelect};
 use uuid::Uuid;
 
 const BIN: &str = env!("CARGO_BIN_EXE_demiarch-sessions");

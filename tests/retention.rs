@@ -683,6 +683,76 @@ async fn two_instances_pruning_at_once_delete_each_session_once() {
     .await;
 }
 
+/// A lease another prune holds (written by hand) holds a prune off, naming
+/// its holder, and a lapsed one is taken over.
+#[tokio::test]
+async fn a_held_lease_holds_a_prune_off_and_a_lapsed_one_is_taken_over() {
+    each_backend(
+        "a_held_lease_holds_a_prune_off_and_a_lapsed_one_is_taken_over",
+        |db| async move {
+            let name = db.backend.name();
+            let s = ended_session(&db, 1, 1).await;
+            backdate(&db, s, 10).await;
+            let policy = RetentionPolicy {
+                completed_after: Some(days(7)),
+                ..RetentionPolicy::default()
+            };
+            let other = Uuid::new_v4().to_string();
+            let set_lease = |until: DateTime<Utc>| {
+                let db = &db;
+                let other = other.clone();
+                async move {
+                    retention::Entity::update_many()
+                        .col_expr(retention::Column::Pruner, Expr::value(other))
+                        .col_expr(retention::Column::PrunerUntil, Expr::value(until))
+                        .filter(retention::Column::Id.eq(1))
+                        .exec(db.manager.connection())
+                        .await
+                        .expect("write the lease");
+                }
+            };
+            set_lease(Utc::now().trunc_subsecs(6) + chrono::Duration::minutes(1)).await;
+            let before = snapshot(&db).await;
+            let held = retention_row(&db).await;
+            match db.manager.prune(&policy).await {
+                Err(Error::PruneInProgress { pruner, until }) => {
+                    assert_eq!(pruner, other, "{name}: the holder");
+                    assert_eq!(
+                        until.map(|t| t.timestamp_micros()),
+                        held.pruner_until.map(|t| t.timestamp_micros()),
+                        "{name}: the lease's end"
+                    );
+                }
+                got => panic!("{name}: want PruneInProgress, got {got:?}"),
+            }
+            assert_eq!(
+                snapshot(&db).await,
+                before,
+                "{name}: a held-off prune changed rows"
+            );
+            assert_eq!(retention_row(&db).await, held, "{name}: the lease changed");
+
+            // Lapsed: taken over, and given up at the end.
+            set_lease(Utc::now().trunc_subsecs(6) - chrono::Duration::seconds(1)).await;
+            let report = db
+                .manager
+                .prune(&policy)
+                .await
+                .expect("prune after the lapse");
+            assert_eq!(report.sessions_deleted, 1, "{name}");
+            assert_gone(&db, s, "the old session").await;
+            let row = retention_row(&db).await;
+            assert_eq!(
+                (row.pruner, row.pruner_until),
+                (None, None),
+                "{name}: lease"
+            );
+            assert!(row.last_prune_at.is_some(), "{name}: last_prune_at");
+        },
+    )
+    .await;
+}
+
 // ---- 6. A full disk while archiving --------------------------------------------
 
 #[tokio::test]
@@ -800,7 +870,19 @@ async fn the_archive_holds_what_was_deleted_and_restores_it() {
                 archive: Some(path.clone()),
                 ..RetentionPolicy::default()
             };
+            let preview = db.manager.prune_dry_run(&policy).await.expect("dry run");
+            assert_eq!(
+                all_audit(&db).await,
+                audit_before,
+                "{name}: the dry run wrote"
+            );
+            assert!(!path.exists(), "{name}: the dry run wrote an archive");
             let report = db.manager.prune(&policy).await.expect("prune");
+            assert_eq!(
+                counts(&preview),
+                counts(&report),
+                "{name}: dry run vs prune"
+            );
             assert_eq!(report.sessions_deleted, 3, "{name}");
             assert_eq!(report.contexts_cleared, 1, "{name}");
             assert_eq!(report.audit_deleted, audit_before.len() as u64, "{name}");

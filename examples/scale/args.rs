@@ -45,7 +45,7 @@ modes (default: time ends, one JSON line per impl and combination):
   --watch-rate N               events per second the --watch writer appends [5000]
   --watch-seconds N            how long the --watch writer runs [3]
   --prune                      time SessionManager::prune over --sessions ended sessions
-                               (2 agents x 5 locks, 1 KiB context) against raw SQL deletes,
+                               (2 agents, 5 locks, 1 KiB context) against raw SQL deletes,
                                and --iters ends before and during it; on sqlite-wal, the
                                file's size after 10 000 sessions, pruned, and 10 000 more
   --batch N[,N...]             --prune: RetentionPolicy::batch, one pair of lines each [1000]

@@ -1,24 +1,26 @@
 //! `--prune`: what a prune costs, and what it costs the ends meanwhile.
 //!
 //! For each `--batch` size, two fresh databases of `--sessions` ended
-//! sessions (2 agents holding 5 locks each, a 1 KiB saved context, ended 10
+//! sessions (2 agents holding 5 locks between them, a 1 KiB saved context, ended 10
 //! days ago):
 //!
 //! - `orm`: `SessionManager::prune` deletes them all (`completed_after` one
-//!   day). Before it, `--iters` ends of open sessions (1 agent, 5 locks) are
-//!   timed one at a time (idle); during it, ends are timed the same way
-//!   until it finishes. The line gives sessions pruned per second and both
-//!   ends' p99;
+//!   day), once alone and once (on another such database) with ends: before
+//!   it, `--iters` ends of open sessions (1 agent, 5 locks) are timed one at
+//!   a time (idle); during it, ends are timed the same way until it
+//!   finishes. Each line gives sessions pruned per second and, with ends,
+//!   both ends' p99;
 //! - `raw`: the same deletes as hand-written SQL, a batch per transaction
-//!   (select the batch's ids, then one DELETE per table by id list): the
-//!   floor the library's rate is a ratio of.
+//!   (select the batch's ids, then one DELETE per table by id list), with
+//!   the same ends timed before and during it: the floor the library's
+//!   figures are ratios of.
 //!
 //! On `sqlite-wal` a last line follows the file: its size after 10 000
 //! sessions, and after pruning them and making 10 000 more.
 use std::time::{Duration, Instant};
 
 use demiarch_sessions::RetentionPolicy;
-use sea_orm::{ConnectionTrait, DatabaseBackend, Statement, TransactionTrait};
+use sea_orm::{ConnectionTrait, DatabaseBackend, DatabaseConnection, Statement, TransactionTrait};
 use serde::Serialize;
 
 use crate::args::Args;
@@ -42,7 +44,8 @@ struct RateLine {
     sessions: u64,
     seconds: f64,
     sessions_per_s: f64,
-    /// Ends timed while nothing else ran, and while the prune ran.
+    /// Ends timed while nothing else ran, and while the prune ran (none:
+    /// the prune ran alone).
     idle_ends: usize,
     idle_end_p99_us: f64,
     ends_during: usize,
@@ -63,10 +66,12 @@ struct FileLine {
 
 pub async fn run(args: &Args) -> BoxResult<()> {
     for &batch in &args.prune_batches {
-        let orm = orm_rate(args, batch).await?;
-        let raw = raw_rate(args, batch).await?;
-        print_json(&orm)?;
-        print_json(&raw)?;
+        for with_ends in [false, true] {
+            let orm = rate(args, batch, Pruner::Orm, with_ends).await?;
+            let raw = rate(args, batch, Pruner::Raw, with_ends).await?;
+            print_json(&orm)?;
+            print_json(&raw)?;
+        }
     }
     if args.backend == BackendKind::SqliteWal {
         print_json(&file_size(args).await?)?;
@@ -77,7 +82,7 @@ pub async fn run(args: &Args) -> BoxResult<()> {
 /// A fresh database holding `sessions` sessions ended ten days ago.
 async fn ended_sessions(args: &Args, sessions: u64) -> BoxResult<Fixture> {
     let fx = Fixture::open(args.backend, manager_config(args)).await?;
-    fx.create_sessions(sessions, 2, 10).await?;
+    fx.create_sessions(sessions, 2, 5).await?;
     let ten_days_ago = chrono::Utc::now() - chrono::Duration::days(10);
     fx.end_all_open(ten_days_ago, 1024).await?;
     Ok(fx)
@@ -91,24 +96,48 @@ fn policy(batch: u32) -> RetentionPolicy {
     }
 }
 
-async fn orm_rate(args: &Args, batch: u32) -> BoxResult<RateLine> {
+/// Which prune a rate line times.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pruner {
+    Orm,
+    Raw,
+}
+
+/// One prune's rate; `with_ends`, with ends timed before it (idle) and
+/// one after another while it runs.
+async fn rate(args: &Args, batch: u32, pruner: Pruner, with_ends: bool) -> BoxResult<RateLine> {
     let sessions = u64::try_from(args.sessions)?;
     let fx = ended_sessions(args, sessions).await?;
-    let mut targets = fx.create_sessions(TARGETS, 1, 5).await?.into_iter();
+    let targets = if with_ends { TARGETS } else { 0 };
+    let mut targets = fx.create_sessions(targets, 1, 5).await?.into_iter();
     fx.analyze().await?;
     let manager = fx.manager.clone();
     let mut idle = Vec::with_capacity(args.iters);
-    for _ in 0..args.iters {
+    for _ in 0..args.iters * usize::from(with_ends) {
         let session = targets.next().ok_or("out of open sessions to end")?;
         let started = Instant::now();
         manager.end_session(session).await?;
         idle.push(started.elapsed());
     }
-    let pruner = manager.clone();
     let started = Instant::now();
-    let prune = tokio::spawn(async move { pruner.prune(&policy(batch)).await });
+    let prune = match pruner {
+        Pruner::Orm => {
+            let manager = manager.clone();
+            tokio::spawn(async move {
+                let report = manager
+                    .prune(&policy(batch))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>(report.sessions_deleted)
+            })
+        }
+        Pruner::Raw => {
+            let db = manager.write_connection().clone();
+            tokio::spawn(async move { raw_prune(&db, batch).await.map_err(|e| e.to_string()) })
+        }
+    };
     let mut during = Vec::new();
-    while !prune.is_finished() {
+    while with_ends && !prune.is_finished() {
         let Some(session) = targets.next() else { break };
         let end = Instant::now();
         manager.end_session(session).await?;
@@ -117,22 +146,21 @@ async fn orm_rate(args: &Args, batch: u32) -> BoxResult<RateLine> {
             during.push(end.elapsed());
         }
     }
-    let report = prune.await??;
+    let deleted = prune.await??;
     let seconds = started.elapsed().as_secs_f64();
-    if report.sessions_deleted != sessions {
-        return Err(format!(
-            "the prune deleted {} sessions of {sessions}",
-            report.sessions_deleted
-        )
-        .into());
-    }
     fx.close().await?;
+    if deleted != sessions {
+        return Err(format!("the prune deleted {deleted} sessions of {sessions}").into());
+    }
     let (_, idle_p99) = summarize(&idle);
     let (_, during_p99) = summarize(&during);
     Ok(RateLine {
         op: OP,
         backend: args.backend.name(),
-        implementation: "orm",
+        implementation: match pruner {
+            Pruner::Orm => "orm",
+            Pruner::Raw => "raw",
+        },
         batch,
         sessions,
         seconds: round3(seconds),
@@ -145,11 +173,10 @@ async fn orm_rate(args: &Args, batch: u32) -> BoxResult<RateLine> {
     })
 }
 
-async fn raw_rate(args: &Args, batch: u32) -> BoxResult<RateLine> {
-    let sessions = u64::try_from(args.sessions)?;
-    let fx = ended_sessions(args, sessions).await?;
-    fx.analyze().await?;
-    let db = fx.manager.write_connection().clone();
+/// The floor: the same deletes in hand-written SQL, a batch per transaction
+/// (the batch's ids, then one DELETE per table by id list); the sessions
+/// deleted.
+async fn raw_prune(db: &DatabaseConnection, batch: u32) -> BoxResult<u64> {
     let backend = db.get_database_backend();
     let cutoff = (chrono::Utc::now() - chrono::Duration::days(1)).to_rfc3339();
     let select = format!(
@@ -162,10 +189,18 @@ async fn raw_rate(args: &Args, batch: u32) -> BoxResult<RateLine> {
             " FOR UPDATE SKIP LOCKED"
         }
     );
-    let started = Instant::now();
     let mut deleted = 0u64;
     loop {
-        let txn = db.begin().await?;
+        let txn = match backend {
+            DatabaseBackend::Sqlite => {
+                db.begin_with_options(sea_orm::TransactionOptions {
+                    sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
+                    ..Default::default()
+                })
+                .await?
+            }
+            _ => db.begin().await?,
+        };
         let rows = txn
             .query_all_raw(Statement::from_string(backend, select.clone()))
             .await?;
@@ -175,7 +210,7 @@ async fn raw_rate(args: &Args, batch: u32) -> BoxResult<RateLine> {
             .collect::<Result<_, _>>()?;
         if ids.is_empty() {
             txn.rollback().await?;
-            break;
+            return Ok(deleted);
         }
         for chunk in ids.chunks(900) {
             let list = chunk
@@ -199,28 +234,9 @@ async fn raw_rate(args: &Args, batch: u32) -> BoxResult<RateLine> {
         }
         txn.commit().await?;
         if ids.len() < batch as usize {
-            break;
+            return Ok(deleted);
         }
     }
-    let seconds = started.elapsed().as_secs_f64();
-    fx.close().await?;
-    if deleted != sessions {
-        return Err(format!("the raw prune deleted {deleted} sessions of {sessions}").into());
-    }
-    Ok(RateLine {
-        op: OP,
-        backend: args.backend.name(),
-        implementation: "raw",
-        batch,
-        sessions,
-        seconds: round3(seconds),
-        sessions_per_s: round1(sessions as f64 / seconds),
-        idle_ends: 0,
-        idle_end_p99_us: 0.0,
-        ends_during: 0,
-        during_end_p99_us: 0.0,
-        peak_rss_kb: peak_rss_kb(),
-    })
 }
 
 /// A timestamp literal as each backend stores it.
@@ -258,7 +274,7 @@ async fn file_size(args: &Args) -> BoxResult<FileLine> {
             ..RetentionPolicy::default()
         })
         .await?;
-    fx.create_sessions(FILE_SESSIONS, 2, 10).await?;
+    fx.create_sessions(FILE_SESSIONS, 2, 5).await?;
     fx.end_all_open(chrono::Utc::now(), 1024).await?;
     let second = size(&fx).await?;
     fx.close().await?;
