@@ -28,11 +28,9 @@ pub enum AuditEvent {
     /// An operator released a lock on its holder's behalf
     /// (`SessionManager::release_lock_by`), with the reason given.
     LockReleased,
-    /// A prune deleted ended sessions whole (agents, locks, waiters). Names
-    /// each session.
+    /// A prune deleted ended sessions whole (agents, locks, waiters) or
+    /// cleared saved contexts; its counts.
     SessionsPruned,
-    /// A prune cleared the saved context of ended sessions. Names each.
-    ContextsCleared,
     /// A prune deleted old audit rows and raised the compaction horizon;
     /// names the horizon and the prune's counts.
     AuditCompacted,
@@ -40,7 +38,7 @@ pub enum AuditEvent {
 
 impl AuditEvent {
     /// Every kind, in the order of the declaration.
-    pub const ALL: [AuditEvent; 9] = [
+    pub const ALL: [AuditEvent; 8] = [
         Self::SessionStart,
         Self::SessionEnd,
         Self::SessionInterrupted,
@@ -48,7 +46,6 @@ impl AuditEvent {
         Self::LocksSwept,
         Self::LockReleased,
         Self::SessionsPruned,
-        Self::ContextsCleared,
         Self::AuditCompacted,
     ];
 
@@ -67,7 +64,6 @@ impl AuditEvent {
             Self::SessionResumed => "session_resumed",
             Self::LockReleased => "lock_released",
             Self::SessionsPruned => "sessions_pruned",
-            Self::ContextsCleared => "contexts_cleared",
             Self::AuditCompacted => "audit_compacted",
         }
     }

@@ -162,8 +162,9 @@ pub enum Error {
     #[error("cannot write the prune archive {path}: {reason}; nothing more was deleted")]
     Archive { path: String, reason: String },
     /// Another prune (this instance's or another's) holds the store's prune
-    /// lease; nothing was deleted. Retry after it finishes (its lease runs
-    /// until `until` unless renewed).
+    /// lease: this one did not start, or (its own lease having lapsed) was
+    /// taken over and stopped before its next batch. Retry after the other
+    /// finishes (its lease runs until `until` unless renewed).
     #[error("another prune ({pruner}) is under way{}; retry when it finishes", .until.map(|t| format!(" (lease until {})", t.to_rfc3339())).unwrap_or_default())]
     PruneInProgress {
         pruner: String,

@@ -3,6 +3,7 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use futures::FutureExt;
 use sea_orm::entity::prelude::TextUuid;
 use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QuerySelect};
@@ -16,12 +17,6 @@ use entity::global_sessions;
 
 use crate::status::SessionStatus;
 use crate::{db, Error, Result, SessionManager};
-
-const OPEN: [SessionStatus; 2] = [SessionStatus::Active, SessionStatus::Paused];
-
-fn open_statuses() -> [&'static str; 2] {
-    OPEN.map(SessionStatus::as_str)
-}
 
 /// A background task that runs a job every interval: the heartbeat that
 /// refreshes `last_heartbeat_at`, and the pruner. Started on demand;
@@ -82,8 +77,14 @@ impl Periodic {
                 if alive.upgrade().is_none() {
                     break;
                 }
-                if let Err(e) = job(stopping.clone()).await {
-                    warn!(error = %e, "{what} failed; will retry");
+                // A failed or panicking run is retried at the next tick.
+                match std::panic::AssertUnwindSafe(job(stopping.clone()))
+                    .catch_unwind()
+                    .await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => warn!(error = %e, "{what} failed; will retry"),
+                    Err(_) => warn!("{what} panicked; will retry"),
                 }
             }
         });
@@ -115,7 +116,7 @@ pub(crate) async fn beat(db: &db::Store, owner: Uuid) -> Result<u64> {
             Expr::value(db::now()),
         )
         .filter(global_sessions::Column::OwnerInstance.eq(owner.to_string()))
-        .filter(global_sessions::Column::Status.is_in(open_statuses()))
+        .filter(global_sessions::Column::Status.is_in(SessionStatus::open_names()))
         .exec(db.writer())
         .await?
         .rows_affected)
@@ -153,7 +154,7 @@ pub(crate) async fn shutdown(
         .select_only()
         .column(global_sessions::Column::Id)
         .filter(global_sessions::Column::OwnerInstance.eq(manager.instance_id().to_string()))
-        .filter(global_sessions::Column::Status.is_in(open_statuses()))
+        .filter(global_sessions::Column::Status.is_in(SessionStatus::open_names()))
         .into_tuple()
         .all(manager.connection())
         .await?;

@@ -263,6 +263,7 @@ impl SessionManager {
             return;
         };
         let (db, wakers, instance) = (self.db.clone(), self.lock_wakers.clone(), self.instance_id);
+        let lock_delay = self.config.lock_delay;
         self.pruner.ensure_started(
             self.config.prune_interval,
             true,
@@ -270,12 +271,13 @@ impl SessionManager {
             move |stop| {
                 let (db, wakers, policy) = (db.clone(), wakers.clone(), policy.clone());
                 async move {
-                    match retention::prune(&db, &policy, Some(stop), None).await {
-                        Ok(report) => {
-                            pruned(&db, &wakers, instance, &report).await;
-                            Ok(())
-                        }
-                        Err(Error::PruneInProgress { pruner, .. }) => {
+                    let (report, outcome) =
+                        retention::prune(&db, &policy, lock_delay, Some(stop), None).await;
+                    pruned(&db, &wakers, instance, &report).await;
+                    match outcome {
+                        Ok(()) => Ok(()),
+                        // Another prune works (or took over a lapsed lease).
+                        Err(Error::PruneInProgress { pruner, .. }) if report.batches == 0 => {
                             tracing::debug!(%pruner, "another prune is under way; skipped");
                             Ok(())
                         }
@@ -889,7 +891,12 @@ impl SessionManager {
     /// another prune works (nothing deleted);
     /// [`Error::Archive`](crate::Error::Archive) when the archive cannot be
     /// written (that batch deleted nothing); [`Error::Database`](crate::Error::Database).
-    /// Batches committed before a failure stay.
+    /// Batches committed before a failure stay (the metrics count them, and
+    /// their audit rows are announced); a later prune goes on from there.
+    ///
+    /// Sessions with a lock released involuntarily within
+    /// `Config::lock_delay` are kept until that delay is over: the release
+    /// row is what holds the resource off.
     pub async fn prune(&self, policy: &RetentionPolicy) -> Result<PruneReport> {
         self.prune_with_progress(policy, |_| {}).await
     }
@@ -911,9 +918,13 @@ impl SessionManager {
         policy.validate()?;
         let policy = policy.clone();
         self.detached(|m| async move {
-            let report = retention::prune(&m.db, &policy, None, Some(Box::new(progress))).await?;
+            let lock_delay = m.config.lock_delay;
+            let progress = Some(Box::new(progress) as retention::Progress);
+            let (report, outcome) =
+                retention::prune(&m.db, &policy, lock_delay, None, progress).await;
+            // What committed before a failure is counted and announced too.
             pruned(&m.db, &m.lock_wakers, m.instance_id, &report).await;
-            Ok(report)
+            outcome.map(|()| report)
         })
         .await
     }

@@ -320,10 +320,7 @@ impl AuditRecord {
 /// Open sessions (`active` or `paused`) and held locks in the store.
 pub(crate) async fn store_counts(db: &DatabaseConnection) -> Result<(u64, u64)> {
     let sessions = global_sessions::Entity::find()
-        .filter(global_sessions::Column::Status.is_in([
-            SessionStatus::Active.as_str(),
-            SessionStatus::Paused.as_str(),
-        ]))
+        .filter(global_sessions::Column::Status.is_in(SessionStatus::open_names()))
         .count(db)
         .await?;
     let locks = resource_locks::Entity::find()

@@ -81,3 +81,16 @@ text_enum!(
         Orphaned => "orphaned",
     }
 );
+
+impl SessionStatus {
+    /// The stored names of the open statuses (`active`, `paused`): sessions
+    /// whose owner still works in them.
+    pub(crate) fn open_names() -> [&'static str; 2] {
+        [Self::Active.as_str(), Self::Paused.as_str()]
+    }
+
+    /// The stored names of the ended statuses (`completed`, `interrupted`).
+    pub(crate) fn ended_names() -> [&'static str; 2] {
+        [Self::Completed.as_str(), Self::Interrupted.as_str()]
+    }
+}

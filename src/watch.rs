@@ -61,6 +61,8 @@ pub struct WatchOptions {
     /// event the consumer handled. `Some(0)` starts from the first event.
     /// Below the compaction horizon (a prune deleted rows after it), the
     /// feed yields [`Error::Compacted`] and ends: it never skips silently.
+    /// The horizon is the store's, whatever the filters: a feed of one
+    /// session below it ends too, even if that session's rows were kept.
     /// `None`: after the newest event committed when the stream is first
     /// polled.
     pub after: Option<i64>,

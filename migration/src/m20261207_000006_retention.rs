@@ -112,9 +112,16 @@ impl MigrationTrait for Migration {
                 )
                 .await?;
         }
-        replace_completed_check(manager, CHECK_BEFORE, CHECK_AFTER).await?;
-        drop_audit_session_fk(manager).await?;
+        // Each step can run again after a failure part-way (MariaDB commits
+        // each DDL statement).
+        if !completed_check_allows_clearing(manager).await? {
+            replace_completed_check(manager, CHECK_BEFORE, CHECK_AFTER).await?;
+        }
+        if audit_session_fk_exists(manager).await? {
+            drop_audit_session_fk(manager).await?;
+        }
         drop_audit_guards(manager).await?;
+        drop_retention_guards(manager).await?;
         create_retention_guards(manager).await?;
         manager
             .create_index(
@@ -132,6 +139,9 @@ impl MigrationTrait for Migration {
     /// Refused by the database while a pruned session's audit rows remain
     /// (the foreign key comes back) or a cleared context does (the check).
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        // Refused before any change: MariaDB would keep the DDL done up to
+        // a refusal.
+        refuse_down_while_pruned(manager).await?;
         manager
             .drop_index(
                 Index::drop()
@@ -155,6 +165,103 @@ impl MigrationTrait for Migration {
         manager
             .drop_table(Table::drop().table(Retention::Table).to_owned())
             .await
+    }
+}
+
+/// Refuses to roll back while a prune's work would break the old schema:
+/// audit rows of deleted sessions (the foreign key), cleared contexts (the
+/// check).
+async fn refuse_down_while_pruned(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
+    let db = manager.get_connection();
+    let orphans = db
+        .query_one(
+            &Query::select()
+                .expr(Expr::col((AuditLog::Table, AuditLog::SessionId)).count())
+                .from(AuditLog::Table)
+                .left_join(
+                    GlobalSessions::Table,
+                    Expr::col((GlobalSessions::Table, GlobalSessions::Id))
+                        .equals((AuditLog::Table, AuditLog::SessionId)),
+                )
+                .and_where(Expr::col((AuditLog::Table, AuditLog::SessionId)).is_not_null())
+                .and_where(Expr::col((GlobalSessions::Table, GlobalSessions::Id)).is_null())
+                .to_owned(),
+        )
+        .await?
+        .map(|row| row.try_get_by_index::<i64>(0))
+        .transpose()?
+        .unwrap_or(0);
+    let cleared = db
+        .query_one(
+            &Query::select()
+                .expr(Expr::col(GlobalSessions::ContextClearedAt).count())
+                .from(GlobalSessions::Table)
+                .and_where(Expr::col(GlobalSessions::ContextClearedAt).is_not_null())
+                .to_owned(),
+        )
+        .await?
+        .map(|row| row.try_get_by_index::<i64>(0))
+        .transpose()?
+        .unwrap_or(0);
+    if orphans > 0 || cleared > 0 {
+        return Err(DbErr::Migration(format!(
+            "cannot roll back retention: {orphans} audit rows name pruned sessions and \
+             {cleared} sessions had their context cleared"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether the completed-session check already allows a cleared context.
+async fn completed_check_allows_clearing(manager: &SchemaManager<'_>) -> Result<bool, DbErr> {
+    let sql = match manager.get_database_backend() {
+        DatabaseBackend::Postgres => {
+            "SELECT count(*) AS n FROM pg_constraint \
+             WHERE conrelid = 'global_sessions'::regclass AND contype = 'c' \
+             AND pg_get_constraintdef(oid) LIKE '%context_cleared_at%'"
+        }
+        DatabaseBackend::MySql => {
+            "SELECT count(*) AS n FROM information_schema.CHECK_CONSTRAINTS \
+             WHERE CONSTRAINT_SCHEMA = DATABASE() AND TABLE_NAME = 'global_sessions' \
+             AND CHECK_CLAUSE LIKE '%context_cleared_at%'"
+        }
+        _ => {
+            "SELECT count(*) AS n FROM sqlite_schema \
+             WHERE type = 'table' AND name = 'global_sessions' \
+             AND sql LIKE '%context_cleared_at\" IS NOT NULL%'"
+        }
+    };
+    count(manager, sql).await.map(|n| n > 0)
+}
+
+/// Whether `audit_log` still has its foreign key to `global_sessions`.
+async fn audit_session_fk_exists(manager: &SchemaManager<'_>) -> Result<bool, DbErr> {
+    let sql = match manager.get_database_backend() {
+        DatabaseBackend::Postgres => {
+            "SELECT count(*) AS n FROM pg_constraint \
+             WHERE conrelid = 'audit_log'::regclass AND conname = 'fk_audit_log_session'"
+        }
+        DatabaseBackend::MySql => {
+            "SELECT count(*) AS n FROM information_schema.TABLE_CONSTRAINTS \
+             WHERE CONSTRAINT_SCHEMA = DATABASE() AND TABLE_NAME = 'audit_log' \
+             AND CONSTRAINT_NAME = 'fk_audit_log_session'"
+        }
+        _ => "SELECT count(*) AS n FROM pragma_foreign_key_list('audit_log')",
+    };
+    count(manager, sql).await.map(|n| n > 0)
+}
+
+/// The `n` of a `SELECT count(*) AS n` (catalog queries: raw SQL, as
+/// sea-query has no catalog tables).
+async fn count(manager: &SchemaManager<'_>, sql: &str) -> Result<i64, DbErr> {
+    let backend = manager.get_database_backend();
+    let row = manager
+        .get_connection()
+        .query_one_raw(Statement::from_string(backend, sql))
+        .await?;
+    match row {
+        Some(row) => row.try_get("", "n"),
+        None => Ok(0),
     }
 }
 
@@ -336,7 +443,7 @@ async fn rewrite_sqlite_table(
     let check = db
         .query_one_raw(Statement::from_string(
             DatabaseBackend::Sqlite,
-            "PRAGMA integrity_check(1)",
+            format!("PRAGMA integrity_check({table})"),
         ))
         .await?
         .map(|row| row.try_get_by_index::<String>(0))
@@ -358,41 +465,46 @@ async fn create_retention_guards(manager: &SchemaManager<'_>) -> Result<(), DbEr
         DatabaseBackend::Postgres => vec![
             "CREATE FUNCTION audit_log_guard() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
                IF TG_OP = 'UPDATE' THEN RAISE EXCEPTION 'audit_log is append-only'; END IF; \
-               IF OLD.seq > (SELECT compacted_through FROM retention WHERE id = 1) THEN \
+               IF OLD.seq > COALESCE((SELECT compacted_through FROM retention WHERE id = 1), 0) THEN \
                  RAISE EXCEPTION 'audit row % is above the compaction horizon', OLD.seq; \
                END IF; \
                RETURN OLD; END $$",
             "CREATE TRIGGER audit_log_guard BEFORE UPDATE OR DELETE ON audit_log \
              FOR EACH ROW EXECUTE FUNCTION audit_log_guard()",
             "CREATE FUNCTION retention_horizon_guard() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+               IF TG_OP = 'DELETE' THEN RAISE EXCEPTION 'the retention row stays'; END IF; \
                IF NEW.compacted_through < OLD.compacted_through THEN \
                  RAISE EXCEPTION 'the compaction horizon never goes down'; \
                END IF; \
                RETURN NEW; END $$",
-            "CREATE TRIGGER retention_horizon_guard BEFORE UPDATE ON retention \
+            "CREATE TRIGGER retention_horizon_guard BEFORE UPDATE OR DELETE ON retention \
              FOR EACH ROW EXECUTE FUNCTION retention_horizon_guard()",
         ],
         DatabaseBackend::MySql => vec![
             "CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log FOR EACH ROW \
              SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'audit_log is append-only'",
             "CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log FOR EACH ROW \
-             IF OLD.seq > (SELECT compacted_through FROM retention WHERE id = 1) THEN \
+             IF OLD.seq > COALESCE((SELECT compacted_through FROM retention WHERE id = 1), 0) THEN \
                SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'audit row is above the compaction horizon'; \
              END IF",
             "CREATE TRIGGER retention_horizon_guard BEFORE UPDATE ON retention FOR EACH ROW \
              IF NEW.compacted_through < OLD.compacted_through THEN \
                SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'the compaction horizon never goes down'; \
              END IF",
+            "CREATE TRIGGER retention_row_stays BEFORE DELETE ON retention FOR EACH ROW \
+             SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'the retention row stays'",
         ],
         _ => vec![
             "CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log \
              BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END",
             "CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log \
-             WHEN OLD.seq > (SELECT compacted_through FROM retention WHERE id = 1) \
+             WHEN OLD.seq > COALESCE((SELECT compacted_through FROM retention WHERE id = 1), 0) \
              BEGIN SELECT RAISE(ABORT, 'audit row is above the compaction horizon'); END",
             "CREATE TRIGGER retention_horizon_guard BEFORE UPDATE ON retention \
              WHEN NEW.compacted_through < OLD.compacted_through \
              BEGIN SELECT RAISE(ABORT, 'the compaction horizon never goes down'); END",
+            "CREATE TRIGGER retention_row_stays BEFORE DELETE ON retention \
+             BEGIN SELECT RAISE(ABORT, 'the retention row stays'); END",
         ],
     };
     for sql in statements {
@@ -415,6 +527,7 @@ async fn drop_retention_guards(manager: &SchemaManager<'_>) -> Result<(), DbErr>
             "DROP TRIGGER IF EXISTS audit_log_no_update",
             "DROP TRIGGER IF EXISTS audit_log_no_delete",
             "DROP TRIGGER IF EXISTS retention_horizon_guard",
+            "DROP TRIGGER IF EXISTS retention_row_stays",
         ],
     };
     for sql in statements {
@@ -433,7 +546,7 @@ enum Retention {
     LastPruneAt,
 }
 
-#[derive(DeriveIden)]
+#[derive(Clone, Copy, DeriveIden)]
 enum GlobalSessions {
     Table,
     Id,
@@ -442,7 +555,7 @@ enum GlobalSessions {
     ContextClearedAt,
 }
 
-#[derive(DeriveIden)]
+#[derive(Clone, Copy, DeriveIden)]
 enum AuditLog {
     Table,
     SessionId,

@@ -541,10 +541,7 @@ pub(crate) async fn sweep(conn: &db::Store, batch: u64) -> Result<SweepReport> {
             resource_locks::Entity::find()
                 .join(JoinType::InnerJoin, lock_session())
                 .filter(resource_locks::Column::ReleasedAt.is_null())
-                .filter(global_sessions::Column::Status.is_in([
-                    SessionStatus::Completed.as_str(),
-                    SessionStatus::Interrupted.as_str(),
-                ]))
+                .filter(global_sessions::Column::Status.is_in(SessionStatus::ended_names()))
                 .limit(room)
                 .all(&*txn)
                 .await?

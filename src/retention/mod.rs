@@ -7,15 +7,18 @@
 //!
 //! 1. sessions ended (`completed` or `interrupted`) before
 //!    `completed_after`: each batch locks the session rows first, as an end
-//!    does, then deletes their locks, waiters, agents and rows, and appends
-//!    one `sessions_pruned` audit row naming them, so a session goes whole
-//!    or not at all;
+//!    does, then deletes their locks, waiters, agents and rows, so a session
+//!    goes whole or not at all;
 //! 2. saved contexts of sessions ended before `context_after`: set to NULL,
-//!    `context_cleared_at` set, one `contexts_cleared` audit row per batch;
+//!    `context_cleared_at` set;
 //! 3. audit rows older than `audit_after`, oldest `seq` first, except those
 //!    of open sessions: each batch raises the compaction horizon
 //!    (`retention.compacted_through`) to its highest `seq` and deletes the
-//!    rows; then one `audit_compacted` row names the new horizon.
+//!    rows;
+//! 4. the audit log says what the prune did: a `sessions_pruned` row with
+//!    its counts, and an `audit_compacted` row naming the new horizon.
+//!    A prune stopped part-way by a failure or a crash leaves no such row;
+//!    its archive, if any, holds what went.
 //!
 //! Open (`active` or `paused`) sessions, their agents, locks and audit rows
 //! are never touched. One prune at a time works on a store: it holds a
@@ -64,7 +67,8 @@ pub const MAX_PRUNE_BATCH: u32 = 10_000;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RetentionPolicy {
     /// Sessions `completed` or `interrupted` longer ago than this are
-    /// deleted, with their agents, (released) locks and waiter rows.
+    /// deleted, with their agents, locks (released by their end, or by a
+    /// sweep) and waiter rows.
     pub completed_after: Option<Duration>,
     /// Sessions ended longer ago than this keep their row, but their saved
     /// context is cleared: [`SessionManager::session_context`](crate::SessionManager::session_context)
@@ -187,24 +191,10 @@ impl PruneReport {
     }
 }
 
-fn ended_statuses() -> [&'static str; 2] {
-    [
-        SessionStatus::Completed.as_str(),
-        SessionStatus::Interrupted.as_str(),
-    ]
-}
-
-fn open_statuses() -> [&'static str; 2] {
-    [
-        SessionStatus::Active.as_str(),
-        SessionStatus::Paused.as_str(),
-    ]
-}
-
 /// Sessions that ended before `before`.
 fn ended_before(before: DateTime<Utc>) -> Select<global_sessions::Entity> {
     global_sessions::Entity::find()
-        .filter(global_sessions::Column::Status.is_in(ended_statuses()))
+        .filter(global_sessions::Column::Status.is_in(SessionStatus::ended_names()))
         .filter(global_sessions::Column::UpdatedAt.lt(before))
 }
 
@@ -220,7 +210,7 @@ fn audit_before(before: DateTime<Utc>) -> Select<audit_log::Entity> {
     let open = Query::select()
         .column(global_sessions::Column::Id)
         .from(global_sessions::Entity)
-        .and_where(global_sessions::Column::Status.is_in(open_statuses()))
+        .and_where(global_sessions::Column::Status.is_in(SessionStatus::open_names()))
         .to_owned();
     audit_log::Entity::find()
         .filter(audit_log::Column::EventTime.lt(before))
@@ -255,7 +245,7 @@ impl Cutoffs {
             let nth: Option<DateTime<Utc>> = global_sessions::Entity::find()
                 .select_only()
                 .column(global_sessions::Column::UpdatedAt)
-                .filter(global_sessions::Column::Status.is_in(ended_statuses()))
+                .filter(global_sessions::Column::Status.is_in(SessionStatus::ended_names()))
                 .order_by_desc(global_sessions::Column::UpdatedAt)
                 .offset(n - 1)
                 .limit(1)
@@ -288,13 +278,25 @@ impl Lease {
     /// Takes the lease, free or expired, or refuses naming its holder.
     async fn claim(store: &db::Store) -> Result<Self> {
         let lease = Self { id: Uuid::new_v4() };
-        let txn = db::begin_write(store).await?;
-        let taken = lease.extend(&*txn, true).await?;
-        txn.commit().await?;
-        match taken {
-            true => Ok(lease),
-            false => Err(lease.held_elsewhere(store).await),
+        // Twice: a lease given up between the attempt and the look at its
+        // holder is taken on the second.
+        for _ in 0..2 {
+            // A look first, without a lock: a prune under way is refused at
+            // once rather than after its batch releases the row.
+            if let Some(held) = held(store).await? {
+                return Err(held);
+            }
+            let txn = db::begin_write(store).await?;
+            let taken = lease.extend(&*txn, true).await?;
+            txn.commit().await?;
+            if taken {
+                return Ok(lease);
+            }
         }
+        Err(held(store).await?.unwrap_or(Error::PruneInProgress {
+            pruner: "unknown".into(),
+            until: None,
+        }))
     }
 
     /// Opens a batch's transaction, extending the lease by [`LEASE`] in it
@@ -306,7 +308,10 @@ impl Lease {
             return Ok(txn);
         }
         txn.rollback().await?;
-        Err(self.held_elsewhere(store).await)
+        Err(held(store).await?.unwrap_or(Error::PruneInProgress {
+            pruner: "unknown".into(),
+            until: None,
+        }))
     }
 
     /// Sets the lease to this prune's until [`LEASE`] from now: when it
@@ -330,18 +335,6 @@ impl Lease {
             .await?
             .rows_affected;
         Ok(updated == 1)
-    }
-
-    async fn held_elsewhere(&self, store: &db::Store) -> Error {
-        let row = retention::Entity::find_by_id(1).one(&**store).await;
-        match row {
-            Ok(Some(row)) => Error::PruneInProgress {
-                pruner: row.pruner.unwrap_or_default(),
-                until: row.pruner_until.map(|t| t.to_utc()),
-            },
-            Ok(None) => Error::CorruptRow("retention has no row; run the migrations".into()),
-            Err(e) => e.into(),
-        }
     }
 
     /// Gives the lease up; `finished` records the time of this prune.
@@ -369,40 +362,61 @@ impl Lease {
     }
 }
 
+/// The prune lease, when another prune holds it and it has not expired.
+async fn held(store: &db::Store) -> Result<Option<Error>> {
+    let row = retention::Entity::find_by_id(1)
+        .one(&**store)
+        .await?
+        .ok_or_else(no_retention_row)?;
+    Ok(match (row.pruner, row.pruner_until) {
+        (Some(pruner), Some(until)) if until.to_utc() >= db::now() => {
+            Some(Error::PruneInProgress {
+                pruner,
+                until: Some(until.to_utc()),
+            })
+        }
+        _ => None,
+    })
+}
+
+fn no_retention_row() -> Error {
+    Error::CorruptRow("retention has no row; run the migrations".into())
+}
+
 /// What a prune reports after each batch: its counts so far.
 pub(crate) type Progress = Box<dyn Fn(&PruneReport) + Send + Sync>;
 
 /// Runs `policy` on the store, holding the prune lease throughout. Once
-/// `stop` turns true, no further batch starts.
+/// `stop` turns true, or its sender is gone, no further batch starts.
+/// Sessions with a lock released involuntarily within `lock_delay` are
+/// kept, since that release still holds the resource off.
+///
+/// The report counts every batch that committed, also when the prune then
+/// failed (the second value).
 pub(crate) async fn prune(
     store: &db::Store,
     policy: &RetentionPolicy,
+    lock_delay: Duration,
     stop: Option<watch::Receiver<bool>>,
     progress: Option<Progress>,
-) -> Result<PruneReport> {
-    policy.validate()?;
+) -> (PruneReport, Result<()>) {
     let started = Instant::now();
-    let lease = Lease::claim(store).await?;
     let mut pruning = Pruning {
         store,
-        lease,
+        lease: Lease { id: Uuid::new_v4() },
         batch: u64::from(policy.batch),
         archive: None,
         report: PruneReport::default(),
         stop,
         progress,
     };
-    let outcome = pruning.run(policy).await;
-    let released = lease.release(store, outcome.is_ok()).await;
+    let outcome = pruning.run(policy, lock_delay).await;
     let mut report = pruning.report;
-    outcome?;
-    released?;
-    if report.changed_anything() {
-        reclaim_pages(store).await?;
-    }
-    report.compacted_through = horizon(&**store).await?;
     report.elapsed_ms = millis(started.elapsed());
-    Ok(report)
+    if let Ok(horizon) = horizon(&**store).await {
+        report.compacted_through = horizon;
+    }
+    (report, outcome)
 }
 
 /// The steps of a prune, in the order they run.
@@ -425,11 +439,38 @@ struct Pruning<'a> {
 }
 
 impl Pruning<'_> {
-    async fn run(&mut self, policy: &RetentionPolicy) -> Result<()> {
+    async fn run(&mut self, policy: &RetentionPolicy, lock_delay: Duration) -> Result<()> {
+        policy.validate()?;
+        self.lease = Lease::claim(self.store).await?;
+        let outcome = self.steps(policy, lock_delay).await;
+        let finished = outcome.is_ok() && !self.stopped();
+        let released = self.lease.release(self.store, finished).await;
+        outcome?;
+        released?;
+        if self.report.changed_anything() {
+            // Pages are given back a step at a time; a failure there loses
+            // nothing, so it is only logged.
+            if let Err(e) = reclaim_pages(self.store, self.stop.as_ref()).await {
+                tracing::warn!(error = %e, "could not give freed pages back to the file system");
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the prune was told to stop, or its manager is gone.
+    fn stopped(&self) -> bool {
+        self.stop.as_ref().is_some_and(stopping)
+    }
+
+    async fn steps(&mut self, policy: &RetentionPolicy, lock_delay: Duration) -> Result<()> {
         if let Some(path) = &policy.archive {
             self.archive = Some(Archive::open(path).await?);
         }
-        let cutoffs = Cutoffs::of(&**self.store, policy).await?;
+        let mut cutoffs = Cutoffs::of(&**self.store, policy).await?;
+        if let (Some(before), false) = (cutoffs.sessions, lock_delay.is_zero()) {
+            let delay = chrono::Duration::from_std(lock_delay).unwrap_or(chrono::Duration::MAX);
+            cutoffs.sessions = Some(before.min(db::now() - delay));
+        }
         if let Some(before) = cutoffs.sessions {
             self.in_batches(Step::Sessions, before).await?;
         }
@@ -437,23 +478,16 @@ impl Pruning<'_> {
             self.in_batches(Step::Contexts, before).await?;
         }
         if let Some(before) = cutoffs.audit {
-            let deleted = self.report.audit_deleted;
             self.in_batches(Step::Audit, before).await?;
-            if self.report.audit_deleted > deleted {
-                self.record_compaction().await?;
-            }
         }
-        Ok(())
+        self.record().await
     }
 
     /// Runs `step` a batch at a time (each renews the lease), until a batch
     /// takes less than a full batch.
     async fn in_batches(&mut self, step: Step, before: DateTime<Utc>) -> Result<()> {
         loop {
-            // Stopped, or the manager that asked for it is gone.
-            let stopped =
-                |stop: &watch::Receiver<bool>| stop.has_changed().is_err() || *stop.borrow();
-            if self.stop.as_ref().is_some_and(stopped) {
+            if self.stopped() {
                 return Ok(());
             }
             let taken = match step {
@@ -491,39 +525,10 @@ impl Pruning<'_> {
             return Ok(0);
         }
         if let Some(archive) = &mut self.archive {
-            archive.append(&session_lines(&*txn, &ids).await?).await?;
+            archive_in_chunks(archive, &ids, |chunk| session_lines(&*txn, chunk)).await?;
         }
-        let (mut locks, mut waiters, mut agents, mut sessions) = (0, 0, 0, 0);
-        for chunk in ids.chunks(IDS_PER_STATEMENT) {
-            let chunk = || chunk.iter().map(String::as_str);
-            locks += resource_locks::Entity::delete_many()
-                .filter(resource_locks::Column::SessionId.is_in(chunk()))
-                .exec(&*txn)
-                .await?
-                .rows_affected;
-            waiters += lock_waiters::Entity::delete_many()
-                .filter(lock_waiters::Column::SessionId.is_in(chunk()))
-                .exec(&*txn)
-                .await?
-                .rows_affected;
-            agents += agent_executions::Entity::delete_many()
-                .filter(agent_executions::Column::SessionId.is_in(chunk()))
-                .exec(&*txn)
-                .await?
-                .rows_affected;
-            sessions += global_sessions::Entity::delete_many()
-                .filter(global_sessions::Column::Id.is_in(chunk()))
-                .exec(&*txn)
-                .await?
-                .rows_affected;
-        }
-        let details = serde_json::json!({
-            "sessions": ids,
-            "agents_deleted": agents,
-            "locks_deleted": locks,
-            "waiters_deleted": waiters,
-        });
-        audit::append(&*txn, AuditEvent::SessionsPruned, None, details, db::now()).await?;
+        let deleted = delete_whole(&*txn, &ids).await;
+        let (sessions, agents, locks, waiters) = self.or_unarchive(deleted).await?;
         txn.commit().await?;
         let report = &mut self.report;
         report.sessions_deleted += sessions;
@@ -533,6 +538,14 @@ impl Pruning<'_> {
         Ok(sessions)
     }
 
+    /// The result of a batch's writes, after its lines were archived: if
+    /// they failed (before the commit), the lines are cut off again.
+    async fn or_unarchive<T>(&mut self, writes: Result<T>) -> Result<T> {
+        if let (Err(_), Some(archive)) = (&writes, &mut self.archive) {
+            archive.abort().await;
+        }
+        writes
+    }
     /// One batch of step 2; the number of contexts cleared.
     async fn clear_contexts(&mut self, before: DateTime<Utc>) -> Result<u64> {
         let txn = self.lease.begin(self.store).await?;
@@ -552,25 +565,26 @@ impl Pruning<'_> {
             return Ok(0);
         }
         if let Some(archive) = &mut self.archive {
-            archive
-                .append(&context_lines(&*txn, &ids, now).await?)
-                .await?;
+            archive_in_chunks(archive, &ids, |chunk| context_lines(&*txn, chunk, now)).await?;
         }
-        let mut cleared = 0;
-        for chunk in ids.chunks(IDS_PER_STATEMENT) {
-            cleared += global_sessions::Entity::update_many()
-                .col_expr(
-                    global_sessions::Column::ContextData,
-                    Expr::value(sea_orm::Value::Json(None)),
-                )
-                .col_expr(global_sessions::Column::ContextClearedAt, Expr::value(now))
-                .filter(global_sessions::Column::Id.is_in(chunk.iter().map(String::as_str)))
-                .exec(&*txn)
-                .await?
-                .rows_affected;
+        let cleared = async {
+            let mut cleared = 0;
+            for chunk in ids.chunks(IDS_PER_STATEMENT) {
+                cleared += global_sessions::Entity::update_many()
+                    .col_expr(
+                        global_sessions::Column::ContextData,
+                        Expr::value(sea_orm::Value::Json(None)),
+                    )
+                    .col_expr(global_sessions::Column::ContextClearedAt, Expr::value(now))
+                    .filter(global_sessions::Column::Id.is_in(chunk.iter().map(String::as_str)))
+                    .exec(&*txn)
+                    .await?
+                    .rows_affected;
+            }
+            Ok(cleared)
         }
-        let details = serde_json::json!({ "sessions": ids });
-        audit::append(&*txn, AuditEvent::ContextsCleared, None, details, now).await?;
+        .await;
+        let cleared = self.or_unarchive(cleared).await?;
         txn.commit().await?;
         self.report.contexts_cleared += cleared;
         Ok(cleared)
@@ -586,8 +600,7 @@ impl Pruning<'_> {
             .into_tuple()
             .one(&*txn)
             .await?;
-        let horizon = horizon
-            .ok_or_else(|| Error::CorruptRow("retention has no row; run the migrations".into()))?;
+        let horizon = horizon.ok_or_else(no_retention_row)?;
         let rows: Vec<audit_log::Model> = match self.archive {
             // The whole rows only when they are archived.
             Some(_) => {
@@ -621,45 +634,135 @@ impl Pruning<'_> {
                 .into_iter()
                 .map(|row| ArchiveLine::Audit { row })
                 .collect();
-            archive.append(&lines).await?;
+            archive.begin().await?;
+            let written = async {
+                archive.write(&lines).await?;
+                archive.sync().await
+            }
+            .await;
+            if written.is_err() {
+                archive.abort().await;
+            }
+            written?;
         }
-        if highest > horizon {
-            retention::Entity::update_many()
-                .col_expr(retention::Column::CompactedThrough, Expr::value(highest))
-                .filter(retention::Column::Id.eq(1))
-                .exec(&*txn)
-                .await?;
+        let deleted = async {
+            if highest > horizon {
+                retention::Entity::update_many()
+                    .col_expr(retention::Column::CompactedThrough, Expr::value(highest))
+                    .filter(retention::Column::Id.eq(1))
+                    .exec(&*txn)
+                    .await?;
+            }
+            let mut deleted = 0;
+            for chunk in seqs.chunks(IDS_PER_STATEMENT) {
+                deleted += audit_log::Entity::delete_many()
+                    .filter(audit_log::Column::Seq.is_in(chunk.iter().copied()))
+                    .exec(&*txn)
+                    .await?
+                    .rows_affected;
+            }
+            Ok(deleted)
         }
-        let mut deleted = 0;
-        for chunk in seqs.chunks(IDS_PER_STATEMENT) {
-            deleted += audit_log::Entity::delete_many()
-                .filter(audit_log::Column::Seq.is_in(chunk.iter().copied()))
-                .exec(&*txn)
-                .await?
-                .rows_affected;
-        }
+        .await;
+        let deleted = self.or_unarchive(deleted).await?;
         txn.commit().await?;
         self.report.audit_deleted += deleted;
         Ok(deleted)
     }
 
-    /// The `audit_compacted` row of a prune that deleted audit rows, which
-    /// every feed after the horizon sees.
-    async fn record_compaction(&mut self) -> Result<()> {
-        let txn = self.lease.begin(self.store).await?;
+    /// What the prune did, in the audit log, in one short transaction at
+    /// its end: a `sessions_pruned` row with its counts when it deleted
+    /// sessions or cleared contexts, and an `audit_compacted` row naming
+    /// the new horizon when it deleted audit rows, which every feed after
+    /// the horizon sees. (A row per batch would take the audit log's head
+    /// through each batch's commit, and ends would queue behind it.)
+    async fn record(&mut self) -> Result<()> {
         let report = &self.report;
-        let details = serde_json::json!({
-            "compacted_through": horizon(&*txn).await?,
-            "audit_deleted": report.audit_deleted,
+        let changed = report.sessions_deleted + report.contexts_cleared > 0;
+        if !changed && report.audit_deleted == 0 {
+            return Ok(());
+        }
+        let txn = self.lease.begin(self.store).await?;
+        let now = db::now();
+        let counts = serde_json::json!({
             "sessions_deleted": report.sessions_deleted,
             "contexts_cleared": report.contexts_cleared,
             "agents_deleted": report.agents_deleted,
             "locks_deleted": report.locks_deleted,
+            "waiters_deleted": report.waiters_deleted,
+            "audit_deleted": report.audit_deleted,
         });
-        audit::append(&*txn, AuditEvent::AuditCompacted, None, details, db::now()).await?;
+        if changed {
+            audit::append(&*txn, AuditEvent::SessionsPruned, None, counts.clone(), now).await?;
+        }
+        if report.audit_deleted > 0 {
+            let mut details = counts;
+            details["compacted_through"] = serde_json::json!(horizon(&*txn).await?);
+            audit::append(&*txn, AuditEvent::AuditCompacted, None, details, now).await?;
+        }
         txn.commit().await?;
         Ok(())
     }
+}
+
+/// Deletes the sessions `ids` whole (locks, waiters, agents, rows, in the
+/// order an end takes them); the rows deleted: sessions, agents, locks,
+/// waiters.
+async fn delete_whole(txn: &impl ConnectionTrait, ids: &[String]) -> Result<(u64, u64, u64, u64)> {
+    let (mut locks, mut waiters, mut agents, mut sessions) = (0, 0, 0, 0);
+    for chunk in ids.chunks(IDS_PER_STATEMENT) {
+        let chunk = || chunk.iter().map(String::as_str);
+        locks += resource_locks::Entity::delete_many()
+            .filter(resource_locks::Column::SessionId.is_in(chunk()))
+            .exec(txn)
+            .await?
+            .rows_affected;
+        waiters += lock_waiters::Entity::delete_many()
+            .filter(lock_waiters::Column::SessionId.is_in(chunk()))
+            .exec(txn)
+            .await?
+            .rows_affected;
+        agents += agent_executions::Entity::delete_many()
+            .filter(agent_executions::Column::SessionId.is_in(chunk()))
+            .exec(txn)
+            .await?
+            .rows_affected;
+        sessions += global_sessions::Entity::delete_many()
+            .filter(global_sessions::Column::Id.is_in(chunk()))
+            .exec(txn)
+            .await?
+            .rows_affected;
+    }
+    Ok((sessions, agents, locks, waiters))
+}
+
+/// Sessions whose rows one read of an archived batch holds in memory.
+const ARCHIVE_CHUNK: usize = 50;
+
+/// Archives a batch a few sessions at a time (`lines` reads their lines)
+/// and flushes it to disk; on failure, nothing of the batch stays in the
+/// file.
+async fn archive_in_chunks<'t, F, Fut>(
+    archive: &mut Archive,
+    ids: &'t [String],
+    lines: F,
+) -> Result<()>
+where
+    F: Fn(&'t [String]) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<ArchiveLine>>>,
+{
+    archive.begin().await?;
+    let written = async {
+        for chunk in ids.chunks(ARCHIVE_CHUNK) {
+            archive.write(&lines(chunk).await?).await?;
+        }
+        archive.sync().await
+    }
+    .await;
+    if written.is_err() {
+        archive.abort().await;
+    }
+    written
 }
 
 /// The archive lines of the sessions `ids`, read inside the deleting
@@ -767,6 +870,12 @@ pub(crate) async fn check_horizon(db: &impl ConnectionTrait, after: i64) -> Resu
     }
 }
 
+/// Whether a stop signal says stop: it turned true, or its sender (the
+/// manager that asked for the prune) is gone.
+fn stopping(stop: &watch::Receiver<bool>) -> bool {
+    stop.has_changed().is_err() || *stop.borrow()
+}
+
 /// The most pages one step of [`reclaim_pages`] frees, so that the write
 /// lock is held briefly.
 const VACUUM_STEP_PAGES: u32 = 2_048;
@@ -774,11 +883,12 @@ const VACUUM_STEP_PAGES: u32 = 2_048;
 /// On SQLite, returns free pages to the file system, a step at a time
 /// through the write gate (a no-op unless the file is
 /// `auto_vacuum = INCREMENTAL`).
-async fn reclaim_pages(store: &db::Store) -> Result<()> {
+async fn reclaim_pages(store: &db::Store, stop: Option<&watch::Receiver<bool>>) -> Result<()> {
     if store.get_database_backend() != DatabaseBackend::Sqlite {
         return Ok(());
     }
-    loop {
+    let mut before = i64::MAX;
+    while !stop.is_some_and(stopping) {
         let _gate = db::write_gate(store).await?;
         let writer = store.writer();
         // Pragmas: SeaORM has no API for SQLite's page management.
@@ -800,10 +910,12 @@ async fn reclaim_pages(store: &db::Store) -> Result<()> {
             .map(|row| row.try_get_by_index(0))
             .transpose()?
             .unwrap_or(0);
-        // 2 is INCREMENTAL.
-        if free == 0 || vacuum != 2 {
+        // 2 is INCREMENTAL. A freelist that stopped shrinking (another
+        // writer freeing pages as fast) ends it too.
+        if free == 0 || vacuum != 2 || free >= before {
             return Ok(());
         }
+        before = free;
         writer
             .execute_unprepared(&format!("PRAGMA incremental_vacuum({VACUUM_STEP_PAGES})"))
             .await?;
@@ -811,6 +923,7 @@ async fn reclaim_pages(store: &db::Store) -> Result<()> {
             return Ok(());
         }
     }
+    Ok(())
 }
 
 /// Counts what `policy` would delete and clear now, deleting nothing.
@@ -832,7 +945,7 @@ pub(crate) async fn preview(
             Query::select()
                 .column(global_sessions::Column::Id)
                 .from(global_sessions::Entity)
-                .and_where(global_sessions::Column::Status.is_in(ended_statuses()))
+                .and_where(global_sessions::Column::Status.is_in(SessionStatus::ended_names()))
                 .and_where(global_sessions::Column::UpdatedAt.lt(before))
                 .to_owned()
         };

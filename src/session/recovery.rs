@@ -74,18 +74,11 @@ pub struct RecoveryReport {
     pub agents_cancelled: u64,
 }
 
-fn open_statuses() -> [&'static str; 2] {
-    [
-        SessionStatus::Active.as_str(),
-        SessionStatus::Paused.as_str(),
-    ]
-}
-
 /// Open sessions whose owner has not heartbeated since `cutoff`. Sessions
 /// owned by this instance are alive by definition and never match.
 fn stale(cutoff: chrono::DateTime<chrono::Utc>, me: Uuid) -> Condition {
     Condition::all()
-        .add(global_sessions::Column::Status.is_in(open_statuses()))
+        .add(global_sessions::Column::Status.is_in(SessionStatus::open_names()))
         .add(
             Condition::any()
                 .add(global_sessions::Column::LastHeartbeatAt.lt(cutoff))
@@ -181,7 +174,7 @@ pub(crate) async fn resume_session(manager: &SessionManager, from: Uuid) -> Resu
         .one(manager.connection())
         .await?;
     let (status, saved) = row.ok_or(Error::SessionNotFound(from))?;
-    if open_statuses().contains(&status.as_str()) {
+    if SessionStatus::open_names().contains(&status.as_str()) {
         return Err(Error::SessionStillOpen {
             session_id: from,
             status,

@@ -234,7 +234,7 @@ pub enum AuditCommand {
         session: Option<String>,
         /// Only events of this type (session_start, session_end,
         /// session_interrupted, session_resumed, locks_swept, lock_released,
-        /// sessions_pruned, contexts_cleared, audit_compacted).
+        /// sessions_pruned, audit_compacted).
         #[arg(long, value_name = "EVENT")]
         event: Option<String>,
         /// Only events after this seq (the SEQ column; with --json, "seq"):

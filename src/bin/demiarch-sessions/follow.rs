@@ -41,11 +41,12 @@ pub async fn run(ctx: &Ctx, tail: Tail<'_>) -> Result<String, Failure> {
         };
         match item {
             Some(Ok(event)) => out.event(&event)?,
-            // Refused options and a closed manager end the feed; anything else
-            // is retried from the last event printed.
-            Some(Err(e @ (Error::InvalidInput { .. } | Error::ManagerClosed))) => {
-                return Err(Failure::during("following the audit log", e))
-            }
+            // Refused options, a closed manager and a gap a prune left end
+            // the feed (exit 2, 1, 7); anything else is retried from the
+            // last event printed.
+            Some(Err(
+                e @ (Error::InvalidInput { .. } | Error::ManagerClosed | Error::Compacted { .. }),
+            )) => return Err(Failure::during("following the audit log", e)),
             Some(Err(e)) => eprintln!("warning: reading the audit log: {e}; retrying"),
             None => return Ok(String::new()),
         }

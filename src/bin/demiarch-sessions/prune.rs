@@ -22,17 +22,24 @@ impl Ctx {
             ));
         }
         let doing = "pruning";
-        // What would go: the whole answer of a dry run, and the length of
-        // the progress bar otherwise.
-        let planned = self
-            .manager
-            .prune_dry_run(policy)
-            .await
-            .map_err(|e| Failure::during(doing, e))?;
         let report = if dry_run {
-            planned
+            self.manager
+                .prune_dry_run(policy)
+                .await
+                .map_err(|e| Failure::during(doing, e))?
         } else {
-            let bar = progress_bar(total(&planned));
+            // A bar on a terminal, as long as a dry run counts; none otherwise.
+            let bar = match std::io::stderr().is_terminal() && !self.json {
+                true => {
+                    let planned = self
+                        .manager
+                        .prune_dry_run(policy)
+                        .await
+                        .map_err(|e| Failure::during(doing, e))?;
+                    progress_bar(total(&planned))
+                }
+                false => ProgressBar::hidden(),
+            };
             let shown = bar.clone();
             let report = self
                 .manager
@@ -53,11 +60,8 @@ fn total(report: &PruneReport) -> u64 {
     report.sessions_deleted + report.contexts_cleared + report.audit_deleted
 }
 
-/// A bar on stderr when it is a terminal; hidden otherwise.
+/// A bar on stderr.
 fn progress_bar(len: u64) -> ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
     let bar = ProgressBar::new(len);
     if let Ok(style) =
         ProgressStyle::with_template("pruning {bar:40} {pos}/{len} rows ({elapsed}, {eta} left)")

@@ -26,7 +26,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::Utc;
-use demiarch_sessions::{Operator, SessionStatus, WatchOptions};
+use demiarch_sessions::{Error, Operator, SessionStatus, WatchOptions};
 use futures::{Stream, StreamExt};
 use maud::{html, Markup, PreEscaped, DOCTYPE};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -578,6 +578,15 @@ async fn events(
                             .event("feed-error")
                             .data("an event could not be encoded")
                     }),
+                // Rows after the browser's last event were pruned: told, and
+                // its next reconnection resumes after the horizon (the feed
+                // ends here).
+                Err(Error::Compacted {
+                    compacted_through, ..
+                }) => Event::default()
+                    .id(compacted_through.to_string())
+                    .event("compacted")
+                    .data(compacted_through.to_string()),
                 // A read failed; the feed retries by itself.
                 Err(e) => Event::default().event("feed-error").data(e.to_string()),
             })
@@ -638,6 +647,14 @@ function listen() {
       const td = document.createElement('td'); td.textContent = text; tr.appendChild(td);
     }
     rows.prepend(tr);
+  });
+  // A prune deleted events after the last one shown: said, and the stream
+  // resumes after the horizon.
+  source.addEventListener('compacted', (e) => {
+    const tr = document.createElement('tr');
+    const td = document.createElement('td'); td.colSpan = 5;
+    td.textContent = 'events through seq ' + e.data + ' were pruned; resuming after it';
+    tr.appendChild(td); rows.prepend(tr);
   });
 }
 listen();
