@@ -318,6 +318,30 @@ pub(crate) async fn drop_audit_guards(manager: &SchemaManager<'_>) -> Result<(),
     Ok(())
 }
 
+/// Inserts `row` into a one-row table unless its row `id = 1` is there
+/// already (a migration run again after a failure part-way).
+pub(crate) async fn ensure_first_row(
+    manager: &SchemaManager<'_>,
+    table: DynIden,
+    id: DynIden,
+    row: InsertStatement,
+) -> Result<(), DbErr> {
+    let present = manager
+        .get_connection()
+        .query_one(
+            &Query::select()
+                .column(id.clone())
+                .from(table)
+                .and_where(Expr::col(id).eq(1))
+                .to_owned(),
+        )
+        .await?;
+    if present.is_none() {
+        manager.exec_stmt(row).await?;
+    }
+    Ok(())
+}
+
 /// A `CREATE TABLE` with the backend's table options: on MySQL/MariaDB, a
 /// binary collation so keys are matched byte for byte, as on the other backends.
 pub(crate) fn table_for(backend: DatabaseBackend, collation: &str) -> TableCreateStatement {

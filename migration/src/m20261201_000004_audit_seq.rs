@@ -17,8 +17,8 @@ use sea_orm_migration::schema::*;
 use sea_orm_migration::sea_orm::DatabaseBackend;
 
 use crate::m20261124_000001_core_schema::{
-    binary_collation, create_audit_guards, create_session_end_index, drop_audit_guards, table_for,
-    timestamp_col, UUID_TEXT_LEN,
+    binary_collation, create_audit_guards, create_session_end_index, drop_audit_guards,
+    ensure_first_row, table_for, timestamp_col, UUID_TEXT_LEN,
 };
 
 #[derive(DeriveMigrationName)]
@@ -54,27 +54,17 @@ impl MigrationTrait for Migration {
                     .to_owned(),
             )
             .await?;
-        let present = manager
-            .get_connection()
-            .query_one(
-                &Query::select()
-                    .column(AuditHead::Id)
-                    .from(AuditHead::Table)
-                    .and_where(Expr::col(AuditHead::Id).eq(1))
-                    .to_owned(),
-            )
-            .await?;
-        if present.is_none() {
-            manager
-                .exec_stmt(
-                    Query::insert()
-                        .into_table(AuditHead::Table)
-                        .columns([AuditHead::Id])
-                        .values_panic([1.into()])
-                        .to_owned(),
-                )
-                .await?;
-        }
+        ensure_first_row(
+            manager,
+            AuditHead::Table.into_iden(),
+            AuditHead::Id.into_iden(),
+            Query::insert()
+                .into_table(AuditHead::Table)
+                .columns([AuditHead::Id])
+                .values_panic([1.into()])
+                .to_owned(),
+        )
+        .await?;
         Ok(())
     }
 

@@ -24,8 +24,8 @@ use sea_orm_migration::schema::*;
 use sea_orm_migration::sea_orm::{ConnectionTrait, DatabaseBackend, Statement};
 
 use crate::m20261124_000001_core_schema::{
-    binary_collation, create_audit_guards, drop_audit_guards, table_for, timestamp_col,
-    UUID_TEXT_LEN,
+    binary_collation, create_audit_guards, drop_audit_guards, ensure_first_row, table_for,
+    timestamp_col, UUID_TEXT_LEN,
 };
 
 #[derive(DeriveMigrationName)]
@@ -74,27 +74,17 @@ impl MigrationTrait for Migration {
                     .to_owned(),
             )
             .await?;
-        let present = manager
-            .get_connection()
-            .query_one(
-                &Query::select()
-                    .column(Retention::Id)
-                    .from(Retention::Table)
-                    .and_where(Expr::col(Retention::Id).eq(1))
-                    .to_owned(),
-            )
-            .await?;
-        if present.is_none() {
-            manager
-                .exec_stmt(
-                    Query::insert()
-                        .into_table(Retention::Table)
-                        .columns([Retention::Id, Retention::CompactedThrough])
-                        .values_panic([1.into(), 0i64.into()])
-                        .to_owned(),
-                )
-                .await?;
-        }
+        ensure_first_row(
+            manager,
+            Retention::Table.into_iden(),
+            Retention::Id.into_iden(),
+            Query::insert()
+                .into_table(Retention::Table)
+                .columns([Retention::Id, Retention::CompactedThrough])
+                .values_panic([1.into(), 0i64.into()])
+                .to_owned(),
+        )
+        .await?;
         if !manager
             .has_column("global_sessions", "context_cleared_at")
             .await?

@@ -507,10 +507,15 @@ impl Pruning<'_> {
         }
     }
 
-    /// One batch of step 1; the number of sessions deleted.
-    async fn delete_sessions(&mut self, before: DateTime<Utc>) -> Result<u64> {
-        let txn = self.lease.begin(self.store).await?;
-        let ids: Vec<String> = ended_before(before)
+    /// The ids of the next batch of `sessions`, oldest ended first, their
+    /// rows locked as an end locks its session (rows another transaction
+    /// holds are left for a later batch).
+    async fn take(
+        &self,
+        txn: &impl ConnectionTrait,
+        sessions: Select<global_sessions::Entity>,
+    ) -> Result<Vec<String>> {
+        Ok(sessions
             .select_only()
             .column(global_sessions::Column::Id)
             .order_by_asc(global_sessions::Column::UpdatedAt)
@@ -518,8 +523,14 @@ impl Pruning<'_> {
             .limit(self.batch)
             .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
             .into_tuple()
-            .all(&*txn)
-            .await?;
+            .all(txn)
+            .await?)
+    }
+
+    /// One batch of step 1; the number of sessions deleted.
+    async fn delete_sessions(&mut self, before: DateTime<Utc>) -> Result<u64> {
+        let txn = self.lease.begin(self.store).await?;
+        let ids = self.take(&*txn, ended_before(before)).await?;
         if ids.is_empty() {
             txn.rollback().await?;
             return Ok(0);
@@ -550,16 +561,7 @@ impl Pruning<'_> {
     async fn clear_contexts(&mut self, before: DateTime<Utc>) -> Result<u64> {
         let txn = self.lease.begin(self.store).await?;
         let now = db::now();
-        let ids: Vec<String> = context_kept_before(before)
-            .select_only()
-            .column(global_sessions::Column::Id)
-            .order_by_asc(global_sessions::Column::UpdatedAt)
-            .order_by_asc(global_sessions::Column::Id)
-            .limit(self.batch)
-            .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
-            .into_tuple()
-            .all(&*txn)
-            .await?;
+        let ids = self.take(&*txn, context_kept_before(before)).await?;
         if ids.is_empty() {
             txn.rollback().await?;
             return Ok(0);
