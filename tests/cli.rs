@@ -580,6 +580,7 @@ async fn id_errors_name_the_id_and_exit_2_or_3() {
             context_data: Set(None),
             owner_instance: Set(None),
             last_heartbeat_at: Set(None),
+            context_cleared_at: Set(None),
         };
         global_sessions::Entity::insert(row)
             .exec_without_returning(manager.connection())
