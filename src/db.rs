@@ -39,9 +39,7 @@ static MIGRATING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 pub(crate) async fn connect(url: &str, config: &Config) -> Result<Store> {
     let sqlite = url.starts_with("sqlite:");
     let memory = sqlite && is_sqlite_memory(url);
-    if sqlite && !memory {
-        create_private_sqlite_file(url)?;
-    }
+    let created = sqlite && !memory && create_private_sqlite_file(url)?;
     let sqlite_path = sqlite.then(|| sqlite_display_path(url));
     let not_a_database = |e: sea_orm::DbErr| match &sqlite_path {
         Some(path) if is_not_a_database(&e) => Error::NotADatabase { path: path.clone() },
@@ -53,6 +51,21 @@ pub(crate) async fn connect(url: &str, config: &Config) -> Result<Store> {
     } else {
         config.max_connections.max(1)
     };
+    if created {
+        // A new file is made `auto_vacuum = INCREMENTAL` (with its header
+        // written by WAL mode) before anything else opens it: the setting
+        // holds only in an empty database, and setting it on every
+        // connection would take the write lock each time.
+        let mut options = connect_options(url, config, 1);
+        options.map_sqlx_sqlite_opts(|opts| {
+            opts.auto_vacuum(sea_orm::sqlx::sqlite::SqliteAutoVacuum::Incremental)
+        });
+        Database::connect(options)
+            .await
+            .map_err(not_a_database)?
+            .close()
+            .await?;
+    }
     let db = Database::connect(connect_options(url, config, pool_size))
         .await
         .map_err(not_a_database)?;
@@ -144,12 +157,9 @@ fn connect_options(url: &str, config: &Config, pool_size: u32) -> ConnectOptions
         options.test_before_acquire(false);
         let busy_timeout = config.busy_timeout;
         options.map_sqlx_sqlite_opts(move |opts| {
-            use sea_orm::sqlx::sqlite::{SqliteAutoVacuum, SqliteJournalMode, SqliteSynchronous};
+            use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
             let opts = opts
                 .create_if_missing(true)
-                // Takes effect in a new file only: a prune can then give
-                // freed pages back (`PRAGMA incremental_vacuum`).
-                .auto_vacuum(SqliteAutoVacuum::Incremental)
                 .foreign_keys(true)
                 .busy_timeout(busy_timeout)
                 // FULL: a committed end survives power loss, not only a crash.
@@ -310,7 +320,8 @@ pub(crate) fn is_lock_timeout(err: &sea_orm::DbErr) -> bool {
 
 /// Creates a missing SQLite file readable by its owner only: it will hold
 /// users' code and prompts. SQLite gives its -wal and -shm files the same mode.
-fn create_private_sqlite_file(url: &str) -> Result<()> {
+/// Whether it created it.
+fn create_private_sqlite_file(url: &str) -> Result<bool> {
     let options: sea_orm::sqlx::sqlite::SqliteConnectOptions =
         url.parse().map_err(|e| Error::InvalidInput {
             field: "url",
@@ -318,7 +329,7 @@ fn create_private_sqlite_file(url: &str) -> Result<()> {
         })?;
     let path: &Path = options.get_filename();
     if path.as_os_str().is_empty() || path.exists() {
-        return Ok(());
+        return Ok(false);
     }
     let mut open = std::fs::OpenOptions::new();
     open.write(true).create_new(true);
@@ -328,9 +339,9 @@ fn create_private_sqlite_file(url: &str) -> Result<()> {
         open.mode(0o600);
     }
     match open.open(path) {
-        Ok(_) => Ok(()),
+        Ok(_) => Ok(true),
         // Lost a race with another process creating it: fine.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
         Err(e) => Err(Error::CannotOpen {
             path: path.display().to_string(),
             reason: e.to_string(),
