@@ -28,6 +28,9 @@ pub enum AuditEvent {
     /// An operator released a lock on its holder's behalf
     /// (`SessionManager::release_lock_by`), with the reason given.
     LockReleased,
+    /// An agent finished its work, completed or failed
+    /// (`SessionManager::finish_agent`); its locks were released.
+    AgentFinished,
     /// A prune deleted ended sessions whole (agents, locks, waiters) or
     /// cleared saved contexts; its counts.
     SessionsPruned,
@@ -38,13 +41,14 @@ pub enum AuditEvent {
 
 impl AuditEvent {
     /// Every kind, in the order of the declaration.
-    pub const ALL: [AuditEvent; 8] = [
+    pub const ALL: [AuditEvent; 9] = [
         Self::SessionStart,
         Self::SessionEnd,
         Self::SessionInterrupted,
         Self::SessionResumed,
         Self::LocksSwept,
         Self::LockReleased,
+        Self::AgentFinished,
         Self::SessionsPruned,
         Self::AuditCompacted,
     ];
@@ -63,6 +67,7 @@ impl AuditEvent {
             Self::SessionInterrupted => "session_interrupted",
             Self::SessionResumed => "session_resumed",
             Self::LockReleased => "lock_released",
+            Self::AgentFinished => "agent_finished",
             Self::SessionsPruned => "sessions_pruned",
             Self::AuditCompacted => "audit_compacted",
         }

@@ -37,6 +37,7 @@
 //! # Ok(())
 //! # }
 //! ```
+mod agents;
 mod audit;
 mod config;
 mod context;
@@ -54,6 +55,7 @@ mod status;
 mod validate;
 mod watch;
 
+pub use agents::{AgentOutcome, FinishReport};
 pub use audit::{AuditEvent, Operator};
 pub use config::{Config, MAX_CONFIG_DURATION, MAX_CONTEXT_BYTES_LIMIT, MAX_SWEEP_BATCH};
 pub use context::{

@@ -547,6 +547,37 @@ impl SessionManager {
         .await
     }
 
+    /// Ends an agent's life when its work is done, without waiting for its
+    /// session to end: in one transaction its status becomes `completed` or
+    /// `failed` (with `completed_at`), its held locks are released (reason
+    /// `agent_finished`) and handed to their waiters, its own wait (if any)
+    /// is dropped, and one `agent_finished` audit row records the outcome.
+    /// Finishing it again writes nothing (`already_finished`); a finished
+    /// agent cannot acquire.
+    ///
+    /// # Errors
+    /// [`Error::AgentNotFound`](crate::Error::AgentNotFound),
+    /// [`Error::AgentNotRunning`](crate::Error::AgentNotRunning) for an agent
+    /// its session's end or a recovery cancelled,
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) naming `agent_id`
+    /// or `reason`.
+    #[instrument(skip(self), err)]
+    pub async fn finish_agent(
+        &self,
+        agent_id: Uuid,
+        outcome: crate::AgentOutcome,
+    ) -> Result<crate::FinishReport> {
+        self.usable()?;
+        self.detached(|m| async move {
+            let (report, freed) = crate::agents::finish(&m.db, agent_id, outcome).await?;
+            if !report.already_finished {
+                m.announce(freed, true).await;
+            }
+            Ok(report)
+        })
+        .await
+    }
+
     /// Releases a held lock (reason `released`), and wakes the resource's
     /// head waiter. Releasing a lock that is already released is a no-op.
     ///

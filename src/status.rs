@@ -79,6 +79,8 @@ text_enum!(
         Expired => "expired",
         /// Released because its session was completed or interrupted without it.
         Orphaned => "orphaned",
+        /// Released because its agent finished (`finish_agent`).
+        AgentFinished => "agent_finished",
     }
 );
 

@@ -241,11 +241,39 @@ fn call(name: &str, m: &SessionManager, f: &Fixture, received: &Received) -> Cal
         "record_store_gauges" => {
             Box::pin(async move { m.record_store_gauges().await.ok().map(|_| Uuid::nil()) })
         }
+        "finish_agent" => Box::pin(async move {
+            m.finish_agent(other, demiarch_sessions::AgentOutcome::Completed)
+                .await
+                .ok()
+                .map(|_| Uuid::nil())
+        }),
+        "prune" => Box::pin(async move {
+            m.prune(&prune_everything_ended())
+                .await
+                .ok()
+                .map(|_| Uuid::nil())
+        }),
+        "prune_dry_run" => Box::pin(async move {
+            m.prune_dry_run(&prune_everything_ended())
+                .await
+                .ok()
+                .map(|_| Uuid::nil())
+        }),
         other => panic!("no such call {other}"),
     }
 }
 
-const CALLS: [&str; 24] = [
+/// Every ended session, its context and the audit log up to now.
+fn prune_everything_ended() -> demiarch_sessions::RetentionPolicy {
+    demiarch_sessions::RetentionPolicy {
+        completed_after: Some(Duration::ZERO),
+        context_after: Some(Duration::ZERO),
+        audit_after: Some(Duration::ZERO),
+        ..Default::default()
+    }
+}
+
+const CALLS: [&str; 27] = [
     "start_session",
     "register_agent",
     "acquire_lock",
@@ -270,6 +298,9 @@ const CALLS: [&str; 24] = [
     "locks",
     "audit_events",
     "record_store_gauges",
+    "finish_agent",
+    "prune",
+    "prune_dry_run",
 ];
 
 /// What is wrong with the store now, if anything.

@@ -1308,3 +1308,115 @@ async fn audit_tail_follow_prints_events_as_they_commit_and_resumes_after_a_seq(
     );
     assert_error(&db.run(&["audit", "tail", "--after=-1"]), 2, "--after");
 }
+
+// --- agents and pruning -------------------------------------------------------
+
+#[tokio::test]
+async fn agents_finish_releases_the_agents_locks_and_says_so() {
+    let db = Db::new();
+    let manager = db.manager().await;
+    let session = manager.start_session().await.expect("start");
+    let done = manager
+        .register_agent(session, "coder")
+        .await
+        .expect("agent");
+    let broken = manager
+        .register_agent(session, "tester")
+        .await
+        .expect("agent");
+    manager
+        .acquire_lock(done, "file", "a.rs")
+        .await
+        .expect("lock");
+    manager
+        .acquire_lock(done, "file", "b.rs")
+        .await
+        .expect("lock");
+
+    let text = db.ok(&["agents", "finish", &done.to_string()]);
+    assert!(text.contains("completed: released 2 locks"), "{text}");
+    let again = db.ok(&["agents", "finish", &done.to_string()]);
+    assert!(
+        again.contains("had already finished (completed)"),
+        "{again}"
+    );
+    let report = db.json(&[
+        "agents",
+        "finish",
+        &broken.to_string(),
+        "--failed",
+        "flaky test",
+    ]);
+    assert_eq!(report["status"], "failed");
+    assert_eq!(report["already_finished"], false);
+
+    let agents = manager.agents(session).await.expect("agents");
+    let status = |id| agents.iter().find(|a| a.id == id).map(|a| a.status);
+    assert_eq!(
+        status(done),
+        Some(demiarch_sessions::AgentStatus::Completed)
+    );
+    assert_eq!(status(broken), Some(demiarch_sessions::AgentStatus::Failed));
+    let held = manager
+        .locks(LockFilter {
+            session_id: Some(session),
+            held_only: true,
+            ..LockFilter::default()
+        })
+        .await
+        .expect("locks");
+    assert!(held.is_empty(), "{held:?}");
+    assert_error(
+        &db.run(&["agents", "finish", &Uuid::new_v4().to_string()]),
+        3,
+        "not found",
+    );
+    assert_error(
+        &db.run(&["agents", "finish", &broken.to_string(), "--failed", " "]),
+        2,
+        "reason",
+    );
+}
+
+#[test]
+fn prune_deletes_ended_sessions_and_a_feed_from_before_exits_7() {
+    let db = Db::new();
+    demo(&db);
+    demo(&db);
+    let dry = db.json(&[
+        "prune",
+        "--completed-after",
+        "0s",
+        "--audit-after",
+        "0s",
+        "--dry-run",
+    ]);
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(dry["sessions_deleted"], 2);
+    let archive = db.path().with_extension("jsonl");
+    let report = db.json(&[
+        "prune",
+        "--completed-after",
+        "0s",
+        "--audit-after",
+        "0s",
+        "--archive",
+        &archive.display().to_string(),
+    ]);
+    assert_eq!(report["sessions_deleted"], dry["sessions_deleted"]);
+    assert_eq!(report["audit_deleted"], dry["audit_deleted"]);
+    let lines = std::fs::read_to_string(&archive).expect("archive");
+    assert_eq!(
+        lines
+            .lines()
+            .filter(|l| l.starts_with("{\"kind\":\"session\""))
+            .count(),
+        2
+    );
+    let listed = db.json(&["sessions", "list"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
+    let out = db.run(&["audit", "tail", "--follow", "--after", "1"]);
+    let stderr = assert_error(&out, 7, "compacted away");
+    assert!(stderr.contains("--after"), "{stderr}");
+    assert_error(&db.run(&["prune"]), 2, "nothing to prune");
+}

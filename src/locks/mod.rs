@@ -252,19 +252,28 @@ async fn insert_lock(
 /// the same session serialize on it: an acquire that locked it first commits
 /// its lock before the end's release runs and is released by it; an acquire
 /// that waits behind an end re-reads the row once the end commits and sees
-/// `completed`. The agent is read first and without a lock, so this never
-/// waits on an agent row while holding the session row.
+/// `completed`. A finish locks the session row too, so the agent's status is
+/// read after it: an acquire never sees a finished agent as running. No
+/// agent row is locked, so this never waits on one while holding the
+/// session row.
 async fn check_holder(txn: &DatabaseTransaction, agent_id: Uuid) -> Result<Uuid> {
-    let agent: Option<(String, TextUuid)> = agent_executions::Entity::find()
+    let session: Option<TextUuid> = agent_executions::Entity::find()
         .select_only()
-        .column(agent_executions::Column::Status)
         .column(agent_executions::Column::SessionId)
         .filter(agent_executions::Column::Id.eq(TextUuid(agent_id)))
         .into_tuple()
         .one(txn)
         .await?;
-    let (agent_status, session_id) = agent.ok_or(Error::AgentNotFound(agent_id))?;
+    let session_id = session.ok_or(Error::AgentNotFound(agent_id))?;
     crate::session::start::lock_active_session(txn, session_id.0).await?;
+    let agent_status: String = agent_executions::Entity::find()
+        .select_only()
+        .column(agent_executions::Column::Status)
+        .filter(agent_executions::Column::Id.eq(TextUuid(agent_id)))
+        .into_tuple()
+        .one(txn)
+        .await?
+        .ok_or(Error::AgentNotFound(agent_id))?;
     if agent_status != AgentStatus::Running.as_str() {
         return Err(Error::AgentNotRunning {
             agent_id,

@@ -97,6 +97,9 @@ pub enum Command {
     /// List resource locks and their queues, and release stale ones.
     #[command(subcommand)]
     Locks(LocksCommand),
+    /// Finish agents.
+    #[command(subcommand)]
+    Agents(AgentsCommand),
     /// Interrupt open sessions whose owning process stopped heartbeating
     /// (it crashed): their locks are released and running agents cancelled.
     Recover {
@@ -222,6 +225,20 @@ pub enum LocksCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum AgentsCommand {
+    /// Finish an agent's work: completed, or failed with a reason. Its locks
+    /// are released and handed to their waiters at once.
+    Finish {
+        /// The agent's full id.
+        #[arg(value_name = "AGENT_ID")]
+        agent_id: uuid::Uuid,
+        /// It failed, for this reason (recorded in the audit log).
+        #[arg(long, value_name = "REASON")]
+        failed: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum AuditCommand {
     /// The newest audit events, printed oldest first like tail(1); with
     /// --follow, then every new one as it commits, until interrupted.
@@ -234,7 +251,7 @@ pub enum AuditCommand {
         session: Option<String>,
         /// Only events of this type (session_start, session_end,
         /// session_interrupted, session_resumed, locks_swept, lock_released,
-        /// sessions_pruned, audit_compacted).
+        /// agent_finished, sessions_pruned, audit_compacted).
         #[arg(long, value_name = "EVENT")]
         event: Option<String>,
         /// Only events after this seq (the SEQ column; with --json, "seq"):

@@ -6,16 +6,16 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use demiarch_sessions::entity::{agent_executions, resource_locks};
 use demiarch_sessions::{
-    AuditEvent, AuditFilter, AuditRecord, Config, Error, LockFilter, LockInfo, LockWaiter,
-    Operator, RetentionPolicy, SessionFilter, SessionInfo, SessionManager, SessionStatus,
-    CONTEXT_FORMAT_VERSION,
+    AgentOutcome, AuditEvent, AuditFilter, AuditRecord, Config, Error, LockFilter, LockInfo,
+    LockWaiter, Operator, RetentionPolicy, SessionFilter, SessionInfo, SessionManager,
+    SessionStatus, CONTEXT_FORMAT_VERSION,
 };
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use serde::Serialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::args::{self, AuditCommand, Cli, Command, LocksCommand, SessionsCommand};
+use crate::args::{self, AgentsCommand, AuditCommand, Cli, Command, LocksCommand, SessionsCommand};
 use crate::exit::{Failure, CONFLICT, INVALID_INPUT, NOT_FOUND, UNREACHABLE};
 use crate::output::{self, count, short, Spinner};
 
@@ -81,6 +81,9 @@ pub async fn run(cli: Cli) -> Result<String, Failure> {
         }) => ctx.locks_waiters(&resource_type, &resource_key).await,
         Command::Locks(LocksCommand::Sweep) => ctx.locks_sweep().await,
         Command::Recover { stale_after } => ctx.recover(stale_after).await,
+        Command::Agents(AgentsCommand::Finish { agent_id, failed }) => {
+            ctx.agents_finish(agent_id, failed).await
+        }
         Command::Prune {
             completed_after,
             context_after,
@@ -759,6 +762,36 @@ impl Ctx {
         text.push_str(&output::render(&table));
         text.push('\n');
         Ok(text)
+    }
+
+    async fn agents_finish(
+        &self,
+        agent_id: Uuid,
+        failed: Option<String>,
+    ) -> Result<String, Failure> {
+        let outcome = match failed {
+            Some(reason) => AgentOutcome::Failed { reason },
+            None => AgentOutcome::Completed,
+        };
+        let report = self
+            .manager
+            .finish_agent(agent_id, outcome)
+            .await
+            .map_err(|e| Failure::during(&format!("finishing agent {agent_id}"), e))?;
+        if self.json {
+            return output::json(&report);
+        }
+        Ok(match report.already_finished {
+            true => format!(
+                "Agent {agent_id} had already finished ({}); nothing was changed.\n",
+                report.status
+            ),
+            false => format!(
+                "Agent {agent_id} {}: released {} (an agent_finished audit row records it).\n",
+                report.status,
+                count(report.locks_released, "lock"),
+            ),
+        })
     }
 
     async fn locks_sweep(&self) -> Result<String, Failure> {
