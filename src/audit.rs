@@ -28,6 +28,11 @@ pub enum AuditEvent {
     /// An operator released a lock on its holder's behalf
     /// (`SessionManager::release_lock_by`), with the reason given.
     LockReleased,
+    /// A session was paused: it keeps its locks, takes no new work, and its
+    /// agents' waits were removed.
+    SessionPaused,
+    /// A paused session was made active again.
+    SessionUnpaused,
     /// An agent finished its work, completed or failed
     /// (`SessionManager::finish_agent`); its locks were released.
     AgentFinished,
@@ -41,13 +46,15 @@ pub enum AuditEvent {
 
 impl AuditEvent {
     /// Every kind, in the order of the declaration.
-    pub const ALL: [AuditEvent; 9] = [
+    pub const ALL: [AuditEvent; 11] = [
         Self::SessionStart,
         Self::SessionEnd,
         Self::SessionInterrupted,
         Self::SessionResumed,
         Self::LocksSwept,
         Self::LockReleased,
+        Self::SessionPaused,
+        Self::SessionUnpaused,
         Self::AgentFinished,
         Self::SessionsPruned,
         Self::AuditCompacted,
@@ -67,6 +74,8 @@ impl AuditEvent {
             Self::SessionInterrupted => "session_interrupted",
             Self::SessionResumed => "session_resumed",
             Self::LockReleased => "lock_released",
+            Self::SessionPaused => "session_paused",
+            Self::SessionUnpaused => "session_unpaused",
             Self::AgentFinished => "agent_finished",
             Self::SessionsPruned => "sessions_pruned",
             Self::AuditCompacted => "audit_compacted",

@@ -668,6 +668,73 @@ impl SessionManager {
             .await
     }
 
+    /// Pauses an active session: it keeps its locks (its workspace) and
+    /// its owner goes on heartbeating for it, so `recover_stale` leaves it
+    /// alone, but it takes no new agents, locks or waits
+    /// ([`Error::SessionNotActive`](crate::Error::SessionNotActive) with
+    /// status `paused`) and its agents' waits are removed (a waiting
+    /// acquire returns that error). One `session_paused` audit row. Ending
+    /// a paused session works as ending an active one. Pausing a paused
+    /// session changes nothing, writes nothing and returns `Ok(())`.
+    ///
+    /// # Errors
+    /// [`Error::SessionNotFound`](crate::Error::SessionNotFound),
+    /// [`Error::SessionNotActive`](crate::Error::SessionNotActive) for an
+    /// ended session, [`Error::InvalidInput`](crate::Error::InvalidInput)
+    /// for the nil id.
+    #[instrument(skip(self), err)]
+    pub async fn pause_session(&self, session_id: Uuid) -> Result<()> {
+        self.pause_with(session_id, true, None).await
+    }
+
+    /// Makes a paused session active again (one `session_unpaused` audit
+    /// row). Unpausing an active session changes nothing, writes nothing and
+    /// returns `Ok(())`.
+    ///
+    /// # Errors
+    /// As [`pause_session`](Self::pause_session).
+    #[instrument(skip(self), err)]
+    pub async fn unpause_session(&self, session_id: Uuid) -> Result<()> {
+        self.pause_with(session_id, false, None).await
+    }
+
+    /// [`pause_session`](Self::pause_session) asked for by an operator: the
+    /// audit row also names `operator`.
+    ///
+    /// # Errors
+    /// As `pause_session`, and [`Error::InvalidInput`](crate::Error::InvalidInput)
+    /// naming `via` or `reason`.
+    pub async fn pause_session_by(&self, session_id: Uuid, operator: &Operator) -> Result<()> {
+        let details = operator.details("pause_session")?;
+        self.pause_with(session_id, true, Some(details)).await
+    }
+
+    /// [`unpause_session`](Self::unpause_session) asked for by an operator.
+    ///
+    /// # Errors
+    /// As `pause_session_by`.
+    pub async fn unpause_session_by(&self, session_id: Uuid, operator: &Operator) -> Result<()> {
+        let details = operator.details("unpause_session")?;
+        self.pause_with(session_id, false, Some(details)).await
+    }
+
+    async fn pause_with(
+        &self,
+        session_id: Uuid,
+        pause: bool,
+        operator: Option<serde_json::Value>,
+    ) -> Result<()> {
+        self.usable()?;
+        self.detached(|m| async move {
+            if session::pause::set_paused(&m.db, session_id, pause, operator).await? {
+                // Waits removed: their acquires learn at once.
+                m.announce(Freed::All, true).await;
+            }
+            Ok(())
+        })
+        .await
+    }
+
     async fn end_with(
         &self,
         session_id: Uuid,

@@ -247,6 +247,12 @@ fn call(name: &str, m: &SessionManager, f: &Fixture, received: &Received) -> Cal
                 .ok()
                 .map(|_| Uuid::nil())
         }),
+        "pause_session" => {
+            Box::pin(async move { m.pause_session(session).await.ok().map(|_| Uuid::nil()) })
+        }
+        "unpause_session" => {
+            Box::pin(async move { m.unpause_session(session).await.ok().map(|_| Uuid::nil()) })
+        }
         "prune" => Box::pin(async move {
             m.prune(&prune_everything_ended())
                 .await
@@ -273,7 +279,7 @@ fn prune_everything_ended() -> demiarch_sessions::RetentionPolicy {
     }
 }
 
-const CALLS: [&str; 27] = [
+const CALLS: [&str; 29] = [
     "start_session",
     "register_agent",
     "acquire_lock",
@@ -299,6 +305,8 @@ const CALLS: [&str; 27] = [
     "audit_events",
     "record_store_gauges",
     "finish_agent",
+    "pause_session",
+    "unpause_session",
     "prune",
     "prune_dry_run",
 ];

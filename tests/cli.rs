@@ -1420,3 +1420,36 @@ fn prune_deletes_ended_sessions_and_a_feed_from_before_exits_7() {
     assert!(stderr.contains("--after"), "{stderr}");
     assert_error(&db.run(&["prune"]), 2, "nothing to prune");
 }
+
+#[tokio::test]
+async fn sessions_pause_and_unpause_keep_the_locks() {
+    let db = Db::new();
+    let manager = db.manager().await;
+    let (session, lock) = session_with_lock(&manager, "src/paused.rs").await;
+    let text = db.ok(&["sessions", "pause", &short(session)]);
+    assert!(text.contains("is paused"), "{text}");
+    let again = db.ok(&["sessions", "pause", &short(session)]);
+    assert!(
+        again.contains("was already paused; nothing was changed"),
+        "{again}"
+    );
+    assert_eq!(status_of(&manager, session).await, SessionStatus::Paused);
+    let held = manager
+        .locks(LockFilter {
+            session_id: Some(session),
+            held_only: true,
+            ..LockFilter::default()
+        })
+        .await
+        .expect("locks");
+    assert_eq!(held.iter().map(|l| l.id).collect::<Vec<_>>(), vec![lock]);
+    let info = db.json(&["sessions", "unpause", &short(session)]);
+    assert_eq!(info["status"], "active");
+    assert_eq!(status_of(&manager, session).await, SessionStatus::Active);
+    manager.end_session(session).await.expect("end");
+    assert_error(
+        &db.run(&["sessions", "pause", &short(session)]),
+        6,
+        "completed",
+    );
+}

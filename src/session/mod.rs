@@ -1,6 +1,7 @@
 //! A session's life: starting it and its agents, ending it (story 6.5), and
 //! reading back what it saved.
 pub(crate) mod end;
+pub(crate) mod pause;
 pub(crate) mod recovery;
 pub(crate) mod start;
 

@@ -195,6 +195,17 @@ pub enum SessionsCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Pause an active session: it keeps its locks but takes no new agents,
+    /// locks or waits (its agents' waits are removed) until unpaused.
+    Pause {
+        /// Session id, or a unique prefix of 8 or more hex digits.
+        id: String,
+    },
+    /// Make a paused session active again.
+    Unpause {
+        /// Session id, or a unique prefix of 8 or more hex digits.
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -251,7 +262,8 @@ pub enum AuditCommand {
         session: Option<String>,
         /// Only events of this type (session_start, session_end,
         /// session_interrupted, session_resumed, locks_swept, lock_released,
-        /// agent_finished, sessions_pruned, audit_compacted).
+        /// session_paused, session_unpaused, agent_finished, sessions_pruned,
+        /// audit_compacted).
         #[arg(long, value_name = "EVENT")]
         event: Option<String>,
         /// Only events after this seq (the SEQ column; with --json, "seq"):

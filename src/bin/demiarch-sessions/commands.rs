@@ -70,6 +70,8 @@ pub async fn run(cli: Cli) -> Result<String, Failure> {
         }
         Command::Sessions(SessionsCommand::Show { id }) => ctx.sessions_show(&id).await,
         Command::Sessions(SessionsCommand::End { id, force }) => ctx.sessions_end(&id, force).await,
+        Command::Sessions(SessionsCommand::Pause { id }) => ctx.sessions_pause(&id, true).await,
+        Command::Sessions(SessionsCommand::Unpause { id }) => ctx.sessions_pause(&id, false).await,
         Command::Locks(LocksCommand::List {
             held,
             session,
@@ -498,6 +500,31 @@ impl Ctx {
             }),
             Err(e) => Err(Failure::during(&format!("reading session {}", info.id), e)),
         }
+    }
+
+    pub async fn sessions_pause(&self, id: &str, pause: bool) -> Result<String, Failure> {
+        let id = self.resolve(id).await?;
+        let before = self.session(id).await?.status;
+        let (verb, done) = match pause {
+            true => ("pausing", SessionStatus::Paused),
+            false => ("unpausing", SessionStatus::Active),
+        };
+        let doing = format!("{verb} session {id}");
+        match (pause, &self.operator) {
+            (true, Some(op)) => self.manager.pause_session_by(id, op).await,
+            (true, None) => self.manager.pause_session(id).await,
+            (false, Some(op)) => self.manager.unpause_session_by(id, op).await,
+            (false, None) => self.manager.unpause_session(id).await,
+        }
+        .map_err(|e| Failure::during(&doing, e))?;
+        let info = self.session(id).await?;
+        if self.json {
+            return output::json(&info);
+        }
+        Ok(match before == done {
+            true => format!("Session {id} was already {done}; nothing was changed.\n"),
+            false => format!("Session {id} is {}.\n", info.status),
+        })
     }
 
     pub async fn sessions_end(&self, id: &str, force: bool) -> Result<String, Failure> {

@@ -5,6 +5,7 @@
 //! demiarch-sessions sessions list [--status S] [--limit N]
 //! demiarch-sessions sessions show ID
 //! demiarch-sessions sessions end ID [--force]
+//! demiarch-sessions sessions pause ID | sessions unpause ID
 //! demiarch-sessions locks list [--held] [--session ID] [--limit N]
 //! demiarch-sessions locks waiters TYPE KEY
 //! demiarch-sessions locks sweep
