@@ -63,6 +63,7 @@ pub use context::{
 };
 pub use error::{Error, Result};
 pub use lifecycle::{ShutdownFailure, ShutdownReport};
+pub use locks::lost::LockLoss;
 pub use locks::{LockGrant, LockOptions, LockWaiter, SweepReport};
 pub use manager::SessionManager;
 pub use metrics::MetricsSnapshot;

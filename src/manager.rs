@@ -578,6 +578,30 @@ impl SessionManager {
         .await
     }
 
+    /// Resolves once the lock is no longer safely held, with how and when:
+    /// released by its holder, its session's end (here or on another
+    /// instance), a recovery, a sweep or an acquire that took over the
+    /// expired lock, an operator, or its agent's finish; or its time to live
+    /// passing without a renewal, even before anything sweeps it (a renewal
+    /// moves that moment). A holder runs its work under `tokio::select!`
+    /// with it and stops when it resolves (see `examples/guarded_work.rs`).
+    ///
+    /// Delivery: at once for this manager's writes and, on PostgreSQL, other
+    /// instances' (`NOTIFY`); otherwise within `Config::lock_poll_interval`.
+    /// Dropping the future leaves nothing behind.
+    ///
+    /// # Errors
+    /// [`Error::LockNotFound`](crate::Error::LockNotFound) at once for an
+    /// unknown id, [`Error::InvalidInput`](crate::Error::InvalidInput) for
+    /// the nil id, [`Error::ManagerClosed`](crate::Error::ManagerClosed),
+    /// [`Error::Database`](crate::Error::Database) when a read fails.
+    pub fn lock_lost(
+        &self,
+        lock_id: Uuid,
+    ) -> impl std::future::Future<Output = Result<crate::LockLoss>> + Send + 'static {
+        locks::lost::lock_lost(self.clone(), lock_id)
+    }
+
     /// Releases a held lock (reason `released`), and wakes the resource's
     /// head waiter. Releasing a lock that is already released is a no-op.
     ///

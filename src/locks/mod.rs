@@ -5,6 +5,7 @@
 //! held locks. Who gets a free resource is decided in one transaction that
 //! draws from the fencing counter, which serializes grants: the first live
 //! waiter in the queue (`queue`), or, when nobody waits, whoever asks.
+pub(crate) mod lost;
 mod queue;
 mod wait;
 pub(crate) mod wake;
