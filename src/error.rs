@@ -78,6 +78,9 @@ pub enum Error {
     /// No session id starts with this prefix.
     #[error("no session id starts with {prefix:?}")]
     SessionPrefixNotFound { prefix: String },
+    /// No lock id starts with the prefix given.
+    #[error("no lock id starts with {prefix:?}")]
+    LockPrefixNotFound { prefix: String },
     /// More than one session id starts with this prefix.
     #[error("session id prefix {prefix:?} matches more than one session; give more characters")]
     AmbiguousId { prefix: String },

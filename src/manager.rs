@@ -897,6 +897,22 @@ impl SessionManager {
             .await
     }
 
+    /// The lock whose id is `prefix` or starts with it (8 or more hex
+    /// digits), as `locks list` shows them.
+    ///
+    /// # Errors
+    /// [`Error::LockPrefixNotFound`](crate::Error::LockPrefixNotFound),
+    /// [`Error::LockNotFound`](crate::Error::LockNotFound) for a full id,
+    /// [`Error::AmbiguousId`](crate::Error::AmbiguousId) when several match,
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) for a short or
+    /// non-hex prefix.
+    pub async fn find_lock(&self, prefix: &str) -> Result<Uuid> {
+        self.usable()?;
+        let prefix = prefix.to_owned();
+        self.detached(|m| async move { query::lock_by_prefix(&m.db, &prefix).await })
+            .await
+    }
+
     /// The agents of a session, oldest first.
     ///
     /// # Errors

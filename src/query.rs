@@ -139,6 +139,43 @@ pub(crate) async fn session_by_prefix(db: &DatabaseConnection, prefix: &str) -> 
     }
 }
 
+/// The one lock whose id starts with `prefix` (at least 8 hex characters),
+/// as for sessions.
+pub(crate) async fn lock_by_prefix(db: &DatabaseConnection, prefix: &str) -> Result<Uuid> {
+    let prefix = prefix.trim().to_ascii_lowercase();
+    if let Ok(id) = Uuid::parse_str(&prefix) {
+        validate::id("lock_id", id)?;
+        let found: Option<TextUuid> = resource_locks::Entity::find()
+            .select_only()
+            .column(resource_locks::Column::Id)
+            .filter(resource_locks::Column::Id.eq(TextUuid(id)))
+            .into_tuple()
+            .one(db)
+            .await?;
+        return found.map(|id| id.0).ok_or(Error::LockNotFound(id));
+    }
+    if prefix.len() < 8 || !prefix.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+        return Err(Error::InvalidInput {
+            field: "lock id",
+            reason: format!("{prefix:?} is neither a UUID nor a prefix of 8 or more hex digits"),
+        });
+    }
+    // Only hex digits and hyphens reach LIKE, so no wildcard can sneak in.
+    let matches: Vec<TextUuid> = resource_locks::Entity::find()
+        .select_only()
+        .column(resource_locks::Column::Id)
+        .filter(resource_locks::Column::Id.like(format!("{prefix}%")))
+        .limit(2)
+        .into_tuple()
+        .all(db)
+        .await?;
+    match matches.as_slice() {
+        [one] => Ok(one.0),
+        [] => Err(Error::LockPrefixNotFound { prefix }),
+        _ => Err(Error::AmbiguousId { prefix }),
+    }
+}
+
 /// An agent execution.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct AgentInfo {
@@ -175,6 +212,8 @@ pub(crate) async fn agents(db: &DatabaseConnection, session_id: Uuid) -> Result<
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LockFilter {
     pub session_id: Option<Uuid>,
+    /// Only this lock.
+    pub lock_id: Option<Uuid>,
     /// Only locks still held.
     pub held_only: bool,
     pub limit: Option<u64>,
@@ -219,6 +258,9 @@ pub(crate) async fn locks(db: &DatabaseConnection, filter: &LockFilter) -> Resul
     let mut query = resource_locks::Entity::find();
     if let Some(session) = filter.session_id {
         query = query.filter(resource_locks::Column::SessionId.eq(TextUuid(session)));
+    }
+    if let Some(lock) = filter.lock_id {
+        query = query.filter(resource_locks::Column::Id.eq(TextUuid(lock)));
     }
     if filter.held_only {
         query = query.filter(resource_locks::Column::ReleasedAt.is_null());

@@ -1453,3 +1453,54 @@ async fn sessions_pause_and_unpause_keep_the_locks() {
         "completed",
     );
 }
+
+#[tokio::test]
+async fn locks_release_by_a_listed_prefix_records_the_reason() {
+    let db = Db::new();
+    let manager = db.manager().await;
+    let (session, lock) = session_with_lock(&manager, "src/stuck.rs").await;
+    let listed = db.ok(&["locks", "list", "--held"]);
+    assert!(
+        listed.contains("LOCK") && listed.contains(&short(lock)),
+        "{listed}"
+    );
+    let text = db.ok(&[
+        "locks",
+        "release",
+        &short(lock),
+        "--reason",
+        "stuck for an hour",
+    ]);
+    assert!(text.contains("Released lock"), "{text}");
+    let again = db.ok(&["locks", "release", &lock.to_string(), "--reason", "again"]);
+    assert!(again.contains("already released"), "{again}");
+    let released = manager
+        .locks(LockFilter {
+            lock_id: Some(lock),
+            ..LockFilter::default()
+        })
+        .await
+        .expect("lock");
+    assert!(released[0].released_at.is_some());
+    let rows = manager
+        .audit_events(AuditFilter {
+            session_id: Some(session),
+            event_type: Some("lock_released".into()),
+            ..AuditFilter::default()
+        })
+        .await
+        .expect("audit");
+    assert_eq!(rows.len(), 1, "one release, one row");
+    assert_eq!(rows[0].details["operator"]["reason"], "stuck for an hour");
+    assert_eq!(rows[0].details["operator"]["via"], "cli");
+    assert_error(
+        &db.run(&["locks", "release", "ffffffff", "--reason", "x"]),
+        3,
+        "no lock id",
+    );
+    assert_error(
+        &db.run(&["locks", "release", "abc", "--reason", "x"]),
+        2,
+        "lock id",
+    );
+}

@@ -233,6 +233,16 @@ pub enum LocksCommand {
     },
     /// Release expired locks and the locks of ended or interrupted sessions.
     Sweep,
+    /// Release one lock on its holder's behalf; its waiters are handed it and
+    /// a lock_released audit row names the reason.
+    Release {
+        /// Lock id (the LOCK column of `locks list`), or a unique prefix of
+        /// 8 or more hex digits.
+        lock_id: String,
+        /// Why, in the operator's words (recorded in the audit log).
+        #[arg(long, value_name = "TEXT")]
+        reason: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -82,6 +82,9 @@ pub async fn run(cli: Cli) -> Result<String, Failure> {
             resource_key,
         }) => ctx.locks_waiters(&resource_type, &resource_key).await,
         Command::Locks(LocksCommand::Sweep) => ctx.locks_sweep().await,
+        Command::Locks(LocksCommand::Release { lock_id, reason }) => {
+            ctx.locks_release(&lock_id, reason).await
+        }
         Command::Recover { stale_after } => ctx.recover(stale_after).await,
         Command::Agents(AgentsCommand::Finish { agent_id, failed }) => {
             ctx.agents_finish(agent_id, failed).await
@@ -596,7 +599,7 @@ impl Ctx {
                 session_id,
                 held_only: held,
                 limit: Some(limit),
-                offset: 0,
+                ..LockFilter::default()
             })
             .await
             .map_err(|e| Failure::during("listing locks", e))?;
@@ -677,7 +680,7 @@ impl Ctx {
         queues: Option<&Queues>,
         with_session: bool,
     ) -> comfy_table::Table {
-        let mut header = vec!["TOKEN", "RESOURCE"];
+        let mut header = vec!["LOCK", "TOKEN", "RESOURCE"];
         if with_session {
             header.push("SESSION");
         }
@@ -688,6 +691,7 @@ impl Ctx {
         let mut table = output::table(header);
         for l in locks {
             let mut row = vec![
+                short(l.id),
                 l.fencing_token.to_string(),
                 format!("{}/{}", l.resource_type, l.resource_key),
             ];
@@ -817,6 +821,69 @@ impl Ctx {
                 "Agent {agent_id} {}: released {} (an agent_finished audit row records it).\n",
                 report.status,
                 count(report.locks_released, "lock"),
+            ),
+        })
+    }
+
+    async fn locks_release(&self, lock_id: &str, reason: String) -> Result<String, Failure> {
+        let id = self
+            .manager
+            .find_lock(lock_id)
+            .await
+            .map_err(|e| Failure::during(&format!("looking up lock {lock_id}"), e))?;
+        let operator = match &self.operator {
+            Some(operator) => Operator {
+                reason: Some(reason),
+                ..operator.clone()
+            },
+            None => Operator {
+                via: "cli".into(),
+                reason: Some(reason),
+            },
+        };
+        let doing = format!("releasing lock {id}");
+        let lookup = |m: &SessionManager| {
+            let m = m.clone();
+            async move {
+                let found = m
+                    .locks(LockFilter {
+                        lock_id: Some(id),
+                        ..LockFilter::default()
+                    })
+                    .await;
+                found.map(|mut locks| locks.pop())
+            }
+        };
+        let before = lookup(&self.manager)
+            .await
+            .map_err(|e| Failure::during(&doing, e))?;
+        self.manager
+            .release_lock_by(id, &operator)
+            .await
+            .map_err(|e| Failure::during(&doing, e))?;
+        let after = lookup(&self.manager)
+            .await
+            .map_err(|e| Failure::during(&doing, e))?;
+        if self.json {
+            return output::json(&after);
+        }
+        let Some(lock) = after else {
+            return Err(Failure::new(NOT_FOUND, format!("lock {id} not found")));
+        };
+        let was_held = before.is_some_and(|l| l.released_at.is_none());
+        Ok(match was_held {
+            true => format!(
+                "Released lock {} ({}/{}, fencing token {}); its waiters are handed it and a \
+                 lock_released audit row names the reason.\n",
+                short(id),
+                lock.resource_type,
+                lock.resource_key,
+                lock.fencing_token
+            ),
+            false => format!(
+                "Lock {} was already released ({}); nothing was changed.\n",
+                short(id),
+                lock.release_reason.as_deref().unwrap_or("released")
             ),
         })
     }

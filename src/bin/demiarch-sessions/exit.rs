@@ -52,6 +52,13 @@ impl Failure {
             Error::SessionNotFound(id) => {
                 Self::new(NOT_FOUND, format!("session {id} not found; {LIST_HINT}"))
             }
+            Error::LockPrefixNotFound { prefix } => Self::new(
+                NOT_FOUND,
+                format!(
+                    "no lock id starts with {prefix:?}; `demiarch-sessions locks list` shows \
+                     the locks there are"
+                ),
+            ),
             Error::AgentNotFound(_) | Error::LockNotFound(_) => {
                 Self::new(NOT_FOUND, err.to_string())
             }

@@ -9,6 +9,7 @@
 //! demiarch-sessions locks list [--held] [--session ID] [--limit N]
 //! demiarch-sessions locks waiters TYPE KEY
 //! demiarch-sessions locks sweep
+//! demiarch-sessions locks release LOCK_ID --reason TEXT
 //! demiarch-sessions agents finish AGENT_ID [--failed REASON]
 //! demiarch-sessions recover [--stale-after 5m]
 //! demiarch-sessions audit tail [-n N] [--session ID] [--event E] [--after SEQ] [--follow]
