@@ -31,6 +31,8 @@
 //! draining; see scale/handoff.rs), `--watch` (how soon and how many events a
 //! change feed delivers; see scale/watch.rs), `--prune` (a prune's rate against
 //! raw SQL, ends during it, a SQLite file's growth; see scale/prune.rs),
+//! `--lock-lost` (how soon a holder learns its lock went; see
+//! scale/lock_lost.rs),
 //! `--explain` (query plans), `--wal-pages`
 //! (what each end writes to SQLite's WAL, per table and index), `--chart` (the
 //! SVG in docs/). See `--help` and docs/performance.md.
@@ -56,6 +58,8 @@ mod explain;
 mod fixture;
 #[path = "scale/handoff.rs"]
 mod handoff;
+#[path = "scale/lock_lost.rs"]
+mod lock_lost;
 #[path = "scale/prune.rs"]
 mod prune;
 #[path = "scale/raw_seed.rs"]
@@ -89,6 +93,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
         Mode::Watch => watch::run(&args).await,
         Mode::Dashboard => dashboard::run(&args).await,
         Mode::Prune => prune::run(&args).await,
+        Mode::LockLost => lock_lost::run(&args).await,
         Mode::Explain => {
             let locks = args.locks[0];
             with_fixture(&args, |fx| async move { explain::run(&fx, locks).await }).await

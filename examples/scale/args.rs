@@ -48,6 +48,9 @@ modes (default: time ends, one JSON line per impl and combination):
                                (2 agents, 5 locks, 1 KiB context) against raw SQL deletes,
                                and --iters ends before and during it; on sqlite-wal, the
                                file's size after 10 000 sessions, pruned, and 10 000 more
+  --lock-lost                  time SessionManager::lock_lost: from a release's return to the
+                               watch's resolution, in one process and on a second manager
+                               (--iters each, after 3 warm-up ones)
   --batch N[,N...]             --prune: RetentionPolicy::batch, one pair of lines each [1000]
   --explain                    print the query plan of every statement of both ends
   --wal-pages                  sqlite-wal: pages each end writes to the WAL, per table/index
@@ -101,6 +104,7 @@ pub enum Mode {
     Watch,
     Dashboard,
     Prune,
+    LockLost,
     Explain,
     WalPages,
     Chart {
@@ -159,6 +163,7 @@ impl Args {
         let mut watch = false;
         let mut dashboard = false;
         let mut prune = false;
+        let mut lock_lost = false;
         let mut prune_batches = vec![1000];
         let mut watch_rate = 5000;
         let mut watch_seconds = 3;
@@ -199,6 +204,7 @@ impl Args {
                 "--watch" => watch = true,
                 "--dashboard" => dashboard = true,
                 "--prune" => prune = true,
+                "--lock-lost" => lock_lost = true,
                 "--batch" => prune_batches = list("--batch", &value()?)?,
                 "--watch-rate" => watch_rate = number("--watch-rate", &value()?)?,
                 "--watch-seconds" => watch_seconds = number("--watch-seconds", &value()?)?,
@@ -217,11 +223,16 @@ impl Args {
             || handoff
             || explain
             || wal_pages;
-        if [watch, dashboard, prune].iter().filter(|m| **m).count() + usize::from(other_mode) > 1
-            && (watch || dashboard || prune)
+        if [watch, dashboard, prune, lock_lost]
+            .iter()
+            .filter(|m| **m)
+            .count()
+            + usize::from(other_mode)
+            > 1
+            && (watch || dashboard || prune || lock_lost)
         {
             return Err(format!(
-                "choose one mode: --watch, --dashboard and --prune go alone\n\n{USAGE}"
+                "choose one mode: --watch, --dashboard, --prune and --lock-lost go alone\n\n{USAGE}"
             )
             .into());
         }
@@ -229,6 +240,7 @@ impl Args {
             _ if watch => Mode::Watch,
             _ if dashboard => Mode::Dashboard,
             _ if prune => Mode::Prune,
+            _ if lock_lost => Mode::LockLost,
             (Some(out), Some(from), None, false, false, false, false) => Mode::Chart { out, from },
             (Some(_), None, ..) | (None, Some(_), ..) => {
                 return Err(format!("--chart and --from go together\n\n{USAGE}").into())
