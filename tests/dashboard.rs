@@ -169,6 +169,36 @@ async fn the_api_returns_the_clis_documents_and_actions_write_their_audit_rows()
         serde_json::json!({"action": "release_lock", "via": "dashboard", "reason": "stuck agent"})
     );
     assert_eq!(released[0].details["resource_key"], "src/main.rs");
+    // Pausing and unpausing name the dashboard too; the page offers both.
+    for (action, status) in [
+        ("pause", SessionStatus::Paused),
+        ("unpause", SessionStatus::Active),
+    ] {
+        let r = client()
+            .post(format!("{base}/api/v1/sessions/{s}/{action}"))
+            .json(&serde_json::json!({"reason": "maintenance"}))
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(r.status().as_u16(), 200, "{action}");
+        assert_eq!(m.session(s).await.expect("session").status, status);
+        let (_, page) = get(&format!("{base}/sessions/{s}")).await;
+        let offered = match status {
+            SessionStatus::Paused => "id=\"unpause\"",
+            _ => "id=\"pause\"",
+        };
+        assert!(page.contains(offered), "{action}: {page}");
+    }
+    let pauses = m
+        .audit_events(AuditFilter {
+            session_id: Some(s),
+            event_type: Some("session_paused".into()),
+            ..AuditFilter::default()
+        })
+        .await
+        .expect("audit");
+    assert_eq!(pauses[0].details["operator"]["via"], "dashboard");
+    assert_eq!(pauses[0].details["operator"]["reason"], "maintenance");
     // Forced, the end goes through and names the dashboard.
     let r = client()
         .post(format!("{end}?force=true"))

@@ -167,6 +167,8 @@ fn router(app: Shared) -> Router {
         .route("/api/v1/sessions", get(api_sessions))
         .route("/api/v1/sessions/{id}", get(api_session))
         .route("/api/v1/sessions/{id}/end", post(api_end))
+        .route("/api/v1/sessions/{id}/pause", post(api_pause))
+        .route("/api/v1/sessions/{id}/unpause", post(api_unpause))
         .route("/api/v1/locks", get(api_locks))
         .route("/api/v1/locks/{id}/release", post(api_release))
         .route("/api/v1/audit", get(api_audit))
@@ -442,6 +444,24 @@ async fn api_end(
     document(ctx.sessions_end(&id, q.force).await)
 }
 
+async fn api_pause(
+    State(app): State<Shared>,
+    Path(id): Path<String>,
+    body: Option<Json<Reason>>,
+) -> Response {
+    let ctx = app.ctx(reason_of(body));
+    document(ctx.sessions_pause(&id, true).await)
+}
+
+async fn api_unpause(
+    State(app): State<Shared>,
+    Path(id): Path<String>,
+    body: Option<Json<Reason>>,
+) -> Response {
+    let ctx = app.ctx(reason_of(body));
+    document(ctx.sessions_pause(&id, false).await)
+}
+
 async fn api_release(
     State(app): State<Shared>,
     Path(id): Path<String>,
@@ -631,6 +651,10 @@ function endSession(id) {
   const force = document.getElementById('force') && document.getElementById('force').checked;
   act('/api/v1/sessions/' + id + '/end' + (force ? '?force=true' : ''), {}, 'End session ' + id + '?');
 }
+function pauseSession(id, pause) {
+  act('/api/v1/sessions/' + id + (pause ? '/pause' : '/unpause'), {},
+      (pause ? 'Pause' : 'Unpause') + ' session ' + id + '?');
+}
 function releaseLock(id) {
   const reason = prompt('Why release this lock? (recorded in the audit log)');
   if (reason) act('/api/v1/locks/' + id + '/release', {reason});
@@ -770,13 +794,19 @@ async fn session_page(State(app): State<Shared>, Path(id): Path<String>) -> Resp
             p {
                 button #end onclick={ "endSession('" (session_id) "')" } { "End Session" }
                 label { input #force type="checkbox"; " even though its owner still heartbeats" }
+                " "
+                @if text(&session["status"]) == "paused" {
+                    button #unpause onclick={ "pauseSession('" (session_id) "', false)" } { "Unpause" }
+                } @else {
+                    button #pause onclick={ "pauseSession('" (session_id) "', true)" } { "Pause" }
+                }
             }
         }
         h2 { "Agents" }
         table #agents {
-            tr { th { "Agent" } th { "Type" } th { "Status" } th { "Started" } }
+            tr { th { "Agent" } th { "Type" } th { "Outcome" } th { "Started" } th { "Ended" } }
             @for a in list(&doc["agents"]) {
-                tr { td { code { (text(&a["id"])) } } td { (text(&a["agent_type"])) } td { (text(&a["status"])) } td { (text(&a["started_at"])) } }
+                tr { td { code { (text(&a["id"])) } } td { (text(&a["agent_type"])) } td { (text(&a["status"])) } td { (text(&a["started_at"])) } td { (text(&a["completed_at"])) } }
             }
         }
         h2 { "Locks" }
