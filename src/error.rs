@@ -17,7 +17,7 @@ pub enum Error {
     #[error("lock {0} not found")]
     LockNotFound(Uuid),
     /// The session exists but is not `active`, so it takes no new agents or locks.
-    #[error("session {session_id} is {status}, not active; start or resume a session first")]
+    #[error("session {session_id} is {status}, not active; unpause it if paused, else start or resume a session")]
     SessionNotActive { session_id: Uuid, status: String },
     /// The agent exists but is no longer `running`, so it takes no new locks.
     #[error("agent {agent_id} is {status}, not running; register a new agent")]

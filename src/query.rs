@@ -117,23 +117,15 @@ pub(crate) async fn session_by_prefix(db: &DatabaseConnection, prefix: &str) -> 
     if let Ok(id) = Uuid::parse_str(&prefix) {
         return session(db, id).await.map(|s| s.id);
     }
-    if prefix.len() < 8 || !prefix.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
-        return Err(Error::InvalidInput {
-            field: "session id",
-            reason: format!("{prefix:?} is neither a UUID nor a prefix of 8 or more hex digits"),
-        });
-    }
-    // Only hex digits and hyphens reach LIKE, so no wildcard can sneak in.
-    let matches: Vec<TextUuid> = global_sessions::Entity::find()
-        .select_only()
-        .column(global_sessions::Column::Id)
-        .filter(global_sessions::Column::Id.like(format!("{prefix}%")))
-        .limit(2)
-        .into_tuple()
-        .all(db)
-        .await?;
+    let matches = ids_with_prefix::<global_sessions::Entity>(
+        db,
+        global_sessions::Column::Id,
+        &prefix,
+        "session id",
+    )
+    .await?;
     match matches.as_slice() {
-        [one] => Ok(one.0),
+        [one] => Ok(*one),
         [] => Err(Error::SessionPrefixNotFound { prefix }),
         _ => Err(Error::AmbiguousId { prefix }),
     }
@@ -154,26 +146,44 @@ pub(crate) async fn lock_by_prefix(db: &DatabaseConnection, prefix: &str) -> Res
             .await?;
         return found.map(|id| id.0).ok_or(Error::LockNotFound(id));
     }
+    let matches = ids_with_prefix::<resource_locks::Entity>(
+        db,
+        resource_locks::Column::Id,
+        &prefix,
+        "lock id",
+    )
+    .await?;
+    match matches.as_slice() {
+        [one] => Ok(*one),
+        [] => Err(Error::LockPrefixNotFound { prefix }),
+        _ => Err(Error::AmbiguousId { prefix }),
+    }
+}
+
+/// At most two ids in `column` that start with `prefix`, which must be 8
+/// or more hex digits (hyphens allowed); `field` names it when it is not.
+async fn ids_with_prefix<E: EntityTrait>(
+    db: &DatabaseConnection,
+    column: E::Column,
+    prefix: &str,
+    field: &'static str,
+) -> Result<Vec<Uuid>> {
     if prefix.len() < 8 || !prefix.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
         return Err(Error::InvalidInput {
-            field: "lock id",
+            field,
             reason: format!("{prefix:?} is neither a UUID nor a prefix of 8 or more hex digits"),
         });
     }
     // Only hex digits and hyphens reach LIKE, so no wildcard can sneak in.
-    let matches: Vec<TextUuid> = resource_locks::Entity::find()
+    let matches: Vec<TextUuid> = E::find()
         .select_only()
-        .column(resource_locks::Column::Id)
-        .filter(resource_locks::Column::Id.like(format!("{prefix}%")))
+        .column(column)
+        .filter(column.like(format!("{prefix}%")))
         .limit(2)
         .into_tuple()
         .all(db)
         .await?;
-    match matches.as_slice() {
-        [one] => Ok(one.0),
-        [] => Err(Error::LockPrefixNotFound { prefix }),
-        _ => Err(Error::AmbiguousId { prefix }),
-    }
+    Ok(matches.into_iter().map(|id| id.0).collect())
 }
 
 /// An agent execution.

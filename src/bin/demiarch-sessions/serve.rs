@@ -444,22 +444,26 @@ async fn api_end(
     document(ctx.sessions_end(&id, q.force).await)
 }
 
-async fn api_pause(
-    State(app): State<Shared>,
-    Path(id): Path<String>,
-    body: Option<Json<Reason>>,
-) -> Response {
-    let ctx = app.ctx(reason_of(body));
-    document(ctx.sessions_pause(&id, true).await)
+async fn api_pause(state: State<Shared>, id: Path<String>, body: Option<Json<Reason>>) -> Response {
+    set_paused(state, id, body, true).await
 }
 
 async fn api_unpause(
+    state: State<Shared>,
+    id: Path<String>,
+    body: Option<Json<Reason>>,
+) -> Response {
+    set_paused(state, id, body, false).await
+}
+
+async fn set_paused(
     State(app): State<Shared>,
     Path(id): Path<String>,
     body: Option<Json<Reason>>,
+    pause: bool,
 ) -> Response {
     let ctx = app.ctx(reason_of(body));
-    document(ctx.sessions_pause(&id, false).await)
+    document(ctx.sessions_pause(&id, pause).await)
 }
 
 async fn api_release(
