@@ -347,3 +347,65 @@ async fn a_finish_racing_the_end_of_its_session_leaves_rows_consistent() {
     )
     .await;
 }
+
+/// A finish racing the grant of the agent's own wait: the holder lets go
+/// just as the waiter is finished. Whichever commits first, the finished
+/// waiter never holds the lock.
+#[tokio::test]
+async fn a_finish_racing_a_waiters_grant_never_leaves_the_waiter_holding() {
+    each_backend(
+        "a_finish_racing_a_waiters_grant_never_leaves_the_waiter_holding",
+        |db| async move {
+            let peer = db.peer_manager().await;
+            let m = db.manager.clone();
+            for round in 0..10 {
+                let session = m.start_session().await.expect("start");
+                let holder = m.register_agent(session, "holder").await.expect("agent");
+                let waiter = m.register_agent(session, "waiter").await.expect("agent");
+                let key = format!("grant-race-{round}");
+                let held = m
+                    .acquire_lock(holder, "file", &key)
+                    .await
+                    .expect("held")
+                    .lock_id;
+                let wait = {
+                    let m = m.clone();
+                    let key = key.clone();
+                    tokio::spawn(async move {
+                        m.acquire_lock_with(waiter, "file", &key, waiting(10_000))
+                            .await
+                    })
+                };
+                until_queued(&db, &key).await;
+                let (released, finished) = tokio::join!(
+                    m.release_lock(held),
+                    peer.finish_agent(waiter, AgentOutcome::Completed)
+                );
+                released.expect("release");
+                finished.expect("finish");
+                let outcome = tokio::time::timeout(Duration::from_secs(10), wait)
+                    .await
+                    .expect("the wait ended in time")
+                    .expect("task");
+                match outcome {
+                    Ok(_) | Err(Error::AgentNotRunning { .. }) => {}
+                    Err(e) => panic!("{}: the wait failed otherwise: {e}", db.backend.name()),
+                }
+                assert_eq!(agent_row(&db, waiter).await.status, "completed");
+                let held_by_waiter: Vec<_> = locks_of_agent(&db, waiter)
+                    .await
+                    .into_iter()
+                    .filter(|l| l.released_at.is_none())
+                    .collect();
+                assert!(
+                    held_by_waiter.is_empty(),
+                    "{} round {round}: the finished waiter holds {held_by_waiter:?}",
+                    db.backend.name()
+                );
+                assert_eq!(waits_of(&db, waiter).await, 0);
+                m.end_session(session).await.expect("end");
+            }
+        },
+    )
+    .await;
+}
