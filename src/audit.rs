@@ -9,8 +9,10 @@ use uuid::Uuid;
 
 use entity::{audit_head, audit_log};
 
-/// The kinds of audit event this library writes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// The kinds of audit event this library writes. It serializes (serde) and
+/// displays as the `event_type` stored, such as `"session_end"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum AuditEvent {
     /// A session was started.
@@ -106,6 +108,19 @@ impl Operator {
     }
 }
 
+impl std::str::FromStr for AuditEvent {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Self> {
+        Self::from_name(s).ok_or_else(|| {
+            let known: Vec<_> = Self::ALL.iter().map(|e| e.as_str()).collect();
+            crate::Error::InvalidInput {
+                field: "audit event type",
+                reason: format!("{s:?} is not one; known: {}", known.join(", ")),
+            }
+        })
+    }
+}
+
 impl std::fmt::Display for AuditEvent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -147,4 +162,22 @@ pub(crate) async fn append<C: ConnectionTrait>(
         .exec_without_returning(txn)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AuditEvent;
+
+    /// Serde and `Display` give the stored text, and both read it back.
+    #[test]
+    fn names_are_the_stored_text() {
+        for event in AuditEvent::ALL {
+            let json = serde_json::to_string(&event).unwrap();
+            assert_eq!(json, format!("\"{}\"", event.as_str()));
+            assert_eq!(serde_json::from_str::<AuditEvent>(&json).unwrap(), event);
+            assert_eq!(event.as_str().parse::<AuditEvent>().unwrap(), event);
+            assert_eq!(event.to_string(), event.as_str());
+        }
+        assert!("no_such_event".parse::<AuditEvent>().is_err());
+    }
 }
