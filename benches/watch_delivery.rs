@@ -44,7 +44,7 @@ async fn delivery(manager: &SessionManager, feed: &mut Feed) -> Duration {
         .expect("the feed goes on")
         .expect("an event, not an error");
     let received = Instant::now();
-    assert_eq!(event.session_id, Some(session.to_string()));
+    assert_eq!(event.session_id, Some(session));
     received.saturating_duration_since(returned)
 }
 
@@ -59,7 +59,8 @@ fn main() -> Result<(), Box<dyn Error>> {
                 limit: Some(1),
                 ..AuditFilter::default()
             })
-            .await?;
+            .await?
+            .rows;
         let feed: Feed = Box::pin(fx.manager.watch(WatchOptions {
             after: Some(newest.first().map_or(0, |e| e.seq)),
             event_types: vec!["session_end".into()],

@@ -17,7 +17,7 @@ use std::error::Error;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use demiarch_sessions::{AuditFilter, AuditRecord, SessionManager, WatchOptions};
+use demiarch_sessions::{AuditEvent, AuditFilter, AuditRecord, SessionManager, WatchOptions};
 use futures::StreamExt;
 
 #[tokio::main]
@@ -41,7 +41,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
                     limit: Some(1),
                     ..AuditFilter::default()
                 })
-                .await?;
+                .await?
+                .rows;
             newest.first().map_or(0, |e| e.seq)
         }
     };
@@ -83,9 +84,11 @@ async fn main() -> Result<(), Box<dyn Error>> {
 /// What the app would do: refresh its views, notify the user…
 fn on_session_ended(event: &AuditRecord) {
     let d = &event.details;
-    let session = event.session_id.as_deref().unwrap_or("?");
-    match event.event_type.as_str() {
-        "session_end" => println!(
+    let session = event
+        .session_id
+        .map_or_else(|| "?".to_owned(), |id| id.to_string());
+    match event.event_type {
+        AuditEvent::SessionEnd => println!(
             "seq {}: session {session} ended: released {} locks, cancelled {} agents, \
              saved {} context windows ({} bytes) in {} ms",
             event.seq,

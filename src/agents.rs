@@ -93,7 +93,7 @@ pub(crate) async fn finish(
         .one(&*txn)
         .await?
         .ok_or(Error::AgentNotFound(agent_id))?;
-    let status: AgentStatus = agent.status.parse()?;
+    let status: AgentStatus = db::stored("agent_executions", &agent.id, "status", &agent.status)?;
     match status {
         AgentStatus::Running => {}
         AgentStatus::Completed | AgentStatus::Failed => {

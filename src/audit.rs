@@ -146,9 +146,9 @@ pub(crate) async fn append<C: ConnectionTrait>(
         .one(txn)
         .await?;
     if head.is_none() {
-        return Err(crate::Error::CorruptRow(
-            "audit_head has no row; run the migrations".into(),
-        ));
+        return Err(crate::Error::MissingRow {
+            table: "audit_head",
+        });
     }
     let row = audit_log::ActiveModel {
         id: Set(Uuid::new_v4().to_string()),

@@ -11,7 +11,7 @@ use sea_orm::{
 };
 use sea_orm_migration::MigratorTrait;
 
-use crate::{Config, Error, Result};
+use crate::{Config, CorruptRow, Error, Result};
 
 /// The current time as stored: UTC, truncated to microseconds so that every
 /// backend (PostgreSQL and MariaDB keep microseconds) reads back what was written.
@@ -19,10 +19,41 @@ pub(crate) fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
 
-/// A UUID as stored (its hyphenated text), read back; `what` names the column.
-pub(crate) fn stored_id(what: &str, text: &str) -> Result<uuid::Uuid> {
-    uuid::Uuid::parse_str(text)
-        .map_err(|e| Error::CorruptRow(format!("{what} {text:?} is not a UUID: {e}")))
+/// A UUID as stored (its hyphenated text), read back from `column` of the
+/// row `id` of `table`.
+pub(crate) fn stored_id(
+    table: &'static str,
+    id: &str,
+    column: &'static str,
+    text: &str,
+) -> Result<uuid::Uuid, CorruptRow> {
+    uuid::Uuid::parse_str(text).map_err(|_| corrupt(table, id, column, text))
+}
+
+/// A value as stored (its text, such as a status), read back from `column`
+/// of the row `id` of `table`.
+pub(crate) fn stored<T: std::str::FromStr>(
+    table: &'static str,
+    id: &str,
+    column: &'static str,
+    text: &str,
+) -> Result<T, CorruptRow> {
+    text.parse().map_err(|_| corrupt(table, id, column, text))
+}
+
+/// The [`CorruptRow`] naming `value` in `column` of the row `id` of `table`.
+pub(crate) fn corrupt(
+    table: &'static str,
+    id: &str,
+    column: &'static str,
+    value: &str,
+) -> CorruptRow {
+    CorruptRow {
+        table,
+        id: id.to_owned(),
+        column,
+        value: value.to_owned(),
+    }
 }
 
 fn is_sqlite_memory(url: &str) -> bool {

@@ -1,6 +1,43 @@
-//! The one error type of the library.
+//! The one error type of the library, and [`CorruptRow`].
 use sea_orm::DbErr;
+use serde::Serialize;
 use uuid::Uuid;
+
+/// A stored value this library cannot read: a row of `table` whose `column`
+/// holds `value`, which is not of the form the library writes there (edited
+/// by hand, or written by another program).
+///
+/// Such a row never makes a list fail: the list readers
+/// ([`SessionManager::list_sessions`](crate::SessionManager::list_sessions),
+/// [`agents`](crate::SessionManager::agents),
+/// [`locks`](crate::SessionManager::locks),
+/// [`audit_events`](crate::SessionManager::audit_events)) return the rows
+/// they can read in [`Listing::rows`](crate::Listing::rows) and name the
+/// others in [`Listing::corrupt`](crate::Listing::corrupt). A read of one row
+/// ([`SessionManager::session`](crate::SessionManager::session)) and the
+/// audit feed ([`SessionManager::watch`](crate::SessionManager::watch), which
+/// goes on past it) give [`Error::CorruptRow`] instead.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct CorruptRow {
+    /// The table, such as `audit_log`.
+    pub table: &'static str,
+    /// The row's primary key as stored: its `id`, or for `audit_log` its `seq`.
+    pub id: String,
+    /// The column that holds the value, such as `event_type`.
+    pub column: &'static str,
+    /// The value as stored; `NULL` for a missing one.
+    pub value: String,
+}
+
+impl std::fmt::Display for CorruptRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} row {}: {} {:?} is not a value this library writes",
+            self.table, self.id, self.column, self.value
+        )
+    }
+}
 
 /// Everything a call can fail with. Each variant names the id or field at
 /// fault; match on it rather than on the message.
@@ -124,9 +161,15 @@ pub enum Error {
     /// The database was migrated by a newer version of this library.
     #[error("the database schema is newer than this library (unknown migrations: {}); upgrade demiarch-sessions", .unknown.join(", "))]
     SchemaTooNew { unknown: Vec<String> },
-    /// A stored row does not have the form this library writes (edited by hand?).
+    /// A stored row holds a value this library cannot read; the
+    /// [`CorruptRow`] names the table, row, column and value.
     #[error("stored row is malformed: {0}")]
-    CorruptRow(String),
+    CorruptRow(CorruptRow),
+    /// A table the migrations fill with one row (`audit_head`,
+    /// `lock_fencing`, `retention`) has none: the store was not migrated
+    /// by this library, or its row was deleted by hand.
+    #[error("{table} has no row; run the migrations")]
+    MissingRow { table: &'static str },
     /// The manager (or a clone) was shut down: its heartbeat has stopped, so
     /// it starts no session, agent or lock that other instances would then
     /// recover from under it. Ending, reading and sweeping still work.
@@ -179,6 +222,12 @@ pub enum Error {
     /// The database refused or failed; the transaction was rolled back.
     #[error("database error: {0}")]
     Database(#[from] DbErr),
+}
+
+impl From<CorruptRow> for Error {
+    fn from(row: CorruptRow) -> Self {
+        Error::CorruptRow(row)
+    }
 }
 
 /// `Result` with this crate's [`Error`].

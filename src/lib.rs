@@ -61,14 +61,14 @@ pub use config::{Config, MAX_CONFIG_DURATION, MAX_CONTEXT_BYTES_LIMIT, MAX_SWEEP
 pub use context::{
     ContextRegistry, ContextSource, ContextWindow, CONTEXT_FORMAT_VERSION, MAX_CONTEXT_DEPTH,
 };
-pub use error::{Error, Result};
+pub use error::{CorruptRow, Error, Result};
 pub use lifecycle::{ShutdownFailure, ShutdownReport};
 pub use locks::lost::LockLoss;
 pub use locks::{LockGrant, LockOptions, LockWaiter, SweepReport};
 pub use manager::SessionManager;
 pub use metrics::MetricsSnapshot;
 pub use query::{
-    AgentInfo, AuditFilter, AuditRecord, LockFilter, LockInfo, SessionFilter, SessionInfo,
+    AgentInfo, AuditFilter, AuditRecord, Listing, LockFilter, LockInfo, SessionFilter, SessionInfo,
 };
 pub use retention::{ArchiveLine, PruneReport, RetentionPolicy, MAX_PRUNE_BATCH};
 pub use session::{EndSessionReport, RecoveryReport};

@@ -16,7 +16,8 @@ use crate::locks::wake::{self, Freed, Wakers};
 use crate::locks::{LockGrant, LockOptions, LockWaiter, SweepReport};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::query::{
-    self, AgentInfo, AuditFilter, AuditRecord, LockFilter, LockInfo, SessionFilter, SessionInfo,
+    self, AgentInfo, AuditFilter, AuditRecord, Listing, LockFilter, LockInfo, SessionFilter,
+    SessionInfo,
 };
 use crate::retention::{self, PruneReport, RetentionPolicy};
 use crate::session::recovery::RecoveryReport;
@@ -864,11 +865,13 @@ impl SessionManager {
         .await
     }
 
-    /// Sessions, newest first, without their saved context.
+    /// Sessions, newest first, without their saved context. A row holding a
+    /// value this library cannot read is named in
+    /// [`Listing::corrupt`](crate::Listing::corrupt), not returned.
     ///
     /// # Errors
     /// [`Error::Database`](crate::Error::Database).
-    pub async fn list_sessions(&self, filter: SessionFilter) -> Result<Vec<SessionInfo>> {
+    pub async fn list_sessions(&self, filter: SessionFilter) -> Result<Listing<SessionInfo>> {
         self.usable()?;
         self.detached(|m| async move { query::list_sessions(&m.db, &filter).await })
             .await
@@ -877,7 +880,9 @@ impl SessionManager {
     /// One session, without its saved context.
     ///
     /// # Errors
-    /// [`Error::SessionNotFound`](crate::Error::SessionNotFound).
+    /// [`Error::SessionNotFound`](crate::Error::SessionNotFound);
+    /// [`Error::CorruptRow`](crate::Error::CorruptRow) when its row holds a
+    /// value this library cannot read (an unknown status).
     pub async fn session(&self, session_id: Uuid) -> Result<SessionInfo> {
         self.usable()?;
         self.detached(|m| async move { query::session(&m.db, session_id).await })
@@ -913,21 +918,25 @@ impl SessionManager {
             .await
     }
 
-    /// The agents of a session, oldest first.
+    /// The agents of a session, oldest first. A row holding a value this
+    /// library cannot read is named in
+    /// [`Listing::corrupt`](crate::Listing::corrupt), not returned.
     ///
     /// # Errors
     /// [`Error::Database`](crate::Error::Database).
-    pub async fn agents(&self, session_id: Uuid) -> Result<Vec<AgentInfo>> {
+    pub async fn agents(&self, session_id: Uuid) -> Result<Listing<AgentInfo>> {
         self.usable()?;
         self.detached(|m| async move { query::agents(&m.db, session_id).await })
             .await
     }
 
-    /// Locks, newest grant first.
+    /// Locks, newest grant first. A row holding a value this library cannot
+    /// read is named in [`Listing::corrupt`](crate::Listing::corrupt), not
+    /// returned.
     ///
     /// # Errors
     /// [`Error::Database`](crate::Error::Database).
-    pub async fn locks(&self, filter: LockFilter) -> Result<Vec<LockInfo>> {
+    pub async fn locks(&self, filter: LockFilter) -> Result<Listing<LockInfo>> {
         self.usable()?;
         self.detached(|m| async move { query::locks(&m.db, &filter).await })
             .await
@@ -958,6 +967,10 @@ impl SessionManager {
     /// naming `after`, `session_id` or `event_types`, then the end), and
     /// this manager being closed (one
     /// [`Error::ManagerClosed`](crate::Error::ManagerClosed), then the end).
+    /// A row holding a value this library cannot read (an unknown
+    /// `event_type`, a `session_id` that is not a UUID) comes through as one
+    /// [`Error::CorruptRow`](crate::Error::CorruptRow) naming its `seq`, and
+    /// the stream goes on after it.
     ///
     /// ```
     /// # #[tokio::main]
@@ -974,7 +987,7 @@ impl SessionManager {
     /// let session = manager.start_session().await?;
     /// manager.end_session(session).await?;
     /// let event = ends.next().await.expect("the stream goes on")?;
-    /// assert_eq!(event.session_id, Some(session.to_string()));
+    /// assert_eq!(event.session_id, Some(session));
     /// // Store event.seq; resume later with `after: Some(event.seq)`.
     /// # Ok(())
     /// # }
@@ -987,11 +1000,12 @@ impl SessionManager {
     }
 
     /// Audit rows, newest (highest `seq`) first, by session, event type and
-    /// time range.
+    /// time range. A row holding a value this library cannot read is named
+    /// in [`Listing::corrupt`](crate::Listing::corrupt), not returned.
     ///
     /// # Errors
     /// [`Error::Database`](crate::Error::Database).
-    pub async fn audit_events(&self, filter: AuditFilter) -> Result<Vec<AuditRecord>> {
+    pub async fn audit_events(&self, filter: AuditFilter) -> Result<Listing<AuditRecord>> {
         self.usable()?;
         self.detached(|m| async move { query::audit_events(&m.db, &filter).await })
             .await

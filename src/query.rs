@@ -1,5 +1,10 @@
 //! Read-only views of the store for apps and the operator CLI: sessions,
 //! agents, locks and the audit log, newest first and paged.
+//!
+//! The views are typed: ids are [`Uuid`]s, statuses and reasons the enums
+//! of their columns. A row holding a value this library cannot read does not
+//! make a list fail: the list names it in [`Listing::corrupt`] and returns
+//! the others.
 use chrono::{DateTime, Utc};
 use sea_orm::entity::prelude::TextUuid;
 use sea_orm::{
@@ -11,8 +16,44 @@ use uuid::Uuid;
 
 use entity::{agent_executions, audit_log, global_sessions, resource_locks};
 
-use crate::status::{AgentStatus, SessionStatus};
-use crate::{db, validate, Error, Result};
+use crate::audit::AuditEvent;
+use crate::status::{AgentStatus, ReleaseReason, SessionStatus};
+use crate::{db, validate, CorruptRow, Error, Result};
+
+/// What a list read returned: the rows it could read, in the list's order,
+/// and the rows among them holding a value this library cannot read (an id
+/// that is not a UUID, an unknown status, reason or event type), each named
+/// by a [`CorruptRow`].
+///
+/// `limit` and `offset` count both: a page of `limit` rows is
+/// `rows.len() + corrupt.len()` long.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Listing<T> {
+    pub rows: Vec<T>,
+    pub corrupt: Vec<CorruptRow>,
+}
+
+impl<T> Default for Listing<T> {
+    fn default() -> Self {
+        Self {
+            rows: Vec::new(),
+            corrupt: Vec::new(),
+        }
+    }
+}
+
+impl<T> FromIterator<Result<T, CorruptRow>> for Listing<T> {
+    fn from_iter<I: IntoIterator<Item = Result<T, CorruptRow>>>(iter: I) -> Self {
+        let mut listing = Listing::default();
+        for row in iter {
+            match row {
+                Ok(row) => listing.rows.push(row),
+                Err(corrupt) => listing.corrupt.push(corrupt),
+            }
+        }
+        listing
+    }
+}
 
 /// The page size when a filter gives none.
 pub const DEFAULT_PAGE: u64 = 50;
@@ -44,7 +85,7 @@ pub struct SessionInfo {
 }
 
 type SessionRow = (
-    TextUuid,
+    String,
     String,
     DateTime<Utc>,
     DateTime<Utc>,
@@ -54,10 +95,11 @@ type SessionRow = (
     Option<DateTime<Utc>>,
 );
 
-fn session_info(row: SessionRow) -> Result<SessionInfo> {
+fn session_info(row: SessionRow) -> Result<SessionInfo, CorruptRow> {
+    const TABLE: &str = "global_sessions";
     Ok(SessionInfo {
-        id: row.0 .0,
-        status: row.1.parse()?,
+        id: db::stored_id(TABLE, &row.0, "id", &row.0)?,
+        status: db::stored(TABLE, &row.0, "status", &row.1)?,
         started_at: row.2,
         updated_at: row.3,
         completed_at: row.4,
@@ -84,7 +126,7 @@ fn session_columns() -> sea_orm::Select<global_sessions::Entity> {
 pub(crate) async fn list_sessions(
     db: &DatabaseConnection,
     filter: &SessionFilter,
-) -> Result<Vec<SessionInfo>> {
+) -> Result<Listing<SessionInfo>> {
     let mut query = session_columns();
     if let Some(status) = filter.status {
         query = query.filter(global_sessions::Column::Status.eq(status.as_str()));
@@ -97,7 +139,7 @@ pub(crate) async fn list_sessions(
         .into_tuple()
         .all(db)
         .await?;
-    rows.into_iter().map(session_info).collect()
+    Ok(rows.into_iter().map(session_info).collect())
 }
 
 pub(crate) async fn session(db: &DatabaseConnection, id: Uuid) -> Result<SessionInfo> {
@@ -107,7 +149,7 @@ pub(crate) async fn session(db: &DatabaseConnection, id: Uuid) -> Result<Session
         .into_tuple()
         .one(db)
         .await?;
-    session_info(row.ok_or(Error::SessionNotFound(id))?)
+    Ok(session_info(row.ok_or(Error::SessionNotFound(id))?)?)
 }
 
 /// The one session whose id starts with `prefix` (at least 8 hex characters,
@@ -197,9 +239,13 @@ pub struct AgentInfo {
     pub completed_at: Option<DateTime<Utc>>,
 }
 
-pub(crate) async fn agents(db: &DatabaseConnection, session_id: Uuid) -> Result<Vec<AgentInfo>> {
+pub(crate) async fn agents(
+    db: &DatabaseConnection,
+    session_id: Uuid,
+) -> Result<Listing<AgentInfo>> {
     validate::id("session_id", session_id)?;
-    agent_executions::Entity::find()
+    const TABLE: &str = "agent_executions";
+    Ok(agent_executions::Entity::find()
         .filter(agent_executions::Column::SessionId.eq(TextUuid(session_id)))
         .order_by_asc(agent_executions::Column::StartedAt)
         .all(db)
@@ -207,15 +253,15 @@ pub(crate) async fn agents(db: &DatabaseConnection, session_id: Uuid) -> Result<
         .into_iter()
         .map(|a| {
             Ok(AgentInfo {
-                id: db::stored_id("agent id", &a.id)?,
-                session_id: db::stored_id("agent session_id", &a.session_id)?,
+                id: db::stored_id(TABLE, &a.id, "id", &a.id)?,
+                session_id: db::stored_id(TABLE, &a.id, "session_id", &a.session_id)?,
+                status: db::stored(TABLE, &a.id, "status", &a.status)?,
                 agent_type: a.agent_type,
-                status: a.status.parse()?,
                 started_at: a.started_at.to_utc(),
                 completed_at: a.completed_at.map(|at| at.to_utc()),
             })
         })
-        .collect()
+        .collect())
 }
 
 /// Which locks `locks` returns.
@@ -243,28 +289,35 @@ pub struct LockInfo {
     pub expires_at: Option<DateTime<Utc>>,
     /// `None` while held.
     pub released_at: Option<DateTime<Utc>>,
-    /// Why it was released: `released`, `session_end`, `expired` or `orphaned`.
-    pub release_reason: Option<String>,
+    /// Why it was released; `None` while held.
+    pub release_reason: Option<ReleaseReason>,
 }
 
 impl LockInfo {
-    fn from_row(l: resource_locks::Model) -> Result<Self> {
+    fn from_row(l: resource_locks::Model) -> Result<Self, CorruptRow> {
+        const TABLE: &str = "resource_locks";
         Ok(Self {
-            id: db::stored_id("lock id", &l.id)?,
-            session_id: db::stored_id("lock session_id", &l.session_id)?,
-            agent_id: db::stored_id("lock agent_id", &l.agent_id)?,
+            id: db::stored_id(TABLE, &l.id, "id", &l.id)?,
+            session_id: db::stored_id(TABLE, &l.id, "session_id", &l.session_id)?,
+            agent_id: db::stored_id(TABLE, &l.id, "agent_id", &l.agent_id)?,
+            release_reason: match &l.release_reason {
+                Some(reason) => Some(db::stored(TABLE, &l.id, "release_reason", reason)?),
+                None => None,
+            },
             resource_type: l.resource_type,
             resource_key: l.resource_key,
             fencing_token: l.fencing_token,
             acquired_at: l.acquired_at.to_utc(),
             expires_at: l.expires_at.map(|at| at.to_utc()),
             released_at: l.released_at.map(|at| at.to_utc()),
-            release_reason: l.release_reason,
         })
     }
 }
 
-pub(crate) async fn locks(db: &DatabaseConnection, filter: &LockFilter) -> Result<Vec<LockInfo>> {
+pub(crate) async fn locks(
+    db: &DatabaseConnection,
+    filter: &LockFilter,
+) -> Result<Listing<LockInfo>> {
     let mut query = resource_locks::Entity::find();
     if let Some(session) = filter.session_id {
         query = query.filter(resource_locks::Column::SessionId.eq(TextUuid(session)));
@@ -275,7 +328,7 @@ pub(crate) async fn locks(db: &DatabaseConnection, filter: &LockFilter) -> Resul
     if filter.held_only {
         query = query.filter(resource_locks::Column::ReleasedAt.is_null());
     }
-    query
+    Ok(query
         .order_by_desc(resource_locks::Column::FencingToken)
         .limit(page_bound("limit", filter.limit.unwrap_or(DEFAULT_PAGE))?)
         .offset(page_bound("offset", filter.offset)?)
@@ -283,7 +336,7 @@ pub(crate) async fn locks(db: &DatabaseConnection, filter: &LockFilter) -> Resul
         .await?
         .into_iter()
         .map(LockInfo::from_row)
-        .collect()
+        .collect())
 }
 
 /// Which audit rows `audit_events` returns.
@@ -311,16 +364,16 @@ pub struct AuditRecord {
     /// [`SessionManager::watch`](crate::SessionManager::watch).
     pub seq: i64,
     pub id: Uuid,
-    pub event_type: String,
+    pub event_type: AuditEvent,
     pub event_time: DateTime<Utc>,
-    pub session_id: Option<String>,
+    pub session_id: Option<Uuid>,
     pub details: serde_json::Value,
 }
 
 pub(crate) async fn audit_events(
     db: &DatabaseConnection,
     filter: &AuditFilter,
-) -> Result<Vec<AuditRecord>> {
+) -> Result<Listing<AuditRecord>> {
     let mut query = audit_log::Entity::find();
     if let Some(session) = filter.session_id {
         query = query.filter(audit_log::Column::SessionId.eq(session.to_string()));
@@ -353,17 +406,23 @@ pub(crate) async fn audit_events(
         // After the rows, as a feed does: see `watch::read_page`.
         crate::retention::check_horizon(db, after).await?;
     }
-    rows.into_iter().map(AuditRecord::from_row).collect()
+    Ok(rows.into_iter().map(AuditRecord::from_row).collect())
 }
 
 impl AuditRecord {
-    pub(crate) fn from_row(r: audit_log::Model) -> Result<Self> {
+    pub(crate) fn from_row(r: audit_log::Model) -> Result<Self, CorruptRow> {
+        const TABLE: &str = "audit_log";
+        let seq = r.seq.to_string();
         Ok(AuditRecord {
             seq: r.seq,
-            id: db::stored_id(&format!("audit id (seq {})", r.seq), &r.id)?,
-            event_type: r.event_type,
+            id: db::stored_id(TABLE, &seq, "id", &r.id)?,
+            event_type: AuditEvent::from_name(&r.event_type)
+                .ok_or_else(|| db::corrupt(TABLE, &seq, "event_type", &r.event_type))?,
             event_time: r.event_time.to_utc(),
-            session_id: r.session_id,
+            session_id: match &r.session_id {
+                Some(id) => Some(db::stored_id(TABLE, &seq, "session_id", id)?),
+                None => None,
+            },
             details: r.details,
         })
     }

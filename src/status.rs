@@ -1,4 +1,6 @@
-//! The values of the status and reason columns, as Rust enums.
+//! The values of the status and reason columns, as Rust enums. Each one
+//! serializes (serde) and displays as the text stored in its column, such
+//! as `"session_end"`.
 use std::fmt;
 use std::str::FromStr;
 
@@ -33,7 +35,13 @@ macro_rules! text_enum {
             fn from_str(s: &str) -> Result<Self, Error> {
                 match s {
                     $($text => Ok(Self::$variant),)+
-                    other => Err(Error::CorruptRow(format!(concat!("unknown ", $what, " {:?}"), other))),
+                    other => Err(Error::InvalidInput {
+                        field: $what,
+                        reason: format!(
+                            "{other:?} is not one; known: {}",
+                            [$($text),+].join(", ")
+                        ),
+                    }),
                 }
             }
         }

@@ -152,9 +152,10 @@ impl Feed {
     async fn next(&mut self) -> Option<Result<AuditRecord>> {
         loop {
             if let Some(row) = self.page.pop_front() {
-                // Past it even if it cannot be read: the error names it.
+                // Past it even if it cannot be read: the error
+                // (`Error::CorruptRow`) names it.
                 self.cursor = Some(row.seq);
-                let record = AuditRecord::from_row(row);
+                let record = AuditRecord::from_row(row).map_err(Error::from);
                 if let Ok(record) = &record {
                     crate::metrics::record_watch_lag(record.event_time);
                 }

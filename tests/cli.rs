@@ -12,7 +12,7 @@ use assert_cmd::Command;
 use chrono::{TimeZone, Utc};
 use demiarch_sessions::entity::{global_sessions, lock_waiters, resource_locks};
 use demiarch_sessions::{
-    AuditFilter, Config, LockFilter, LockOptions, SessionManager, SessionStatus,
+    AuditFilter, Config, LockFilter, LockOptions, ReleaseReason, SessionManager, SessionStatus,
 };
 use sea_orm::entity::prelude::TextUuid;
 use sea_orm::sea_query::Expr;
@@ -385,22 +385,23 @@ async fn demo_json_reports_the_end_and_the_store_agrees() {
             ..LockFilter::default()
         })
         .await
-        .unwrap();
+        .unwrap()
+        .rows;
     assert_eq!(locks.len(), 4);
     let stored = |grant: &Value| {
         let id = id_of(&grant["lock_id"]);
         let l = locks.iter().find(|l| l.id == id).expect("lock stored");
-        (l.agent_id, l.fencing_token, l.release_reason.clone())
+        (l.agent_id, l.fencing_token, l.release_reason)
     };
-    assert_eq!(stored(&handed["from"]).2.as_deref(), Some("released"));
+    assert_eq!(stored(&handed["from"]).2, Some(ReleaseReason::Released));
     assert_eq!(
         stored(&handed["to"]),
-        (reviewer, to, Some("session_end".to_owned()))
+        (reviewer, to, Some(ReleaseReason::SessionEnd))
     );
     assert_eq!(
         locks
             .iter()
-            .filter(|l| l.release_reason.as_deref() == Some("session_end"))
+            .filter(|l| l.release_reason == Some(ReleaseReason::SessionEnd))
             .count(),
         3
     );
@@ -412,7 +413,8 @@ async fn demo_json_reports_the_end_and_the_store_agrees() {
             ..AuditFilter::default()
         })
         .await
-        .unwrap();
+        .unwrap()
+        .rows;
     assert_eq!(ends.len(), 1);
     let saved = manager.session_context(session).await.unwrap();
     let keys: Vec<&str> = saved.iter().map(|w| w.key.as_str()).collect();
@@ -425,6 +427,7 @@ async fn demo_json_reports_the_end_and_the_store_agrees() {
         })
         .await
         .unwrap()
+        .rows
         .is_empty());
 }
 
@@ -654,7 +657,8 @@ async fn sessions_end_refuses_a_live_owner_unless_forced() {
             ..AuditFilter::default()
         })
         .await
-        .unwrap();
+        .unwrap()
+        .rows;
     assert_eq!(ends.len(), 1);
 }
 
@@ -1050,6 +1054,7 @@ async fn a_busy_database_exits_4_and_changes_nothing() {
             })
             .await
             .unwrap()
+            .rows
             .len(),
         1
     );
@@ -1259,7 +1264,8 @@ async fn audit_tail_follow_prints_events_as_they_commit_and_resumes_after_a_seq(
             ..AuditFilter::default()
         })
         .await
-        .expect("audit");
+        .expect("audit")
+        .rows;
     let (end_seq, start_seq) = (rows[0].seq, rows[1].seq);
     let line = text.next_line();
     assert!(
@@ -1350,7 +1356,7 @@ async fn agents_finish_releases_the_agents_locks_and_says_so() {
     assert_eq!(report["status"], "failed");
     assert_eq!(report["already_finished"], false);
 
-    let agents = manager.agents(session).await.expect("agents");
+    let agents = manager.agents(session).await.expect("agents").rows;
     let status = |id| agents.iter().find(|a| a.id == id).map(|a| a.status);
     assert_eq!(
         status(done),
@@ -1364,7 +1370,8 @@ async fn agents_finish_releases_the_agents_locks_and_says_so() {
             ..LockFilter::default()
         })
         .await
-        .expect("locks");
+        .expect("locks")
+        .rows;
     assert!(held.is_empty(), "{held:?}");
     assert_error(
         &db.run(&["agents", "finish", &Uuid::new_v4().to_string()]),
@@ -1441,7 +1448,8 @@ async fn sessions_pause_and_unpause_keep_the_locks() {
             ..LockFilter::default()
         })
         .await
-        .expect("locks");
+        .expect("locks")
+        .rows;
     assert_eq!(held.iter().map(|l| l.id).collect::<Vec<_>>(), vec![lock]);
     let info = db.json(&["sessions", "unpause", &short(session)]);
     assert_eq!(info["status"], "active");
@@ -1480,7 +1488,8 @@ async fn locks_release_by_a_listed_prefix_records_the_reason() {
             ..LockFilter::default()
         })
         .await
-        .expect("lock");
+        .expect("lock")
+        .rows;
     assert!(released[0].released_at.is_some());
     let rows = manager
         .audit_events(AuditFilter {
@@ -1489,7 +1498,8 @@ async fn locks_release_by_a_listed_prefix_records_the_reason() {
             ..AuditFilter::default()
         })
         .await
-        .expect("audit");
+        .expect("audit")
+        .rows;
     assert_eq!(rows.len(), 1, "one release, one row");
     assert_eq!(rows[0].details["operator"]["reason"], "stuck for an hour");
     assert_eq!(rows[0].details["operator"]["via"], "cli");

@@ -162,7 +162,8 @@ async fn the_api_returns_the_clis_documents_and_actions_write_their_audit_rows()
             ..AuditFilter::default()
         })
         .await
-        .expect("audit");
+        .expect("audit")
+        .rows;
     assert_eq!(released.len(), 1);
     assert_eq!(
         released[0].details["operator"],
@@ -196,7 +197,8 @@ async fn the_api_returns_the_clis_documents_and_actions_write_their_audit_rows()
             ..AuditFilter::default()
         })
         .await
-        .expect("audit");
+        .expect("audit")
+        .rows;
     assert_eq!(pauses[0].details["operator"]["via"], "dashboard");
     assert_eq!(pauses[0].details["operator"]["reason"], "maintenance");
     // Forced, the end goes through and names the dashboard.
@@ -222,7 +224,8 @@ async fn the_api_returns_the_clis_documents_and_actions_write_their_audit_rows()
             ..AuditFilter::default()
         })
         .await
-        .expect("audit");
+        .expect("audit")
+        .rows;
     assert_eq!(ends[0].details["operator"]["via"], "dashboard");
     assert_eq!(ends[0].details["operator"]["action"], "end_session");
 
@@ -374,7 +377,7 @@ async fn read_only_hides_and_refuses_every_action() {
         m.session(s).await.expect("session").status,
         SessionStatus::Active
     );
-    assert!(m.locks(Default::default()).await.expect("locks")[0]
+    assert!(m.locks(Default::default()).await.expect("locks").rows[0]
         .released_at
         .is_none());
     for path in [

@@ -664,7 +664,8 @@ async fn a_full_disk_fails_an_end_cleanly_and_the_same_manager_ends_it_once_spac
             ..Default::default()
         })
         .await
-        .expect("locks");
+        .expect("locks")
+        .rows;
     assert!(locks.iter().all(|l| l.released_at.is_none()));
     let ends = m
         .audit_events(demiarch_sessions::AuditFilter {
@@ -673,7 +674,8 @@ async fn a_full_disk_fails_an_end_cleanly_and_the_same_manager_ends_it_once_spac
             ..Default::default()
         })
         .await
-        .expect("audit");
+        .expect("audit")
+        .rows;
     assert!(ends.is_empty());
     assert_eq!(m.contexts().windows(s).len(), 1, "windows kept");
 
@@ -881,7 +883,8 @@ async fn crash_mid_burst(
                 ..Default::default()
             })
             .await
-            .expect("locks");
+            .expect("locks")
+            .rows;
         assert!(held.is_empty(), "{s}: its {locks} locks stay released");
     }
     // No session is half-ended: completed ones have their audit row and no
@@ -892,7 +895,8 @@ async fn crash_mid_burst(
             ..Default::default()
         })
         .await
-        .expect("sessions");
+        .expect("sessions")
+        .rows;
     let mut half = Vec::new();
     for session in &all {
         let ends = m
@@ -903,6 +907,7 @@ async fn crash_mid_burst(
             })
             .await
             .expect("audit")
+            .rows
             .len();
         let completed = session.status.as_str() == "completed";
         if completed != (ends == 1) {

@@ -312,7 +312,8 @@ async fn listings_are_newest_first_filtered_and_paged() {
             let all = m
                 .list_sessions(SessionFilter::default())
                 .await
-                .expect("list");
+                .expect("list")
+                .rows;
             let listed: Vec<Uuid> = all.iter().map(|s| s.id).collect();
             let mut newest_first = ids.clone();
             newest_first.reverse();
@@ -323,7 +324,8 @@ async fn listings_are_newest_first_filtered_and_paged() {
                     ..Default::default()
                 })
                 .await
-                .expect("list completed");
+                .expect("list completed")
+                .rows;
             assert_eq!(
                 completed.iter().map(|s| s.id).collect::<Vec<_>>(),
                 vec![ids[4], ids[2], ids[0]]
@@ -335,7 +337,8 @@ async fn listings_are_newest_first_filtered_and_paged() {
                     ..Default::default()
                 })
                 .await
-                .expect("page 2");
+                .expect("page 2")
+                .rows;
             assert_eq!(
                 page2.iter().map(|s| s.id).collect::<Vec<_>>(),
                 vec![ids[2], ids[1]]
@@ -347,16 +350,11 @@ async fn listings_are_newest_first_filtered_and_paged() {
                     ..Default::default()
                 })
                 .await
-                .expect("audit");
+                .expect("audit")
+                .rows;
             assert_eq!(
-                ends.iter()
-                    .map(|e| e.session_id.clone())
-                    .collect::<Vec<_>>(),
-                vec![
-                    Some(ids[4].to_string()),
-                    Some(ids[2].to_string()),
-                    Some(ids[0].to_string())
-                ]
+                ends.iter().map(|e| e.session_id).collect::<Vec<_>>(),
+                vec![Some(ids[4]), Some(ids[2]), Some(ids[0])]
             );
             let of_one = m
                 .audit_events(AuditFilter {
@@ -364,7 +362,8 @@ async fn listings_are_newest_first_filtered_and_paged() {
                     ..Default::default()
                 })
                 .await
-                .expect("audit of one");
+                .expect("audit of one")
+                .rows;
             assert_eq!(
                 of_one
                     .iter()
@@ -378,7 +377,8 @@ async fn listings_are_newest_first_filtered_and_paged() {
                     ..Default::default()
                 })
                 .await
-                .expect("audit since");
+                .expect("audit since")
+                .rows;
             assert!(none_yet.is_empty());
 
             // Ids by unique prefix, like git.

@@ -11,8 +11,8 @@ use std::time::Duration;
 use chrono::{DateTime, SubsecRound, Utc};
 use common::*;
 use demiarch_sessions::{
-    ArchiveLine, AuditFilter, Config, Error, PruneReport, RetentionPolicy, SessionManager,
-    WatchOptions,
+    ArchiveLine, AuditEvent, AuditFilter, Config, Error, PruneReport, RetentionPolicy,
+    SessionManager, WatchOptions,
 };
 use entity::{agent_executions, audit_log, global_sessions, resource_locks, retention};
 use futures::StreamExt;
@@ -588,7 +588,7 @@ async fn a_feed_below_the_horizon_reports_the_gap_and_ends() {
                 .unwrap_or_else(|_| panic!("{name}: no item from the feed"))
                 .expect("the feed goes on")
                 .unwrap_or_else(|e| panic!("{name}: the feed after the horizon failed: {e}"));
-            assert_eq!(first.event_type, "audit_compacted", "{name}");
+            assert_eq!(first.event_type, AuditEvent::AuditCompacted, "{name}");
             assert!(first.seq > h);
             assert_eq!(first.details["compacted_through"], json!(h), "{name}");
             assert_eq!(first.details["audit_deleted"], json!(report.audit_deleted));
@@ -598,7 +598,7 @@ async fn a_feed_below_the_horizon_reports_the_gap_and_ends() {
                     ..AuditFilter::default()
                 })
                 .await
-                .expect("audit_events after the horizon");
+                .expect("audit_events after the horizon").rows;
             assert_eq!(listed, vec![first], "{name}");
         },
     )
@@ -995,7 +995,7 @@ async fn the_archive_holds_what_was_deleted_and_restores_it() {
                 let windows = db.manager.session_context(*s).await.expect("context");
                 assert_eq!(windows.len(), 1, "{name}: restored context");
                 assert_eq!(windows[0].data["session"], json!(s.to_string()));
-                assert_eq!(db.manager.agents(*s).await.expect("agents").len(), 2);
+                assert_eq!(db.manager.agents(*s).await.expect("agents").rows.len(), 2);
             }
         },
     )

@@ -8,7 +8,9 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use common::*;
-use demiarch_sessions::{AuditFilter, AuditRecord, Config, Error, SessionManager, WatchOptions};
+use demiarch_sessions::{
+    AuditEvent, AuditFilter, AuditRecord, Config, Error, SessionManager, WatchOptions,
+};
 use entity::audit_log;
 use futures::{Stream, StreamExt};
 use sea_orm::{ConnectionTrait, EntityTrait, QueryOrder, Statement, TransactionTrait};
@@ -122,7 +124,7 @@ async fn delivers_every_event_in_seq_order_exactly_once_across_resumes() {
             quiet_for(&mut watcher, 300).await;
             for (event, row) in got.iter().zip(&rows) {
                 assert_eq!(event.id, id(&row.id));
-                assert_eq!(event.event_type, row.event_type);
+                assert_eq!(event.event_type.as_str(), row.event_type);
                 assert_eq!(event.details, row.details);
             }
 
@@ -157,7 +159,8 @@ async fn delivers_every_event_in_seq_order_exactly_once_across_resumes() {
                     ..AuditFilter::default()
                 })
                 .await
-                .expect("audit_events");
+                .expect("audit_events")
+                .rows;
             assert_eq!(seqs(&listed), vec![live[1], live[0]], "newest first");
             drop(peer);
         },
@@ -182,11 +185,8 @@ async fn after_none_starts_after_the_newest_event_when_first_polled() {
             );
             let after = m.start_session().await.expect("start");
             let event = next_event(&mut watcher).await;
-            assert_eq!(
-                event.session_id.as_deref(),
-                Some(after.to_string().as_str())
-            );
-            assert_eq!(event.event_type, "session_start");
+            assert_eq!(event.session_id, Some(after));
+            assert_eq!(event.event_type, AuditEvent::SessionStart);
             let rows = all_audit(&db).await;
             assert_eq!(rows.len(), 3);
             assert_eq!(
@@ -229,8 +229,8 @@ async fn filters_by_session_and_event_types() {
                 .collect::<Vec<_>>(),
             ["session_end", "session_end"]
         );
-        assert_eq!(got[0].session_id, Some(a.to_string()));
-        assert_eq!(got[1].session_id, Some(b.to_string()));
+        assert_eq!(got[0].session_id, Some(a));
+        assert_eq!(got[1].session_id, Some(b));
         let got = take(&mut by_session, 2).await;
         assert_eq!(
             got.iter()
@@ -238,7 +238,7 @@ async fn filters_by_session_and_event_types() {
                 .collect::<Vec<_>>(),
             ["session_start", "session_end"]
         );
-        assert!(got.iter().all(|e| e.session_id == Some(b.to_string())));
+        assert!(got.iter().all(|e| e.session_id == Some(b)));
         quiet_for(&mut ends, 200).await;
         quiet_for(&mut by_session, 100).await;
     })
@@ -436,12 +436,12 @@ async fn an_end_blocked_on_one_session_stalls_no_other() {
             .expect("another session's end is not stalled")
             .expect("end");
         let event = next_event(&mut watcher).await;
-        assert_eq!(event.session_id, Some(free.to_string()), "and it is delivered meanwhile");
+        assert_eq!(event.session_id, Some(free), "and it is delivered meanwhile");
         txn.rollback().await.expect("let go");
         blocker.close().await.expect("close");
         stuck.await.expect("task").expect("the blocked end finishes");
         let event = next_event(&mut watcher).await;
-        assert_eq!(event.session_id, Some(blocked.to_string()));
+        assert_eq!(event.session_id, Some(blocked));
         assert!(event.seq > 0);
     })
     .await;
@@ -509,8 +509,8 @@ async fn events_from_other_processes_and_instances_arrive() {
         );
         let event = next_event(&mut watcher).await;
         assert_eq!(
-            (event.event_type.as_str(), event.session_id.clone()),
-            ("session_end", Some(session.to_string()))
+            (event.event_type, event.session_id),
+            (AuditEvent::SessionEnd, Some(session))
         );
         assert_eq!(event.details["locks_released"], 2);
 
@@ -527,8 +527,8 @@ async fn events_from_other_processes_and_instances_arrive() {
         assert_eq!(report.interrupted, vec![stale]);
         let event = next_event(&mut watcher).await;
         assert_eq!(
-            (event.event_type.as_str(), event.session_id.clone()),
-            ("session_interrupted", Some(stale.to_string()))
+            (event.event_type, event.session_id),
+            (AuditEvent::SessionInterrupted, Some(stale))
         );
         let rows = all_audit(&db).await;
         assert_eq!(event.seq, rows.last().expect("rows").seq);
@@ -578,7 +578,7 @@ async fn feeds_page_and_hold_no_connection_while_idle() {
             m.end_session(session).await.expect("end");
             for f in &mut feeds {
                 let got = take(f, 2).await;
-                assert_eq!(got[1].event_type, "session_end");
+                assert_eq!(got[1].event_type, AuditEvent::SessionEnd);
             }
             let backlog = take(&mut feed(&m, from_start()), 32).await;
             assert_eq!(
@@ -613,10 +613,7 @@ async fn errors_come_through_and_the_feed_goes_on() {
             let m = db.manager.clone();
             let a = m.start_session().await.expect("start");
             let mut watcher = feed(&m, from_start());
-            assert_eq!(
-                next_event(&mut watcher).await.session_id,
-                Some(a.to_string())
-            );
+            assert_eq!(next_event(&mut watcher).await.session_id, Some(a));
             // The table goes away under the feed (as if the database failed).
             let conn = db.manager.connection();
             let rename = |from: &str, to: &str| format!("ALTER TABLE {from} RENAME TO {to}");
@@ -639,7 +636,7 @@ async fn errors_come_through_and_the_feed_goes_on() {
                     Err(e) => panic!("unexpected error {e}"),
                 }
             };
-            assert_eq!(event.session_id, Some(b.to_string()));
+            assert_eq!(event.session_id, Some(b));
             assert_eq!(event.seq, 2);
             db.manager.close().await.expect("close");
             assert!(matches!(
@@ -721,7 +718,7 @@ async fn a_feed_survives_its_connections_being_killed() {
             let mut watcher = feed(&db.manager, WatchOptions::default());
             quiet_for(&mut watcher, 300).await;
             let first = peer.start_session().await.expect("start");
-            assert_eq!(next_event(&mut watcher).await.session_id, Some(first.to_string()));
+            assert_eq!(next_event(&mut watcher).await.session_id, Some(first));
             let killer = db.second_connection().await;
             let killed = killer
                 .query_all_raw(Statement::from_string(
@@ -747,8 +744,8 @@ async fn a_feed_survives_its_connections_being_killed() {
                     Err(e) => panic!("unexpected {e}"),
                 }
             }
-            let ids: Vec<_> = got.iter().map(|e| e.session_id.clone()).collect();
-            assert_eq!(ids, written.iter().map(|s| Some(s.to_string())).collect::<Vec<_>>());
+            let ids: Vec<_> = got.iter().map(|e| e.session_id).collect();
+            assert_eq!(ids, written.iter().map(|s| Some(*s)).collect::<Vec<_>>());
             assert_increasing("after the kill", &seqs(&got));
             killer.close().await.expect("close");
             peer.close().await.expect("close");
@@ -785,14 +782,11 @@ async fn filtered_feeds_find_sparse_matches_and_every_write_wakes_them() {
                 let s = m.start_session().await.expect("start");
                 if i % 3 == 2 {
                     m.end_session(s).await.expect("end");
-                    ended.push(Some(s.to_string()));
+                    ended.push(Some(s));
                 }
             }
             let got = take(&mut ends, 3).await;
-            assert_eq!(
-                got.iter().map(|e| e.session_id.clone()).collect::<Vec<_>>(),
-                ended
-            );
+            assert_eq!(got.iter().map(|e| e.session_id).collect::<Vec<_>>(), ended);
             assert_increasing("sparse ends", &seqs(&got));
             quiet_for(&mut ends, 200).await;
 
@@ -819,7 +813,7 @@ async fn filtered_feeds_find_sparse_matches_and_every_write_wakes_them() {
                 .await
                 .expect("granted over the expired holder");
             let event = next_event(&mut swept).await;
-            assert_eq!(event.event_type, "locks_swept");
+            assert_eq!(event.event_type, AuditEvent::LocksSwept);
             assert_eq!(event.details["expired"], 1);
         },
     )

@@ -92,7 +92,8 @@ async fn cases(
             offset: sessions / 3,
             ..SessionFilter::default()
         })
-        .await?;
+        .await?
+        .rows;
     let one = some.first().ok_or("no background session")?.id;
     let line = |case, samples: &[Duration]| {
         let (p50_us, p99_us) = summarize(samples);

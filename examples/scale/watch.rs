@@ -156,7 +156,7 @@ pub async fn run(args: &Args) -> BoxResult<()> {
 }
 
 /// Receipts of a feed's events, by session, sent by its consumer task.
-type Receipts = mpsc::UnboundedReceiver<(Option<String>, Instant)>;
+type Receipts = mpsc::UnboundedReceiver<(Option<Uuid>, Instant)>;
 
 fn consume(manager: &SessionManager, options: WatchOptions) -> Receipts {
     let (tx, rx) = mpsc::unbounded_channel();
@@ -179,16 +179,16 @@ async fn newest_seq(manager: &SessionManager) -> BoxResult<i64> {
             limit: Some(1),
             ..AuditFilter::default()
         })
-        .await?;
+        .await?
+        .rows;
     Ok(newest.first().map_or(0, |e| e.seq))
 }
 
 /// Waits for the feed to deliver `session`'s event.
 async fn receipt_of(receipts: &mut Receipts, session: Uuid) -> BoxResult<Instant> {
-    let wanted = session.to_string();
     loop {
         match tokio::time::timeout(RECEIPT_TIMEOUT, receipts.recv()).await {
-            Ok(Some((Some(id), at))) if id == wanted => return Ok(at),
+            Ok(Some((Some(id), at))) if id == session => return Ok(at),
             Ok(Some(_)) => continue,
             Ok(None) => return Err("the feed's consumer stopped".into()),
             Err(_) => {
@@ -421,7 +421,7 @@ async fn library_writers(args: &Args, fx: &Fixture) -> BoxResult<WritersLine> {
                 }
             }
             start = started.recv(), if !writers_done => match start {
-                Some((session, at)) => { returned.insert(session.to_string(), at); }
+                Some((session, at)) => { returned.insert(session, at); }
                 None => {
                     writers_done = true;
                     written_s = began.elapsed().as_secs_f64();

@@ -63,7 +63,12 @@ fn lost(lock_id: Uuid, row: &LockRow, now: DateTime<Utc>) -> Result<Option<LockL
     let (_, _, expires_at, released_at, reason) = row;
     if let Some(at) = released_at {
         let reason = match reason {
-            Some(reason) => reason.parse()?,
+            Some(reason) => db::stored(
+                "resource_locks",
+                &lock_id.to_string(),
+                "release_reason",
+                reason,
+            )?,
             None => ReleaseReason::Released,
         };
         return Ok(Some(LockLoss {

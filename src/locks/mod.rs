@@ -179,7 +179,8 @@ pub(crate) async fn attempt(
     let mut changed = expired_one;
     if let (Some(expires_at), None) = (request.wait_until, entry) {
         if let Some(holder) = &holder {
-            let holder_agent = db::stored_id("agent_id", &holder.agent_id)?;
+            let holder_agent =
+                db::stored_id("resource_locks", &holder.id, "agent_id", &holder.agent_id)?;
             if let Some(agents) = queue::cycle(&*txn, request.agent_id, holder_agent, now).await? {
                 txn.rollback().await?;
                 return Err(Error::Deadlock { agents });
@@ -330,9 +331,11 @@ async fn next_fencing_token(txn: &DatabaseTransaction) -> Result<i64> {
         .exec(txn)
         .await?;
     let counter = lock_fencing::Entity::find_by_id(1).one(txn).await?;
-    counter.map(|c| c.last_token).ok_or_else(|| {
-        Error::CorruptRow("lock_fencing has no counter row; run the migrations".into())
-    })
+    counter
+        .map(|c| c.last_token)
+        .ok_or_else(|| Error::MissingRow {
+            table: "lock_fencing",
+        })
 }
 
 /// Releases one held lock whose time to live ran out, inside the caller's
@@ -400,7 +403,7 @@ pub(crate) async fn release(
             "fencing_token": lock.fencing_token,
             "operator": operator,
         });
-        let session = db::stored_id("session_id", &lock.session_id)?;
+        let session = db::stored_id("resource_locks", &lock.id, "session_id", &lock.session_id)?;
         audit::append(&*txn, AuditEvent::LockReleased, Some(session), details, now).await?;
     }
     txn.commit().await?;

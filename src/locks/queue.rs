@@ -277,7 +277,7 @@ pub(crate) async fn cycle(
         else {
             return Ok(None);
         };
-        next = db::stored_id("agent_id", &lock.agent_id)?;
+        next = db::stored_id("resource_locks", &lock.id, "agent_id", &lock.agent_id)?;
     }
     Ok(None)
 }
@@ -298,8 +298,8 @@ pub(crate) async fn waiters(
         .zip(1u32..)
         .map(|(row, position)| {
             Ok(LockWaiter {
-                agent_id: db::stored_id("agent_id", &row.agent_id)?,
-                session_id: db::stored_id("session_id", &row.session_id)?,
+                agent_id: db::stored_id("lock_waiters", &row.id, "agent_id", &row.agent_id)?,
+                session_id: db::stored_id("lock_waiters", &row.id, "session_id", &row.session_id)?,
                 since: row.since.to_utc(),
                 position,
             })

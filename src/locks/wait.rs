@@ -289,7 +289,8 @@ async fn timed_out(manager: &SessionManager, resource: &Resource, started: Insta
         resource_type: resource.0.clone(),
         resource_key: resource.1.clone(),
         waited_ms: db::millis(started.elapsed()),
-        holder_agent_id: holder.and_then(|h| db::stored_id("agent_id", &h.agent_id).ok()),
+        holder_agent_id: holder
+            .and_then(|h| db::stored_id("resource_locks", &h.id, "agent_id", &h.agent_id).ok()),
     }
 }
 
@@ -308,7 +309,7 @@ fn refused_now(resource: &Resource, refusal: Refusal) -> Error {
         resource_key: resource.1.clone(),
         holder_agent_id: holder
             .as_ref()
-            .and_then(|h| db::stored_id("agent_id", &h.agent_id).ok()),
+            .and_then(|h| db::stored_id("resource_locks", &h.id, "agent_id", &h.agent_id).ok()),
         fencing_token: holder.as_ref().map(|h| h.fencing_token),
     }
 }

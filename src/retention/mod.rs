@@ -380,7 +380,7 @@ async fn held(store: &db::Store) -> Result<Option<Error>> {
 }
 
 fn no_retention_row() -> Error {
-    Error::CorruptRow("retention has no row; run the migrations".into())
+    Error::MissingRow { table: "retention" }
 }
 
 /// What a prune reports after each batch: its counts so far.
@@ -839,7 +839,7 @@ async fn context_lines(
         for (id, context) in rows {
             if let Some(context_data) = context {
                 lines.push(ArchiveLine::Context {
-                    session_id: db::stored_id("session id", &id)?,
+                    session_id: db::stored_id("global_sessions", &id, "id", &id)?,
                     cleared_at,
                     context_data,
                 });

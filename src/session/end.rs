@@ -163,9 +163,12 @@ async fn end_in(
     let (status, completed_at) = session.ok_or(Error::SessionNotFound(session_id))?;
     if status == SessionStatus::Completed.as_str() {
         let completed_at = completed_at.ok_or_else(|| {
-            Error::CorruptRow(format!(
-                "session {session_id} is completed without completed_at"
-            ))
+            db::corrupt(
+                "global_sessions",
+                &session_id.to_string(),
+                "completed_at",
+                "NULL",
+            )
         })?;
         let closed = Closed::default();
         return Ok(Ended {

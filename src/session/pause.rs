@@ -31,7 +31,13 @@ pub(crate) async fn set_paused(
         .into_tuple()
         .one(&*txn)
         .await?;
-    let status: SessionStatus = status.ok_or(Error::SessionNotFound(session_id))?.parse()?;
+    let status: String = status.ok_or(Error::SessionNotFound(session_id))?;
+    let status: SessionStatus = db::stored(
+        "global_sessions",
+        &session_id.to_string(),
+        "status",
+        &status,
+    )?;
     let (from, to, event) = match pause {
         true => (
             SessionStatus::Active,

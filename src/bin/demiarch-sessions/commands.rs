@@ -6,8 +6,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use demiarch_sessions::entity::{agent_executions, resource_locks};
 use demiarch_sessions::{
-    AgentOutcome, AuditEvent, AuditFilter, AuditRecord, Config, Error, LockFilter, LockInfo,
-    LockWaiter, Operator, RetentionPolicy, SessionFilter, SessionInfo, SessionManager,
+    AgentOutcome, AuditEvent, AuditFilter, AuditRecord, Config, Error, Listing, LockFilter,
+    LockInfo, LockWaiter, Operator, RetentionPolicy, SessionFilter, SessionInfo, SessionManager,
     SessionStatus, CONTEXT_FORMAT_VERSION,
 };
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
@@ -25,6 +25,15 @@ pub const ALIVE_WITHIN: Duration = Duration::from_secs(30);
 
 /// The most rows `sessions show` lists per section.
 const SHOW_LIMIT: u64 = 1000;
+
+/// The rows a list read could read; each row it could not is named in a
+/// warning on stderr.
+pub fn readable<T>(listing: Listing<T>) -> Vec<T> {
+    for row in &listing.corrupt {
+        eprintln!("warning: skipped a stored row: {row}");
+    }
+    listing.rows
+}
 
 /// Opens the database and runs the command; the result is stdout's text.
 pub async fn run(cli: Cli) -> Result<String, Failure> {
@@ -249,6 +258,7 @@ impl Ctx {
             })
             .await
             .ok()?
+            .rows
             .pop()?;
         Some(Failure::new(
             NOT_FOUND,
@@ -280,11 +290,12 @@ impl Ctx {
             limit: Some(limit),
             offset,
         };
-        let sessions = self
-            .manager
-            .list_sessions(filter)
-            .await
-            .map_err(|e| Failure::during("listing sessions", e))?;
+        let sessions = readable(
+            self.manager
+                .list_sessions(filter)
+                .await
+                .map_err(|e| Failure::during("listing sessions", e))?,
+        );
         if self.json {
             return output::json(&sessions);
         }
@@ -333,29 +344,32 @@ impl Ctx {
         };
         let info = self.session(id).await?;
         let doing = format!("reading session {id}");
-        let agents = self
-            .manager
-            .agents(id)
-            .await
-            .map_err(|e| Failure::during(&doing, e))?;
-        let locks = self
-            .manager
-            .locks(LockFilter {
-                session_id: Some(id),
-                limit: Some(SHOW_LIMIT),
-                ..LockFilter::default()
-            })
-            .await
-            .map_err(|e| Failure::during(&doing, e))?;
-        let mut audit = self
-            .manager
-            .audit_events(AuditFilter {
-                session_id: Some(id),
-                limit: Some(SHOW_LIMIT),
-                ..AuditFilter::default()
-            })
-            .await
-            .map_err(|e| Failure::during(&doing, e))?;
+        let agents = readable(
+            self.manager
+                .agents(id)
+                .await
+                .map_err(|e| Failure::during(&doing, e))?,
+        );
+        let locks = readable(
+            self.manager
+                .locks(LockFilter {
+                    session_id: Some(id),
+                    limit: Some(SHOW_LIMIT),
+                    ..LockFilter::default()
+                })
+                .await
+                .map_err(|e| Failure::during(&doing, e))?,
+        );
+        let mut audit = readable(
+            self.manager
+                .audit_events(AuditFilter {
+                    session_id: Some(id),
+                    limit: Some(SHOW_LIMIT),
+                    ..AuditFilter::default()
+                })
+                .await
+                .map_err(|e| Failure::during(&doing, e))?,
+        );
         audit.reverse();
         let context = self.context_summary(&info).await?;
         let queues = self.queues(&locks).await?;
@@ -445,7 +459,7 @@ impl Ctx {
                 table.add_row(vec![
                     event.seq.to_string(),
                     output::time_ago(event.event_time, self.now),
-                    event.event_type.clone(),
+                    event.event_type.to_string(),
                     output::details(&event.details),
                 ]);
             }
@@ -593,16 +607,17 @@ impl Ctx {
             Some(id) => Some(self.resolve(id).await?),
             None => None,
         };
-        let locks = self
-            .manager
-            .locks(LockFilter {
-                session_id,
-                held_only: held,
-                limit: Some(limit),
-                ..LockFilter::default()
-            })
-            .await
-            .map_err(|e| Failure::during("listing locks", e))?;
+        let locks = readable(
+            self.manager
+                .locks(LockFilter {
+                    session_id,
+                    held_only: held,
+                    limit: Some(limit),
+                    ..LockFilter::default()
+                })
+                .await
+                .map_err(|e| Failure::during("listing locks", e))?,
+        );
         let queues = self.queues(&locks).await?;
         let holders = locks.iter().map(|l| l.agent_id);
         let waiters = queues.values().flatten().map(|w| w.agent_id);
@@ -716,7 +731,7 @@ impl Ctx {
             (Some(at), _) => format!(
                 "released {} ({})",
                 output::ago(at, self.now),
-                l.release_reason.as_deref().unwrap_or("unknown reason")
+                l.release_reason.map_or("unknown reason", |r| r.as_str())
             ),
             (None, Some(exp)) if exp <= self.now => {
                 format!(
@@ -851,7 +866,7 @@ impl Ctx {
                         ..LockFilter::default()
                     })
                     .await;
-                found.map(|mut locks| locks.pop())
+                found.map(|locks| readable(locks).pop())
             }
         };
         let before = lookup(&self.manager)
@@ -883,7 +898,7 @@ impl Ctx {
             false => format!(
                 "Lock {} was already released ({}); nothing was changed.\n",
                 short(id),
-                lock.release_reason.as_deref().unwrap_or("released")
+                lock.release_reason.map_or("released", |r| r.as_str())
             ),
         })
     }
@@ -992,11 +1007,12 @@ impl Ctx {
             limit: Some(tail.lines),
             ..AuditFilter::default()
         };
-        let mut events = self
-            .manager
-            .audit_events(filter.clone())
-            .await
-            .map_err(|e| Failure::during("reading the audit log", e))?;
+        let mut events = readable(
+            self.manager
+                .audit_events(filter.clone())
+                .await
+                .map_err(|e| Failure::during("reading the audit log", e))?,
+        );
         events.reverse();
         Ok((events, filter))
     }
@@ -1014,11 +1030,8 @@ impl Ctx {
             table.add_row(vec![
                 e.seq.to_string(),
                 output::time_ago(e.event_time, self.now),
-                e.event_type.clone(),
-                e.session_id
-                    .as_deref()
-                    .map(output::short_text)
-                    .unwrap_or_else(|| "-".into()),
+                e.event_type.to_string(),
+                e.session_id.map(short).unwrap_or_else(|| "-".into()),
                 output::details(&e.details),
             ]);
         }
@@ -1044,7 +1057,7 @@ pub fn lock_view<'a>(
         acquired_at: l.acquired_at,
         expires_at: l.expires_at,
         released_at: l.released_at,
-        release_reason: l.release_reason.as_deref(),
+        release_reason: l.release_reason.map(|r| r.as_str()),
         held: l.released_at.is_none(),
         waiters: queued(queues, l.id),
     }

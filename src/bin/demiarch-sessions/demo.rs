@@ -136,13 +136,15 @@ async fn steps(ctx: &Ctx) -> Result<String, Failure> {
         .end_session(session)
         .await
         .map_err(fail("ending the demo session"))?;
-    let locks = manager
-        .locks(LockFilter {
-            session_id: Some(session),
-            ..LockFilter::default()
-        })
-        .await
-        .map_err(fail("reading the demo locks"))?;
+    let locks = crate::commands::readable(
+        manager
+            .locks(LockFilter {
+                session_id: Some(session),
+                ..LockFilter::default()
+            })
+            .await
+            .map_err(fail("reading the demo locks"))?,
+    );
     let queues = ctx.queues(&locks).await?;
     let agent_types: HashMap<Uuid, String> = HashMap::from([
         (coder, "coder".to_owned()),

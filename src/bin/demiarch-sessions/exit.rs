@@ -81,7 +81,7 @@ impl Failure {
                      database; nothing was changed, retry later or raise --cleanup-timeout"
                 ),
             ),
-            Error::NotADatabase { .. } | Error::SchemaTooNew { .. } => {
+            Error::NotADatabase { .. } | Error::SchemaTooNew { .. } | Error::MissingRow { .. } => {
                 Self::new(UNREACHABLE, err.to_string())
             }
             Error::CorruptContext { .. } | Error::CorruptRow(_) => Self::new(
@@ -137,7 +137,7 @@ impl Failure {
     /// Classifies a failure to open the database at `url` (already redacted).
     pub fn connect(url: &str, err: Error) -> Self {
         match err {
-            Error::NotADatabase { .. } | Error::SchemaTooNew { .. } => {
+            Error::NotADatabase { .. } | Error::SchemaTooNew { .. } | Error::MissingRow { .. } => {
                 Self::new(UNREACHABLE, format!("{err} ({url})"))
             }
             Error::CannotOpen { reason, .. } => Self::new(

@@ -47,6 +47,8 @@ pub async fn run(ctx: &Ctx, tail: Tail<'_>) -> Result<String, Failure> {
             Some(Err(
                 e @ (Error::InvalidInput { .. } | Error::ManagerClosed | Error::Compacted { .. }),
             )) => return Err(Failure::during("following the audit log", e)),
+            // The feed goes on after a row it cannot read.
+            Some(Err(Error::CorruptRow(row))) => eprintln!("warning: skipped a stored row: {row}"),
             Some(Err(e)) => eprintln!("warning: reading the audit log: {e}; retrying"),
             None => return Ok(String::new()),
         }
@@ -68,8 +70,7 @@ impl Printer {
                 output::time(e.event_time),
                 e.event_type,
                 e.session_id
-                    .as_deref()
-                    .map(output::short_text)
+                    .map(output::short)
                     .unwrap_or_else(|| "-".into()),
                 output::details(&e.details),
             ),
