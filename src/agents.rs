@@ -40,6 +40,7 @@ impl AgentOutcome {
 
 /// What `finish_agent` did.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "web", derive(utoipa::ToSchema))]
 pub struct FinishReport {
     pub agent_id: Uuid,
     pub session_id: Uuid,

@@ -12,6 +12,7 @@ use entity::{audit_head, audit_log};
 /// The kinds of audit event this library writes. It serializes (serde) and
 /// displays as the `event_type` stored, such as `"session_end"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "web", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum AuditEvent {

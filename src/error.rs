@@ -18,6 +18,7 @@ use uuid::Uuid;
 /// audit feed ([`SessionManager::watch`](crate::SessionManager::watch), which
 /// goes on past it) give [`Error::CorruptRow`] instead.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[cfg_attr(feature = "web", derive(utoipa::ToSchema))]
 pub struct CorruptRow {
     /// The table, such as `audit_log`.
     pub table: &'static str,

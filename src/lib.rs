@@ -53,7 +53,10 @@ mod retention;
 mod session;
 mod status;
 mod validate;
+pub mod views;
 mod watch;
+#[cfg(feature = "web")]
+pub mod web;
 
 pub use agents::{AgentOutcome, FinishReport};
 pub use audit::{AuditEvent, Operator};

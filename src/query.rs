@@ -11,7 +11,7 @@ use sea_orm::{
     ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
     QuerySelect,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use entity::{agent_executions, audit_log, global_sessions, resource_locks};
@@ -69,7 +69,8 @@ pub struct SessionFilter {
 }
 
 /// A session without its (possibly large) saved context.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "web", derive(utoipa::ToSchema))]
 pub struct SessionInfo {
     pub id: Uuid,
     pub status: SessionStatus,
@@ -84,7 +85,7 @@ pub struct SessionInfo {
     pub context_cleared_at: Option<DateTime<Utc>>,
 }
 
-type SessionRow = (
+pub(crate) type SessionRow = (
     String,
     String,
     DateTime<Utc>,
@@ -95,7 +96,7 @@ type SessionRow = (
     Option<DateTime<Utc>>,
 );
 
-fn session_info(row: SessionRow) -> Result<SessionInfo, CorruptRow> {
+pub(crate) fn session_info(row: SessionRow) -> Result<SessionInfo, CorruptRow> {
     const TABLE: &str = "global_sessions";
     Ok(SessionInfo {
         id: db::stored_id(TABLE, &row.0, "id", &row.0)?,
@@ -109,7 +110,7 @@ fn session_info(row: SessionRow) -> Result<SessionInfo, CorruptRow> {
     })
 }
 
-fn session_columns() -> sea_orm::Select<global_sessions::Entity> {
+pub(crate) fn session_columns() -> sea_orm::Select<global_sessions::Entity> {
     use global_sessions::Column as C;
     global_sessions::Entity::find().select_only().columns([
         C::Id,
@@ -229,7 +230,8 @@ async fn ids_with_prefix<E: EntityTrait>(
 }
 
 /// An agent execution.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "web", derive(utoipa::ToSchema))]
 pub struct AgentInfo {
     pub id: Uuid,
     pub session_id: Uuid,
@@ -294,7 +296,7 @@ pub struct LockInfo {
 }
 
 impl LockInfo {
-    fn from_row(l: resource_locks::Model) -> Result<Self, CorruptRow> {
+    pub(crate) fn from_row(l: resource_locks::Model) -> Result<Self, CorruptRow> {
         const TABLE: &str = "resource_locks";
         Ok(Self {
             id: db::stored_id(TABLE, &l.id, "id", &l.id)?,
@@ -357,7 +359,8 @@ pub struct AuditFilter {
 }
 
 /// One audit row.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "web", derive(utoipa::ToSchema))]
 pub struct AuditRecord {
     /// The row's place in the log, set by the database: unique, starting at
     /// 1, increasing in commit order. The cursor of

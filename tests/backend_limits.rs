@@ -57,6 +57,7 @@ async fn a_backlog_larger_than_any_statement_is_swept_in_full() {
                     expires_at: Set(Some(past.into())),
                     released_at: Set(None),
                     release_reason: Set(None),
+                    waited_since: Set(None),
                 })
                 .collect();
             for chunk in rows.chunks(1_000) {

@@ -204,3 +204,309 @@ async fn the_dashboard_in_a_real_browser() {
     client.close().await.expect("close the browser");
     m.close().await.expect("close");
 }
+
+#[allow(dead_code)]
+#[path = "../examples/mounted_dashboard.rs"]
+mod mounted;
+
+/// Saves a screenshot into `DASHBOARD_SCREENSHOTS` (a directory), if set.
+async fn screenshot(client: &Client, name: &str) {
+    if let Ok(dir) = std::env::var("DASHBOARD_SCREENSHOTS") {
+        let png = client.screenshot().await.expect("screenshot");
+        std::fs::write(Path::new(&dir).join(name), png).expect("write the screenshot");
+    }
+}
+
+/// The POST status a page's own script gets for `path` (under the mount point).
+async fn post_from_page(client: &Client, path: &str) -> u64 {
+    let script = "const done = arguments[arguments.length - 1];
+        fetch(document.body.dataset.base + arguments[0], {method: 'POST', headers: {'Content-Type': 'application/json'}, body: '{}'})
+          .then(r => done(r.status)).catch(() => done(0));";
+    client
+        .execute_async(script, vec![serde_json::json!(path)])
+        .await
+        .expect("script")
+        .as_u64()
+        .expect("a status")
+}
+
+/// examples/mounted_dashboard.rs: the dashboard at /ops/sessions behind the
+/// app's own login. A viewer sees every page and no action (and a POST of
+/// its own is refused); an admin pauses, unpauses, finishes an agent,
+/// force-releases a lock, ends a session, recovers and dry-runs a prune,
+/// and watches an end made elsewhere arrive live. Every step is checked in
+/// the database too.
+#[tokio::test]
+async fn the_mounted_dashboard_under_a_prefix_in_a_real_browser() {
+    use std::sync::Arc;
+    for tool in [CHROMIUM, CHROMEDRIVER] {
+        if !Path::new(tool).exists() {
+            eprintln!(
+                "the_mounted_dashboard_under_a_prefix_in_a_real_browser: SKIPPED: {tool} is missing (apt-get install chromium chromium-driver)"
+            );
+            return;
+        }
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}", dir.path().join("m.db").display());
+    let m = SessionManager::connect_with(&url, common::test_config())
+        .await
+        .expect("connect");
+    let session = m.start_session().await.expect("start");
+    let coder = m.register_agent(session, "coder").await.expect("agent");
+    let reviewer = m.register_agent(session, "reviewer").await.expect("agent");
+    let main_rs = m
+        .acquire_lock(coder, "file", "src/main.rs")
+        .await
+        .expect("lock");
+    m.acquire_lock(reviewer, "file", "src/lib.rs")
+        .await
+        .expect("lock");
+    for _ in 0..3 {
+        let s = m.start_session().await.expect("start");
+        m.end_session(s).await.expect("end");
+    }
+    let port = free_port();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .expect("listen");
+    let app = mounted::app(Arc::new(m.clone()));
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let base = format!("http://127.0.0.1:{port}");
+    let (_driver, client) = browser().await;
+
+    // A viewer: every page, no action.
+    client
+        .goto(&format!("{base}/login?user=viewer"))
+        .await
+        .expect("login");
+    until_text(&client, "#sessions", &session.simple().to_string()[..8]).await;
+    assert!(
+        client.find(Locator::Id("recover")).await.is_err(),
+        "a viewer sees Recover"
+    );
+    client
+        .find(Locator::Css(&format!(
+            "a[href='/ops/sessions/sessions/{session}']"
+        )))
+        .await
+        .expect("the session's link under the prefix")
+        .click()
+        .await
+        .expect("click");
+    until_text(&client, "h1", &session.to_string()).await;
+    assert!(
+        client.find(Locator::Id("end")).await.is_err(),
+        "a viewer sees End"
+    );
+    assert_eq!(
+        post_from_page(&client, &format!("/api/v1/sessions/{session}/pause")).await,
+        403
+    );
+    assert_eq!(
+        m.session(session).await.expect("row").status,
+        SessionStatus::Active
+    );
+    client
+        .goto(&format!("{base}/ops/sessions/locks"))
+        .await
+        .expect("locks");
+    until_text(&client, ".locks", "src/main.rs").await;
+    assert!(client.find(Locator::Css("button.release")).await.is_err());
+
+    // An admin.
+    client
+        .goto(&format!("{base}/login?user=admin"))
+        .await
+        .expect("login");
+    until_text(&client, "#counts", "active").await;
+    screenshot(&client, "dashboard-sessions.png").await;
+    client
+        .goto(&format!("{base}/ops/sessions/sessions/{session}"))
+        .await
+        .expect("session page");
+    until_text(&client, "#agents", "reviewer").await;
+    screenshot(&client, "dashboard-session.png").await;
+
+    // Pause, then unpause.
+    client
+        .find(Locator::Id("pause"))
+        .await
+        .expect("Pause")
+        .click()
+        .await
+        .expect("click");
+    client.accept_alert().await.expect("confirm");
+    until_text(&client, "#status", "paused").await;
+    assert_eq!(
+        m.session(session).await.expect("row").status,
+        SessionStatus::Paused
+    );
+    client
+        .find(Locator::Id("unpause"))
+        .await
+        .expect("Unpause")
+        .click()
+        .await
+        .expect("click");
+    client.accept_alert().await.expect("confirm");
+    until_text(&client, "#status", "active").await;
+    assert_eq!(
+        m.session(session).await.expect("row").status,
+        SessionStatus::Active
+    );
+
+    // Finish the reviewer: its lock goes with it.
+    client
+        .find(Locator::Css(&format!("#agent-{reviewer} button.finish")))
+        .await
+        .expect("Finish")
+        .click()
+        .await
+        .expect("click");
+    client.accept_alert().await.expect("confirm");
+    until_text(&client, &format!("#agent-{reviewer} .outcome"), "completed").await;
+    let agents = m.agents(session).await.expect("agents");
+    let row = agents
+        .rows
+        .iter()
+        .find(|a| a.id == reviewer)
+        .expect("reviewer");
+    assert_eq!(row.status, demiarch_sessions::AgentStatus::Completed);
+
+    // Force-release the coder's lock, with a reason.
+    client
+        .goto(&format!("{base}/ops/sessions/locks"))
+        .await
+        .expect("locks");
+    until_text(&client, ".locks", "src/main.rs").await;
+    client
+        .find(Locator::Css(&format!(
+            "tr[data-id='{}'] button.release",
+            main_rs.lock_id
+        )))
+        .await
+        .expect("Force release")
+        .click()
+        .await
+        .expect("click");
+    client
+        .send_alert_text("stuck in the browser test")
+        .await
+        .expect("reason");
+    client.accept_alert().await.expect("ok");
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let locks = m
+            .locks(demiarch_sessions::LockFilter {
+                lock_id: Some(main_rs.lock_id),
+                ..Default::default()
+            })
+            .await
+            .expect("locks");
+        if locks.rows[0].released_at.is_some() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "the release never landed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    screenshot(&client, "dashboard-locks.png").await;
+
+    // The audit page, live: an end made here by the test arrives.
+    client
+        .goto(&format!("{base}/ops/sessions/audit"))
+        .await
+        .expect("audit");
+    until_text(&client, "#live", "lock_released").await;
+    let other = m.start_session().await.expect("start");
+    m.end_session(other).await.expect("end");
+    until_text(&client, "#live", &other.to_string()).await;
+    screenshot(&client, "dashboard-audit.png").await;
+
+    // End the session, forced (this test's manager heartbeats for it).
+    client
+        .goto(&format!("{base}/ops/sessions/sessions/{session}"))
+        .await
+        .expect("session page");
+    client
+        .find(Locator::Id("force"))
+        .await
+        .expect("force")
+        .click()
+        .await
+        .expect("tick");
+    client
+        .find(Locator::Id("end"))
+        .await
+        .expect("End")
+        .click()
+        .await
+        .expect("click");
+    client.accept_alert().await.expect("confirm");
+    until_text(&client, "#status", "completed").await;
+    assert_eq!(
+        m.session(session).await.expect("row").status,
+        SessionStatus::Completed
+    );
+
+    // Recover (nothing is stale) and a dry-run prune, from the sessions page.
+    client
+        .goto(&format!("{base}/ops/sessions"))
+        .await
+        .expect("sessions");
+    until_text(&client, "#counts", "completed").await;
+    client
+        .find(Locator::Id("recover"))
+        .await
+        .expect("Recover")
+        .click()
+        .await
+        .expect("click");
+    client.accept_alert().await.expect("confirm");
+    until_text(&client, "#message", "Interrupted 0 sessions").await;
+    let before = m
+        .list_sessions(Default::default())
+        .await
+        .expect("list")
+        .rows
+        .len();
+    client
+        .find(Locator::Css("details.act summary"))
+        .await
+        .expect("Prune…")
+        .click()
+        .await
+        .expect("open");
+    client
+        .find(Locator::Css("#prune input[name='completed_after']"))
+        .await
+        .expect("field")
+        .send_keys("1s")
+        .await
+        .expect("type");
+    client
+        .find(Locator::Css("#prune button"))
+        .await
+        .expect("Prune")
+        .click()
+        .await
+        .expect("click");
+    until_text(&client, "#message", "Would delete").await;
+    assert_eq!(
+        m.list_sessions(Default::default())
+            .await
+            .expect("list")
+            .rows
+            .len(),
+        before
+    );
+
+    client.close().await.expect("close the browser");
+    server.abort();
+    m.close().await.expect("close");
+}

@@ -73,6 +73,7 @@ async fn ended_sessions(db: &TestDb, n: usize, first_token: i64) -> Vec<Uuid> {
                         expires_at: Set(None),
                         released_at: Set(Some(at.into())),
                         release_reason: Set(Some("session_end".into())),
+                        waited_since: Set(None),
                     });
                 }
             }

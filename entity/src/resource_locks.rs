@@ -20,6 +20,7 @@ pub struct Model {
     pub expires_at: Option<DateTimeWithTimeZone>,
     pub released_at: Option<DateTimeWithTimeZone>,
     pub release_reason: Option<String>,
+    pub waited_since: Option<DateTimeWithTimeZone>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -342,6 +342,7 @@ async fn insert_sessions(
                 expires_at: Set(None),
                 released_at: Set(None),
                 release_reason: Set(None),
+                waited_since: Set(None),
             });
             token += 1;
             if lock_rows.len() == ROWS_PER_INSERT {

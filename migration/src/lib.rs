@@ -10,6 +10,7 @@ mod m20261201_000003_lock_waiters;
 mod m20261201_000004_audit_seq;
 mod m20261201_000005_browse_indexes;
 mod m20261207_000006_retention;
+mod m20261207_000007_dashboard;
 
 pub struct Migrator;
 
@@ -23,6 +24,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000004_audit_seq::Migration),
             Box::new(m20261201_000005_browse_indexes::Migration),
             Box::new(m20261207_000006_retention::Migration),
+            Box::new(m20261207_000007_dashboard::Migration),
         ]
     }
 }

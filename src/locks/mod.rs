@@ -150,7 +150,18 @@ pub(crate) async fn attempt(
             .await?
             .is_some_and(|head| Some(head) != queued);
     if free && !ahead {
-        if insert_lock(&txn, request, session_id, ticket, lock_id, now).await? {
+        let waited_since = queued.map(|entry| entry.since);
+        if insert_lock(
+            &txn,
+            request,
+            session_id,
+            ticket,
+            lock_id,
+            waited_since,
+            now,
+        )
+        .await?
+        {
             if let Some(entry) = queued {
                 queue::leave(&*txn, entry).await?;
             }
@@ -221,6 +232,7 @@ async fn insert_lock(
     session_id: Uuid,
     fencing_token: i64,
     lock_id: Uuid,
+    waited_since: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
 ) -> Result<bool> {
     let row = resource_locks::ActiveModel {
@@ -234,6 +246,7 @@ async fn insert_lock(
         expires_at: Set(request.ttl.map(|ttl| (now + ttl).into())),
         released_at: Set(None),
         release_reason: Set(None),
+        waited_since: Set(waited_since.map(Into::into)),
     };
     match resource_locks::Entity::insert(row)
         .exec_without_returning(txn)

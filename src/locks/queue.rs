@@ -37,12 +37,23 @@ pub struct LockWaiter {
     pub position: u32,
 }
 
-/// A queued waiter: its row and its place in the order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A queued waiter: its row and its place in the order, and when it joined
+/// (kept with the lock it is granted, `waited_since`). Two entries are the
+/// same when their row and ticket are.
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct Entry {
     pub id: Uuid,
     pub ticket: i64,
+    pub since: DateTime<Utc>,
 }
+
+impl PartialEq for Entry {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id && self.ticket == other.ticket
+    }
+}
+
+impl Eq for Entry {}
 
 fn on(resource: &Resource) -> Condition {
     Condition::all()
@@ -60,10 +71,11 @@ pub(crate) async fn head(
     resource: &Resource,
     now: DateTime<Utc>,
 ) -> Result<Option<Entry>> {
-    let row: Option<(TextUuid, i64)> = lock_waiters::Entity::find()
+    let row: Option<(TextUuid, i64, DateTime<Utc>)> = lock_waiters::Entity::find()
         .select_only()
         .column(lock_waiters::Column::Id)
         .column(lock_waiters::Column::Ticket)
+        .column(lock_waiters::Column::Since)
         .filter(on(resource))
         .filter(live(now))
         .order_by_asc(lock_waiters::Column::Ticket)
@@ -71,7 +83,11 @@ pub(crate) async fn head(
         .into_tuple()
         .one(conn)
         .await?;
-    Ok(row.map(|(id, ticket)| Entry { id: id.0, ticket }))
+    Ok(row.map(|(id, ticket, since)| Entry {
+        id: id.0,
+        ticket,
+        since,
+    }))
 }
 
 /// What a waiter needs to know to decide whether to try for the resource.
@@ -192,6 +208,7 @@ pub(crate) async fn enqueue(
         Ok(_) => Ok(Entry {
             id,
             ticket: arrival.ticket,
+            since,
         }),
         // The id is random and the ticket counter-issued: the agent's own
         // unique index refused a second wait, queued meanwhile by a writer

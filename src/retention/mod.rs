@@ -167,6 +167,7 @@ impl RetentionPolicy {
 /// What a prune did, or with [`SessionManager::prune_dry_run`](crate::SessionManager::prune_dry_run)
 /// would do.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "web", derive(utoipa::ToSchema))]
 pub struct PruneReport {
     pub sessions_deleted: u64,
     pub contexts_cleared: u64,

@@ -20,6 +20,7 @@ use crate::Result;
 
 /// What `end_session` did.
 #[derive(Clone, Debug, Serialize)]
+#[cfg_attr(feature = "web", derive(utoipa::ToSchema))]
 pub struct EndSessionReport {
     pub session_id: Uuid,
     /// When the session was ended (the first end's time if `already_ended`).

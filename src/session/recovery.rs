@@ -65,6 +65,7 @@ fn is_decode_error(e: &sea_orm::DbErr) -> bool {
 
 /// What `recover_stale` did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "web", derive(utoipa::ToSchema))]
 pub struct RecoveryReport {
     /// Sessions marked `interrupted`, each in its own transaction.
     pub interrupted: Vec<Uuid>,

@@ -37,7 +37,8 @@ Exit codes:
      alive, the resource is held, waiting would deadlock), or another prune runs
   7  compacted: audit events after the --after given were pruned; the message
      names the seq to resume after
-  8  archive: the prune archive file cannot be written; nothing more was deleted";
+  8  archive: the prune archive file cannot be written; nothing more was deleted
+  9  address in use: serve cannot listen on --listen (taken by another program)";
 
 /// The operator CLI of the demiarch session store.
 #[derive(Debug, Parser)]
@@ -143,8 +144,9 @@ pub enum Command {
     /// Serve the operator dashboard and its JSON API (/api/v1/…, /events,
     /// /metrics) until Ctrl-C.
     Serve {
-        /// Address to listen on; anything but loopback needs --token.
-        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7878")]
+        /// Address to listen on: `PORT` (on 127.0.0.1), `localhost:PORT` or
+        /// `IP:PORT`; anything but loopback needs --token.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7878", value_parser = listen_address)]
         listen: std::net::SocketAddr,
         /// Every request must carry it: `Authorization: Bearer TOKEN`, or a
         /// browser opens /login?token=TOKEN once.
@@ -389,4 +391,21 @@ mod tests {
         use clap::CommandFactory;
         Cli::command().debug_assert();
     }
+}
+
+/// `7980`, `localhost:7980`, `127.0.0.1:7980` or `[::1]:7980`.
+fn listen_address(text: &str) -> Result<std::net::SocketAddr, String> {
+    let text = text.trim();
+    if let Ok(port) = text.parse::<u16>() {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    if let Some(port) = text.strip_prefix("localhost:") {
+        return port
+            .parse::<u16>()
+            .map(|port| std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+            .map_err(|_| format!("{port:?} is not a port (0 to 65535)"));
+    }
+    text.parse().map_err(|_| {
+        format!("{text:?} is not PORT, localhost:PORT or IP:PORT (such as 127.0.0.1:7878)")
+    })
 }

@@ -5,26 +5,27 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use demiarch_sessions::entity::{agent_executions, resource_locks};
+use demiarch_sessions::views::{AuditQuery, LocksQuery, SessionView, SessionsQuery, Views};
 use demiarch_sessions::{
     AgentOutcome, AuditEvent, AuditFilter, AuditRecord, Config, Error, Listing, LockFilter,
-    LockInfo, LockWaiter, Operator, RetentionPolicy, SessionFilter, SessionInfo, SessionManager,
-    SessionStatus, CONTEXT_FORMAT_VERSION,
+    Operator, RetentionPolicy, SessionInfo, SessionManager, SessionStatus,
 };
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use uuid::Uuid;
 
 use crate::args::{self, AgentsCommand, AuditCommand, Cli, Command, LocksCommand, SessionsCommand};
 use crate::exit::{Failure, CONFLICT, INVALID_INPUT, NOT_FOUND, UNREACHABLE};
 use crate::output::{self, count, short, Spinner};
+use crate::render::{self, agent_label};
 
 /// An open session whose owner heartbeated this recently is taken to be
 /// alive: three of the default heartbeat intervals (10 s).
-pub const ALIVE_WITHIN: Duration = Duration::from_secs(30);
-
-/// The most rows `sessions show` lists per section.
-const SHOW_LIMIT: u64 = 1000;
+pub const ALIVE_WITHIN: Duration = demiarch_sessions::views::ALIVE_WITHIN;
+/// The silence after which `sessions` flags an open session stale, as
+/// `recover`'s default `--stale-after`.
+const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(300);
 
 /// The rows a list read could read; each row it could not is named in a
 /// warning on stderr.
@@ -75,7 +76,7 @@ pub async fn run(cli: Cli) -> Result<String, Failure> {
     match cli.command {
         Command::Demo => crate::demo::run(&ctx).await,
         Command::Sessions(SessionsCommand::List { status, limit }) => {
-            ctx.sessions_list(status.map(Into::into), limit, 0).await
+            ctx.sessions_list(status.map(Into::into), limit).await
         }
         Command::Sessions(SessionsCommand::Show { id }) => ctx.sessions_show(&id).await,
         Command::Sessions(SessionsCommand::End { id, force }) => ctx.sessions_end(&id, force).await,
@@ -128,7 +129,7 @@ pub async fn run(cli: Cli) -> Result<String, Failure> {
                 listen,
                 token,
                 read_only,
-                limits: crate::listen::Limits {
+                limits: demiarch_sessions::web::Limits {
                     header_timeout,
                     max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
                 },
@@ -200,42 +201,6 @@ pub struct Ctx {
     pub operator: Option<Operator>,
 }
 
-/// The agents waiting for each held lock's resource, by lock id; a lock
-/// nobody waits for is not in it.
-pub type Queues = HashMap<Uuid, Vec<LockWaiter>>;
-
-/// A lock for JSON output: the stored row plus its agent's type and the
-/// agents waiting for its resource (none once it is released).
-#[derive(Serialize)]
-pub struct LockView<'a> {
-    pub id: Uuid,
-    pub session_id: Uuid,
-    pub agent_id: Uuid,
-    pub agent_type: Option<&'a str>,
-    pub resource_type: &'a str,
-    pub resource_key: &'a str,
-    pub fencing_token: i64,
-    pub acquired_at: DateTime<Utc>,
-    pub expires_at: Option<DateTime<Utc>>,
-    pub released_at: Option<DateTime<Utc>>,
-    pub release_reason: Option<&'a str>,
-    pub held: bool,
-    pub waiters: &'a [LockWaiter],
-}
-
-/// What `sessions show` says about a session's context.
-#[derive(Serialize)]
-struct ContextSummary {
-    /// Whether the session saved its context (it was ended).
-    saved: bool,
-    windows: usize,
-    keys: Vec<String>,
-    /// Size of the saved `context_data` JSON.
-    bytes: usize,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
-}
-
 impl Ctx {
     /// The session named by a full id or a unique prefix of 8+ hex digits.
     pub async fn resolve(&self, id: &str) -> Result<Uuid, Failure> {
@@ -279,59 +244,29 @@ impl Ctx {
             .map_err(|e| Failure::during(&format!("reading session {id}"), e))
     }
 
+    /// The views of the store, with the default recovery threshold.
+    fn views(&self) -> Views<'_> {
+        Views::new(&self.manager, DEFAULT_STALE_AFTER)
+    }
+
     pub async fn sessions_list(
         &self,
         status: Option<SessionStatus>,
         limit: u64,
-        offset: u64,
     ) -> Result<String, Failure> {
-        let filter = SessionFilter {
+        let query = SessionsQuery {
             status,
             limit: Some(limit),
-            offset,
+            ..SessionsQuery::default()
         };
-        let sessions = readable(
-            self.manager
-                .list_sessions(filter)
-                .await
-                .map_err(|e| Failure::during("listing sessions", e))?,
-        );
-        if self.json {
-            return output::json(&sessions);
-        }
-        if sessions.is_empty() {
-            let which = status.map(|s| format!(" {s}")).unwrap_or_default();
-            return Ok(format!(
-                "No{which} sessions in {}. Run `demiarch-sessions demo` to create one.\n",
-                self.url
-            ));
-        }
-        let mut table = output::table(["ID", "STATUS", "STARTED", "TOOK", "HEARTBEAT"]);
-        for s in &sessions {
-            table.add_row(vec![
-                s.id.to_string(),
-                s.status.to_string(),
-                output::time_ago(s.started_at, self.now),
-                s.completed_at
-                    .map(|at| output::between(s.started_at, at))
-                    .unwrap_or_else(|| "-".into()),
-                self.heartbeat(s),
-            ]);
-        }
-        let mut text = output::render(&table);
-        text.push('\n');
-        if sessions.len() as u64 == limit {
-            text.push_str(&format!("(the newest {limit} shown; --limit shows more)\n"));
-        }
-        Ok(text)
-    }
-
-    /// `4s ago` for an open session, `-` once it is closed.
-    fn heartbeat(&self, s: &SessionInfo) -> String {
-        match (open(s.status), s.last_heartbeat_at) {
-            (true, Some(at)) => output::ago(at, self.now),
-            (true, None) => "never".into(),
-            (false, _) => "-".into(),
+        let page = self
+            .views()
+            .sessions(&query)
+            .await
+            .map_err(|e| Failure::during("listing sessions", e))?;
+        match self.json {
+            true => output::json(&page),
+            false => Ok(render::sessions(&page, &self.url, limit)),
         }
     }
 
@@ -342,180 +277,14 @@ impl Ctx {
             }
             found => found?,
         };
-        let info = self.session(id).await?;
-        let doing = format!("reading session {id}");
-        let agents = readable(
-            self.manager
-                .agents(id)
-                .await
-                .map_err(|e| Failure::during(&doing, e))?,
-        );
-        let locks = readable(
-            self.manager
-                .locks(LockFilter {
-                    session_id: Some(id),
-                    limit: Some(SHOW_LIMIT),
-                    ..LockFilter::default()
-                })
-                .await
-                .map_err(|e| Failure::during(&doing, e))?,
-        );
-        let mut audit = readable(
-            self.manager
-                .audit_events(AuditFilter {
-                    session_id: Some(id),
-                    limit: Some(SHOW_LIMIT),
-                    ..AuditFilter::default()
-                })
-                .await
-                .map_err(|e| Failure::during(&doing, e))?,
-        );
-        audit.reverse();
-        let context = self.context_summary(&info).await?;
-        let queues = self.queues(&locks).await?;
-        let mut agent_types: HashMap<Uuid, String> = agents
-            .iter()
-            .map(|a| (a.id, a.agent_type.clone()))
-            .collect();
-        // Waiters of this session's locks may belong to other sessions.
-        let strangers: Vec<Uuid> = queues
-            .values()
-            .flatten()
-            .map(|w| w.agent_id)
-            .filter(|id| !agent_types.contains_key(id))
-            .collect();
-        agent_types.extend(self.agent_types(strangers).await?);
-
-        if self.json {
-            let locks: Vec<LockView> = locks
-                .iter()
-                .map(|l| lock_view(l, &agent_types, &queues))
-                .collect();
-            return output::json(&json!({
-                "session": info,
-                "agents": agents,
-                "locks": locks,
-                "context": context,
-                "audit": audit,
-            }));
-        }
-
-        let mut rows = vec![
-            ("Session", info.id.to_string()),
-            ("Status", info.status.to_string()),
-            ("Started", output::time_ago(info.started_at, self.now)),
-        ];
-        if let Some(at) = info.completed_at {
-            rows.push(("Ended", output::time_ago(at, self.now)));
-            rows.push(("Took", output::between(info.started_at, at)));
-        } else if info.status == SessionStatus::Interrupted {
-            rows.push(("Interrupted", output::time_ago(info.updated_at, self.now)));
-        } else {
-            rows.push(("Updated", output::time_ago(info.updated_at, self.now)));
-        }
-        if let Some(owner) = &info.owner_instance {
-            rows.push(("Owner", owner.clone()));
-        }
-        if open(info.status) {
-            rows.push(("Last heartbeat", self.liveness(&info)));
-        }
-        rows.push(("Context", context_line(&info, &context)));
-        let mut text = output::fields(rows);
-        text.push_str("\n\n");
-
-        text.push_str(&format!("Agents ({})\n", agents.len()));
-        if !agents.is_empty() {
-            let mut table = output::table(["AGENT", "TYPE", "STATUS", "STARTED", "ENDED"]);
-            for a in &agents {
-                table.add_row(vec![
-                    short(a.id),
-                    a.agent_type.clone(),
-                    a.status.to_string(),
-                    output::time_ago(a.started_at, self.now),
-                    a.completed_at
-                        .map(|at| output::time_ago(at, self.now))
-                        .unwrap_or_else(|| "-".into()),
-                ]);
-            }
-            text.push_str(&output::render(&table));
-            text.push('\n');
-        }
-
-        text.push_str(&format!("\nLocks ({})\n", shown_count(locks.len())));
-        if !locks.is_empty() {
-            text.push_str(&output::render(&self.lock_table(
-                &locks,
-                &agent_types,
-                Some(&queues),
-                false,
-            )));
-            text.push('\n');
-        }
-
-        text.push_str(&format!("\nAudit trail ({})\n", shown_count(audit.len())));
-        if !audit.is_empty() {
-            let mut table = output::table(["SEQ", "TIME", "EVENT", "DETAILS"]);
-            for event in &audit {
-                table.add_row(vec![
-                    event.seq.to_string(),
-                    output::time_ago(event.event_time, self.now),
-                    event.event_type.to_string(),
-                    output::details(&event.details),
-                ]);
-            }
-            text.push_str(&output::render(&table));
-            text.push('\n');
-        }
-        Ok(text)
-    }
-
-    /// `4s ago (alive)` or `10m ago (stale: recover will interrupt it)`.
-    fn liveness(&self, info: &SessionInfo) -> String {
-        match info.last_heartbeat_at {
-            Some(at) if alive(info, self.now) => {
-                format!("{} (owner alive)", output::ago(at, self.now))
-            }
-            Some(at) => format!(
-                "{} (owner silent: `demiarch-sessions recover` interrupts it)",
-                output::ago(at, self.now)
-            ),
-            None => "never".into(),
-        }
-    }
-
-    async fn context_summary(&self, info: &SessionInfo) -> Result<ContextSummary, Failure> {
-        let saved = info.status == SessionStatus::Completed;
-        match self.manager.session_context(info.id).await {
-            Ok(windows) => {
-                let keys: Vec<String> = windows.iter().map(|w| w.key.clone()).collect();
-                let bytes = if saved {
-                    // Measured as the library measures context_bytes.
-                    serde_json::to_vec(&json!({
-                        "version": CONTEXT_FORMAT_VERSION,
-                        "windows": windows,
-                    }))
-                    .map(|v| v.len())
-                    .unwrap_or(0)
-                } else {
-                    0
-                };
-                Ok(ContextSummary {
-                    saved,
-                    windows: keys.len(),
-                    keys,
-                    bytes,
-                    error: None,
-                })
-            }
-            // An unreadable context is reported, not fatal to the rest of `show`.
-            Err(e @ Error::CorruptContext { .. }) => Ok(ContextSummary {
-                saved,
-                windows: 0,
-                keys: Vec::new(),
-                bytes: 0,
-                error: Some(e.to_string()),
-            }),
-            Err(e) => Err(Failure::during(&format!("reading session {}", info.id), e)),
+        let detail = self
+            .views()
+            .session(id)
+            .await
+            .map_err(|e| Failure::during(&format!("reading session {id}"), e))?;
+        match self.json {
+            true => output::json(&detail),
+            false => Ok(render::session(&detail)),
         }
     }
 
@@ -546,8 +315,8 @@ impl Ctx {
 
     pub async fn sessions_end(&self, id: &str, force: bool) -> Result<String, Failure> {
         let id = self.resolve(id).await?;
-        let info = self.session(id).await?;
-        if !force && alive(&info, self.now) {
+        let info = SessionView::new(self.session(id).await?, self.now, DEFAULT_STALE_AFTER);
+        if !force && info.alive {
             let beat = info
                 .last_heartbeat_at
                 .map(|at| output::ago(at, self.now))
@@ -603,67 +372,25 @@ impl Ctx {
         session: Option<&str>,
         limit: u64,
     ) -> Result<String, Failure> {
-        let session_id = match session {
+        let session = match session {
             Some(id) => Some(self.resolve(id).await?),
             None => None,
         };
-        let locks = readable(
-            self.manager
-                .locks(LockFilter {
-                    session_id,
-                    held_only: held,
-                    limit: Some(limit),
-                    ..LockFilter::default()
-                })
-                .await
-                .map_err(|e| Failure::during("listing locks", e))?,
-        );
-        let queues = self.queues(&locks).await?;
-        let holders = locks.iter().map(|l| l.agent_id);
-        let waiters = queues.values().flatten().map(|w| w.agent_id);
-        let agent_types = self.agent_types(holders.chain(waiters)).await?;
-        if self.json {
-            let locks: Vec<LockView> = locks
-                .iter()
-                .map(|l| lock_view(l, &agent_types, &queues))
-                .collect();
-            return output::json(&locks);
+        let query = LocksQuery {
+            held: Some(held),
+            session,
+            limit: Some(limit),
+            ..LocksQuery::default()
+        };
+        let page = self
+            .views()
+            .locks(&query)
+            .await
+            .map_err(|e| Failure::during("listing locks", e))?;
+        match self.json {
+            true => output::json(&page),
+            false => Ok(render::locks(&page, held, session, limit)),
         }
-        if locks.is_empty() {
-            let which = if held { " held" } else { "" };
-            let whose = session_id
-                .map(|id| format!(" by session {}", short(id)))
-                .unwrap_or_default();
-            return Ok(format!("No locks{which}{whose}.\n"));
-        }
-        let mut text = output::render(&self.lock_table(&locks, &agent_types, Some(&queues), true));
-        text.push('\n');
-        if locks.len() as u64 == limit {
-            text.push_str(&format!("(the newest {limit} shown; --limit shows more)\n"));
-        }
-        Ok(text)
-    }
-
-    /// The queue of each held lock's resource, one query per held lock.
-    pub async fn queues(&self, locks: &[LockInfo]) -> Result<Queues, Failure> {
-        let mut queues = Queues::new();
-        for l in locks.iter().filter(|l| l.released_at.is_none()) {
-            let waiters = self
-                .manager
-                .lock_waiters(&l.resource_type, &l.resource_key)
-                .await
-                .map_err(|e| {
-                    let doing = format!(
-                        "reading the queue of {}/{}",
-                        l.resource_type, l.resource_key
-                    );
-                    Failure::during(&doing, e)
-                })?;
-            if !waiters.is_empty() {
-                queues.insert(l.id, waiters);
-            }
-        }
-        Ok(queues)
     }
 
     /// The agent type of each of these agents, in one query.
@@ -684,64 +411,6 @@ impl Ctx {
             .into_iter()
             .filter_map(|a| Some((Uuid::parse_str(&a.id).ok()?, a.agent_type)))
             .collect())
-    }
-
-    /// The locks as a table; with `queues`, a WAITERS column shows who
-    /// waits for each.
-    pub fn lock_table(
-        &self,
-        locks: &[LockInfo],
-        agent_types: &HashMap<Uuid, String>,
-        queues: Option<&Queues>,
-        with_session: bool,
-    ) -> comfy_table::Table {
-        let mut header = vec!["LOCK", "TOKEN", "RESOURCE"];
-        if with_session {
-            header.push("SESSION");
-        }
-        header.extend(["AGENT", "ACQUIRED", "STATE"]);
-        if queues.is_some() {
-            header.push("WAITERS");
-        }
-        let mut table = output::table(header);
-        for l in locks {
-            let mut row = vec![
-                short(l.id),
-                l.fencing_token.to_string(),
-                format!("{}/{}", l.resource_type, l.resource_key),
-            ];
-            if with_session {
-                row.push(short(l.session_id));
-            }
-            row.extend([
-                agent_label(l.agent_id, agent_types),
-                output::time_ago(l.acquired_at, self.now),
-                self.lock_state(l),
-            ]);
-            if let Some(queues) = queues {
-                row.push(queue_cell(queued(queues, l.id), agent_types));
-            }
-            table.add_row(row);
-        }
-        table
-    }
-
-    fn lock_state(&self, l: &LockInfo) -> String {
-        match (l.released_at, l.expires_at) {
-            (Some(at), _) => format!(
-                "released {} ({})",
-                output::ago(at, self.now),
-                l.release_reason.map_or("unknown reason", |r| r.as_str())
-            ),
-            (None, Some(exp)) if exp <= self.now => {
-                format!(
-                    "held, expired {} (sweep releases it)",
-                    output::ago(exp, self.now)
-                )
-            }
-            (None, Some(exp)) => format!("held, expires {}", output::ago(exp, self.now)),
-            (None, None) => "held".into(),
-        }
     }
 
     async fn locks_waiters(
@@ -774,7 +443,7 @@ impl Ctx {
         let held = match (&holder, holder_id) {
             (Some(h), Some(id)) => format!(
                 "held by {}, fencing token {}",
-                agent_label(id, &agent_types),
+                agent_label(id, agent_types.get(&id).map(String::as_str)),
                 h.fencing_token
             ),
             (Some(h), None) => format!(
@@ -988,21 +657,10 @@ impl Ctx {
             Some(id) => Some(self.resolve(id).await?),
             None => None,
         };
-        let event = tail.event.map(str::trim);
-        if let Some(event) = event.filter(|e| AuditEvent::from_name(e).is_none()) {
-            let known: Vec<&str> = AuditEvent::ALL.iter().map(|e| e.as_str()).collect();
-            let why = match event.is_empty() {
-                true => "must not be empty".to_owned(),
-                false => format!("{event:?} is not an audit event type"),
-            };
-            return Err(Failure::new(
-                INVALID_INPUT,
-                format!("invalid --event: {why}; one of {}", known.join(", ")),
-            ));
-        }
+        let event = tail.event.map(event_of).transpose()?;
         let filter = AuditFilter {
             session_id,
-            event_type: event.map(str::to_owned),
+            event_type: event.map(|e| e.as_str().to_owned()),
             after: tail.after,
             limit: Some(tail.lines),
             ..AuditFilter::default()
@@ -1018,135 +676,49 @@ impl Ctx {
     }
 
     pub async fn audit_tail(&self, tail: Tail<'_>) -> Result<String, Failure> {
-        let (events, _) = self.audit_newest(&tail).await?;
-        if self.json {
-            return output::json(&events);
+        let session = match tail.session {
+            Some(id) => Some(self.resolve(id).await?),
+            None => None,
+        };
+        let query = AuditQuery {
+            after: tail.after,
+            session,
+            event: tail.event.map(event_of).transpose()?,
+            cursor: None,
+            limit: Some(tail.lines),
+        };
+        let page = self
+            .views()
+            .audit(&query)
+            .await
+            .map_err(|e| Failure::during("reading the audit log", e))?;
+        match self.json {
+            true => output::json(&page),
+            false => Ok(render::audit(&page, self.now)),
         }
-        if events.is_empty() {
-            return Ok("No audit events match.\n".to_owned());
-        }
-        let mut table = output::table(["SEQ", "TIME", "EVENT", "SESSION", "DETAILS"]);
-        for e in &events {
-            table.add_row(vec![
-                e.seq.to_string(),
-                output::time_ago(e.event_time, self.now),
-                e.event_type.to_string(),
-                e.session_id.map(short).unwrap_or_else(|| "-".into()),
-                output::details(&e.details),
-            ]);
-        }
-        let mut text = output::render(&table);
-        text.push('\n');
-        Ok(text)
     }
 }
 
-pub fn lock_view<'a>(
-    l: &'a LockInfo,
-    agent_types: &'a HashMap<Uuid, String>,
-    queues: &'a Queues,
-) -> LockView<'a> {
-    LockView {
-        id: l.id,
-        session_id: l.session_id,
-        agent_id: l.agent_id,
-        agent_type: agent_types.get(&l.agent_id).map(String::as_str),
-        resource_type: &l.resource_type,
-        resource_key: &l.resource_key,
-        fencing_token: l.fencing_token,
-        acquired_at: l.acquired_at,
-        expires_at: l.expires_at,
-        released_at: l.released_at,
-        release_reason: l.release_reason.map(|r| r.as_str()),
-        held: l.released_at.is_none(),
-        waiters: queued(queues, l.id),
-    }
-}
-
-/// The agents waiting for a lock's resource; none if nobody does.
-fn queued(queues: &Queues, lock_id: Uuid) -> &[LockWaiter] {
-    queues.get(&lock_id).map_or(&[], Vec::as_slice)
-}
-
-/// `3 (next: reviewer 3f2a9c1d)`, or `-` when nobody waits.
-fn queue_cell(queue: &[LockWaiter], agent_types: &HashMap<Uuid, String>) -> String {
-    match queue.first() {
-        Some(next) => format!(
-            "{} (next: {})",
-            queue.len(),
-            agent_label(next.agent_id, agent_types)
-        ),
-        None => "-".into(),
-    }
-}
-
-/// `coder 3f2a9c1d`, or the short id alone when the type is unknown.
-fn agent_label(id: Uuid, agent_types: &HashMap<Uuid, String>) -> String {
-    match agent_types.get(&id) {
-        Some(kind) => format!("{kind} {}", short(id)),
-        None => short(id),
-    }
+/// The audit event `--event` names.
+fn event_of(text: &str) -> Result<AuditEvent, Failure> {
+    let text = text.trim();
+    AuditEvent::from_name(text).ok_or_else(|| {
+        let known: Vec<&str> = AuditEvent::ALL.iter().map(|e| e.as_str()).collect();
+        let why = match text.is_empty() {
+            true => "must not be empty".to_owned(),
+            false => format!("{text:?} is not an audit event type"),
+        };
+        Failure::new(
+            INVALID_INPUT,
+            format!("invalid --event: {why}; one of {}", known.join(", ")),
+        )
+    })
 }
 
 /// A warning line on stderr; stdout stays the command's output.
 fn warn(message: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "warning: {message}");
-}
-
-/// `3`, or `the newest 1000` when `sessions show` hit its limit.
-fn shown_count(n: usize) -> String {
-    if n as u64 >= SHOW_LIMIT {
-        format!("the newest {n}")
-    } else {
-        n.to_string()
-    }
-}
-
-fn open(status: SessionStatus) -> bool {
-    matches!(status, SessionStatus::Active | SessionStatus::Paused)
-}
-
-/// An open session whose owner heartbeated within `ALIVE_WITHIN`.
-fn alive(info: &SessionInfo, now: DateTime<Utc>) -> bool {
-    let Some(at) = info.last_heartbeat_at else {
-        return false;
-    };
-    let recent = (now - at)
-        .to_std()
-        .map(|d| d < ALIVE_WITHIN)
-        // A heartbeat in the future (clock skew) counts as recent.
-        .unwrap_or(true);
-    open(info.status) && info.owner_instance.is_some() && recent
-}
-
-fn context_line(info: &SessionInfo, context: &ContextSummary) -> String {
-    if let Some(error) = &context.error {
-        return format!("unreadable: {error}");
-    }
-    if let Some(at) = info.context_cleared_at {
-        return format!(
-            "cleared by a prune at {} (the session was ended before its --context-after)",
-            at.format("%Y-%m-%d %H:%M:%S UTC")
-        );
-    }
-    if !context.saved {
-        return match info.status {
-            SessionStatus::Interrupted => {
-                "none saved (interrupted before it could save its context)".into()
-            }
-            _ => "not saved yet (its live windows are with the process that owns it)".into(),
-        };
-    }
-    if context.windows == 0 {
-        return "saved, no windows".into();
-    }
-    format!(
-        "saved, {} ({}), {} bytes",
-        count(context.windows as u64, "window"),
-        context.keys.join(", "),
-        context.bytes
-    )
 }
 
 /// A value as JSON, for embedding in a larger document (null if it cannot be).

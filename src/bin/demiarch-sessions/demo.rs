@@ -1,14 +1,14 @@
 //! `demo`: one session end to end, the first thing a new user runs.
-use std::collections::HashMap;
 use std::time::Duration;
 
-use demiarch_sessions::{Error, LockFilter, LockGrant, LockOptions, LockWaiter, SessionManager};
+use demiarch_sessions::views::{LocksQuery, Views, MAX_PAGE};
+use demiarch_sessions::{Error, LockGrant, LockOptions, LockWaiter, SessionManager};
 use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::commands::{lock_view, value, Ctx, LockView};
+use crate::commands::{value, Ctx};
 use crate::exit::{Failure, INTERNAL};
 use crate::output::{self, count, short, Spinner};
 
@@ -136,26 +136,17 @@ async fn steps(ctx: &Ctx) -> Result<String, Failure> {
         .end_session(session)
         .await
         .map_err(fail("ending the demo session"))?;
-    let locks = crate::commands::readable(
-        manager
-            .locks(LockFilter {
-                session_id: Some(session),
-                ..LockFilter::default()
-            })
-            .await
-            .map_err(fail("reading the demo locks"))?,
-    );
-    let queues = ctx.queues(&locks).await?;
-    let agent_types: HashMap<Uuid, String> = HashMap::from([
-        (coder, "coder".to_owned()),
-        (reviewer, "reviewer".to_owned()),
-    ]);
+    let locks = Views::new(manager, Duration::from_secs(300))
+        .locks(&LocksQuery {
+            held: Some(false),
+            session: Some(session),
+            limit: Some(MAX_PAGE),
+            ..LocksQuery::default()
+        })
+        .await
+        .map_err(fail("reading the demo locks"))?;
 
     if ctx.json {
-        let locks: Vec<LockView> = locks
-            .iter()
-            .map(|l| lock_view(l, &agent_types, &queues))
-            .collect();
         let agents: Vec<_> = ["coder", "reviewer"]
             .iter()
             .map(|kind| json!({"agent_type": kind, "id": agent(kind)}))
@@ -163,7 +154,7 @@ async fn steps(ctx: &Ctx) -> Result<String, Failure> {
         return output::json(&json!({
             "session_id": session,
             "agents": agents,
-            "locks": locks,
+            "locks": locks.locks,
             "refused": {
                 "agent_type": "reviewer",
                 "resource_type": contested.resource_type,
@@ -233,10 +224,9 @@ async fn steps(ctx: &Ctx) -> Result<String, Failure> {
         report.context_bytes,
     ));
     text.push_str("\nLocks after the end\n");
-    text.push_str(&output::render(&ctx.lock_table(
-        &locks,
-        &agent_types,
-        None,
+    text.push_str(&output::render(&crate::render::lock_table(
+        &locks.locks,
+        locks.now,
         false,
     )));
     text.push_str(&format!(

@@ -21,6 +21,8 @@ pub const CONFLICT: u8 = 6;
 pub const COMPACTED: u8 = 7;
 /// A prune's archive file cannot be written.
 pub const ARCHIVE: u8 = 8;
+/// `serve` cannot listen: the address is in use, or not this machine's.
+pub const ADDRESS_IN_USE: u8 = 9;
 
 const LIST_HINT: &str = "`demiarch-sessions sessions list` shows the sessions there are";
 

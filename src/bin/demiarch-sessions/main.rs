@@ -29,9 +29,9 @@ mod commands;
 mod demo;
 mod exit;
 mod follow;
-mod listen;
 mod output;
 mod prune;
+mod render;
 mod serve;
 
 use exit::{Failure, INTERNAL};

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::extract::ConnectInfo;
 use axum::http::{Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
@@ -36,8 +37,19 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// The bounds a server keeps.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
+    /// How long a connection may take to send a request's headers.
     pub header_timeout: Duration,
+    /// How many connections are served at once.
     pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(10),
+            max_connections: 256,
+        }
+    }
 }
 
 /// How long a stopping server waits for the responses under way.
@@ -107,7 +119,8 @@ impl Drop for Slot {
 }
 
 /// Serves `router` on `listener` until `stopping` turns true; then lets the
-/// requests in progress finish and returns.
+/// requests in progress finish and returns. Each request carries the
+/// peer's `ConnectInfo<SocketAddr>`.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -126,8 +139,8 @@ pub async fn serve(
             _ = turned_true(&mut stopping) => break,
         };
         while tasks.try_join_next().is_some() {}
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors, or a connection reset before it
                 // was accepted: wait a moment rather than spin.
@@ -153,8 +166,10 @@ pub async fn serve(
             }
         };
         let router = router.clone();
-        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
             let in_request = InRequest::start(&requests);
+            // For access policies that judge the peer (`LoopbackAccess`).
+            request.extensions_mut().insert(ConnectInfo(peer));
             let answer = router.clone().oneshot(request.map(Body::new));
             async move {
                 let response = match tokio::time::timeout(REQUEST_TIMEOUT, answer).await {
