@@ -10,6 +10,7 @@ mod m20261201_000003_lock_waiters;
 mod m20261201_000004_audit_seq;
 mod m20261201_000005_browse_indexes;
 mod m20261207_000006_retention;
+mod shared;
 
 pub struct Migrator;
 
