@@ -45,11 +45,18 @@ pub enum AuditEvent {
     /// A prune deleted old audit rows and raised the compaction horizon;
     /// names the horizon and the prune's counts.
     AuditCompacted,
+    /// A waiting acquire was refused because its wait would close a cycle
+    /// of agents, each waiting for a lock the next holds
+    /// ([`Error::Deadlock`](crate::Error::Deadlock)). Written after the
+    /// refusal, in a transaction of its own, in the refused agent's session;
+    /// names each agent of the cycle (id, type, session) with the resource it
+    /// waits for and the lock on it the next one holds.
+    LockDeadlock,
 }
 
 impl AuditEvent {
     /// Every kind, in the order of the declaration.
-    pub const ALL: [AuditEvent; 11] = [
+    pub const ALL: [AuditEvent; 12] = [
         Self::SessionStart,
         Self::SessionEnd,
         Self::SessionInterrupted,
@@ -61,6 +68,7 @@ impl AuditEvent {
         Self::AgentFinished,
         Self::SessionsPruned,
         Self::AuditCompacted,
+        Self::LockDeadlock,
     ];
 
     /// The kind stored as `event_type`, if it is one.
@@ -82,6 +90,7 @@ impl AuditEvent {
             Self::AgentFinished => "agent_finished",
             Self::SessionsPruned => "sessions_pruned",
             Self::AuditCompacted => "audit_compacted",
+            Self::LockDeadlock => "lock_deadlock",
         }
     }
 }

@@ -95,7 +95,9 @@ pub enum Error {
     },
     /// Waiting would close a cycle of agents, each waiting for a lock the
     /// next holds: `agents` in waits-for order, starting with the caller's
-    /// agent, each once. Nothing was queued; release a lock and retry.
+    /// agent, each once. Nothing was queued; release a lock and retry. A
+    /// `lock_deadlock` audit row in the agent's session names the cycle
+    /// (should writing it fail, the refusal stands and a warning is logged).
     #[error("deadlock: waiting would close the cycle {}; nothing was queued", .agents.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(" -> "))]
     Deadlock { agents: Vec<Uuid> },
     /// The agent already waits for a resource (an agent waits for one at a

@@ -433,8 +433,12 @@ impl SessionManager {
     /// waits out a lock delay.
     ///
     /// A wait that would close a cycle of agents, each waiting for a lock
-    /// another holds, is refused at once with [`Error::Deadlock`]. An agent
-    /// waits for one resource at a time.
+    /// another holds, is refused at once with [`Error::Deadlock`], changing
+    /// no lock or queue row; a `lock_deadlock` audit row naming the cycle
+    /// (its agents, the resources they wait for and the locks on them) is
+    /// then written in a transaction of its own (should that fail, the
+    /// refusal stands and a warning is logged). An agent waits for one
+    /// resource at a time.
     ///
     /// Dropping the future (a timeout or `select!` around it) leaves the
     /// queue within one write transaction, done by a spawned task, and never

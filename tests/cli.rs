@@ -1006,6 +1006,60 @@ fn audit_tail_filters_and_orders_oldest_first() {
     assert_error(&db.run(&["audit", "tail", "--event", " "]), 2, "--event");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_tail_shows_deadlock_refusals() {
+    let db = Db::new();
+    let manager = db.manager().await;
+    let session = manager.start_session().await.expect("start");
+    let coder = manager.register_agent(session, "coder").await.expect("a");
+    let reviewer = manager
+        .register_agent(session, "reviewer")
+        .await
+        .expect("b");
+    manager
+        .acquire_lock(coder, "file", "a.rs")
+        .await
+        .expect("a");
+    manager
+        .acquire_lock(reviewer, "file", "b.rs")
+        .await
+        .expect("b");
+    let wait = LockOptions {
+        wait: Some(Duration::from_secs(30)),
+        ..LockOptions::default()
+    };
+    let (m, w) = (manager.clone(), wait.clone());
+    let waiting =
+        tokio::spawn(async move { m.acquire_lock_with(reviewer, "file", "a.rs", w).await });
+    while manager
+        .lock_waiters("file", "a.rs")
+        .await
+        .expect("waiters")
+        .is_empty()
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let refused = manager.acquire_lock_with(coder, "file", "b.rs", wait).await;
+    assert!(
+        matches!(refused, Err(demiarch_sessions::Error::Deadlock { .. })),
+        "{refused:?}"
+    );
+    waiting.abort();
+
+    let rows = db.json(&["audit", "tail", "--event", "lock_deadlock"]);
+    let rows = rows.as_array().expect("a list");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(id_of(&rows[0]["session_id"]), session);
+    let cycle = &rows[0]["details"]["cycle"];
+    assert_eq!(id_of(&cycle[0]["agent_id"]), coder);
+    assert_eq!(cycle[0]["waits_for"]["resource_key"], "b.rs");
+    assert_eq!(id_of(&cycle[1]["agent_id"]), reviewer);
+    assert_eq!(cycle[1]["waits_for"]["resource_key"], "a.rs");
+    let text = db.ok(&["audit", "tail", "--event", "lock_deadlock"]);
+    assert!(text.contains("lock_deadlock"), "{text}");
+    assert!(text.contains(&short(session)), "{text}");
+}
+
 // --- timeouts and unreachable databases ---------------------------------------
 
 #[tokio::test]

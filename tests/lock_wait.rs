@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use demiarch_sessions::{Config, Error, LockOptions, SessionManager};
-use entity::{lock_waiters, resource_locks};
+use entity::{audit_log, lock_waiters, resource_locks};
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -83,6 +83,86 @@ async fn agent_in_new_session(m: &SessionManager, kind: &str) -> (Uuid, Uuid) {
     let session = m.start_session().await.expect("start");
     let agent = m.register_agent(session, kind).await.expect("register");
     (session, agent)
+}
+
+/// Every `lock_deadlock` audit row, oldest first.
+async fn deadlock_rows(db: &TestDb) -> Vec<audit_log::Model> {
+    audit_log::Entity::find()
+        .filter(audit_log::Column::EventType.eq("lock_deadlock"))
+        .order_by_asc(audit_log::Column::Seq)
+        .all(db.manager.connection())
+        .await
+        .expect("read lock_deadlock rows")
+}
+
+/// One agent of a cycle: the agent, its session, its type, and the file it
+/// waits for (the refused one: asked to wait for).
+type Member<'a> = (Uuid, Uuid, &'a str, &'a str);
+
+/// `row` is the `lock_deadlock` row of a refusal of `cycle[0]`, in its
+/// session, naming every agent of `cycle` in order with the file it waits
+/// for and the lock the next one holds on it (one of `locks`, held).
+fn assert_names_cycle(
+    row: &audit_log::Model,
+    cycle: &[Member<'_>],
+    locks: &[resource_locks::Model],
+) {
+    assert_eq!(row.event_type, "lock_deadlock");
+    assert_eq!(row.session_id, Some(cycle[0].1.to_string()));
+    let details = &row.details;
+    assert_eq!(details["agent_id"], cycle[0].0.to_string(), "{details}");
+    let agents: Vec<String> = cycle.iter().map(|m| m.0.to_string()).collect();
+    assert_eq!(details["agents"], serde_json::json!(agents), "{details}");
+    let named = details["cycle"].as_array().expect("cycle is a list");
+    assert_eq!(named.len(), cycle.len(), "{details}");
+    for (i, ((agent, session, kind, key), named)) in cycle.iter().zip(named).enumerate() {
+        let next = cycle[(i + 1) % cycle.len()].0.to_string();
+        assert_eq!(named["agent_id"], agent.to_string(), "{details}");
+        assert_eq!(named["session_id"], session.to_string(), "{details}");
+        assert_eq!(named["agent_type"], *kind, "{details}");
+        let waits_for = &named["waits_for"];
+        assert_eq!(waits_for["resource_type"], "file", "{details}");
+        assert_eq!(waits_for["resource_key"], *key, "{details}");
+        assert_eq!(waits_for["held_by"], next, "{details}");
+        let lock = locks
+            .iter()
+            .find(|l| waits_for["lock_id"] == l.id.as_str())
+            .unwrap_or_else(|| panic!("no lock row named by {waits_for}"));
+        assert_eq!(
+            (
+                lock.agent_id.as_str(),
+                lock.resource_key.as_str(),
+                lock.released_at
+            ),
+            (next.as_str(), *key, None),
+            "the named lock is the next agent's, held"
+        );
+        assert_eq!(waits_for["fencing_token"], lock.fencing_token, "{details}");
+    }
+}
+
+/// What a refused wait left: the rows of `before` and one more audit row, a
+/// `lock_deadlock` naming `cycle` (see [`assert_names_cycle`]).
+async fn assert_refusal_recorded(db: &TestDb, before: &Snapshot, cycle: &[Member<'_>]) {
+    let after = snapshot(db).await;
+    assert_eq!(
+        (&after.sessions, &after.agents, &after.locks, &after.waiters),
+        (
+            &before.sessions,
+            &before.agents,
+            &before.locks,
+            &before.waiters
+        ),
+        "a refused wait changed rows"
+    );
+    let added: Vec<&audit_log::Model> = after
+        .audit
+        .iter()
+        .filter(|row| !before.audit.contains(row))
+        .collect();
+    assert_eq!(added.len(), 1, "one audit row per refusal: {added:?}");
+    assert_eq!(after.audit.len(), before.audit.len() + 1);
+    assert_names_cycle(added[0], cycle, &after.locks);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -443,9 +523,9 @@ async fn ending_or_recovering_a_waiters_session_takes_it_out_of_the_queue() {
 async fn a_wait_that_closes_a_cycle_is_refused_with_the_cycle() {
     each_backend("deadlock", |db| async move {
         let m = db.manager.clone();
-        let (_, a) = agent_in_new_session(&m, "coder").await;
-        let (_, b) = agent_in_new_session(&m, "reviewer").await;
-        let (_, c) = agent_in_new_session(&m, "tester").await;
+        let (sa, a) = agent_in_new_session(&m, "coder").await;
+        let (sb, b) = agent_in_new_session(&m, "reviewer").await;
+        let (sc, c) = agent_in_new_session(&m, "tester").await;
         m.acquire_lock(a, "file", "a.rs").await.expect("a");
         m.acquire_lock(b, "file", "b.rs").await.expect("b");
         let held_c = m.acquire_lock(c, "file", "c.rs").await.expect("c");
@@ -461,7 +541,8 @@ async fn a_wait_that_closes_a_cycle_is_refused_with_the_cycle() {
             Err(Error::Deadlock { agents }) => assert_eq!(agents, vec![a, b]),
             other => panic!("expected Deadlock, got {other:?}"),
         }
-        assert_eq!(snapshot(&db).await, before, "a refused wait changed rows");
+        let cycle = [(a, sa, "coder", "b.rs"), (b, sb, "reviewer", "a.rs")];
+        assert_refusal_recorded(&db, &before, &cycle).await;
         assert!(matches!(
             b_waits.await.expect("task"),
             Err(Error::LockWaitTimeout { .. })
@@ -472,6 +553,7 @@ async fn a_wait_that_closes_a_cycle_is_refused_with_the_cycle() {
         queued(&db, 1).await;
         let c_waits = spawn_wait(&m, c, "a.rs", 30_000);
         queued(&db, 2).await;
+        let before = snapshot(&db).await;
         match m
             .acquire_lock_with(a, "file", "b.rs", waiting(30_000))
             .await
@@ -484,10 +566,136 @@ async fn a_wait_that_closes_a_cycle_is_refused_with_the_cycle() {
             2,
             "the refused wait was queued"
         );
+        let cycle = [
+            (a, sa, "coder", "b.rs"),
+            (b, sb, "reviewer", "c.rs"),
+            (c, sc, "tester", "a.rs"),
+        ];
+        assert_refusal_recorded(&db, &before, &cycle).await;
+        assert_eq!(deadlock_rows(&db).await.len(), 2, "one row per refusal");
         // Breaking the cycle by hand: c gives up c.rs, so b gets it.
         m.release_lock(held_c.lock_id).await.expect("release c");
         b_waits.await.expect("task").expect("b is handed c.rs");
         c_waits.abort();
+        db.cleanup().await;
+    })
+    .await;
+}
+
+/// Makes every `lock_deadlock` audit INSERT fail (a trigger named
+/// `fail_deadlock_row`), or, with `on: false`, lets them through again.
+async fn fail_deadlock_rows(db: &TestDb, on: bool) {
+    let statements: Vec<&str> = match (db.backend, on) {
+        (Backend::Postgres, true) => vec![
+            "CREATE FUNCTION fail_deadlock_row() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             IF NEW.event_type = 'lock_deadlock' THEN RAISE EXCEPTION 'injected failure'; \
+             END IF; RETURN NEW; END $$",
+            "CREATE TRIGGER fail_deadlock_row BEFORE INSERT ON audit_log FOR EACH ROW \
+             EXECUTE FUNCTION fail_deadlock_row()",
+        ],
+        (Backend::Postgres, false) => vec!["DROP TRIGGER fail_deadlock_row ON audit_log"],
+        (Backend::MySql, true) => vec![
+            "CREATE TRIGGER fail_deadlock_row BEFORE INSERT ON audit_log FOR EACH ROW \
+             BEGIN IF NEW.event_type = 'lock_deadlock' THEN \
+             SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'injected failure'; END IF; END",
+        ],
+        (_, true) => vec![
+            "CREATE TRIGGER fail_deadlock_row BEFORE INSERT ON audit_log \
+             WHEN NEW.event_type = 'lock_deadlock' \
+             BEGIN SELECT RAISE(ABORT, 'injected failure'); END",
+        ],
+        (_, false) => vec!["DROP TRIGGER fail_deadlock_row"],
+    };
+    for sql in statements {
+        exec_sql(db, sql, vec![]).await.expect("the trigger");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_whose_audit_row_cannot_be_written_is_still_a_deadlock() {
+    each_backend("deadlock row fails", |db| async move {
+        let m = db.manager.clone();
+        let (sa, a) = agent_in_new_session(&m, "coder").await;
+        let (sb, b) = agent_in_new_session(&m, "reviewer").await;
+        m.acquire_lock(a, "file", "a.rs").await.expect("a");
+        m.acquire_lock(b, "file", "b.rs").await.expect("b");
+        let b_waits = spawn_wait(&m, b, "a.rs", 30_000);
+        queued(&db, 1).await;
+        fail_deadlock_rows(&db, true).await;
+        let before = snapshot(&db).await;
+        match m
+            .acquire_lock_with(a, "file", "b.rs", waiting(30_000))
+            .await
+        {
+            Err(Error::Deadlock { agents }) => assert_eq!(agents, vec![a, b]),
+            other => panic!("expected Deadlock, got {other:?}"),
+        }
+        assert_eq!(snapshot(&db).await, before, "a refused wait changed rows");
+        // The store goes on: the next refusal is recorded.
+        fail_deadlock_rows(&db, false).await;
+        let before = snapshot(&db).await;
+        assert!(matches!(
+            m.acquire_lock_with(a, "file", "b.rs", waiting(30_000))
+                .await,
+            Err(Error::Deadlock { .. })
+        ));
+        let cycle = [(a, sa, "coder", "b.rs"), (b, sb, "reviewer", "a.rs")];
+        assert_refusal_recorded(&db, &before, &cycle).await;
+        b_waits.abort();
+        db.cleanup().await;
+    })
+    .await;
+}
+
+/// A refusing acquire dropped at any moment: no lock or queue row changes,
+/// and it writes its `lock_deadlock` row once or, dropped before its attempt
+/// began, not at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusing_wait_dropped_at_any_moment_changes_no_lock_and_writes_at_most_one_row() {
+    each_backend("deadlock dropped", |db| async move {
+        let m = db.manager.clone();
+        let (sa, a) = agent_in_new_session(&m, "coder").await;
+        let (sb, b) = agent_in_new_session(&m, "reviewer").await;
+        m.acquire_lock(a, "file", "a.rs").await.expect("a");
+        m.acquire_lock(b, "file", "b.rs").await.expect("b");
+        let b_waits = spawn_wait(&m, b, "a.rs", 60_000);
+        queued(&db, 1).await;
+        let before = snapshot(&db).await;
+        let mut written = 0;
+        for step in 0..30u64 {
+            let call = m.acquire_lock_with(a, "file", "b.rs", waiting(30_000));
+            let cut = tokio::time::timeout(Duration::from_micros(step * 100), call).await;
+            assert!(
+                matches!(cut, Err(_) | Ok(Err(Error::Deadlock { .. }))),
+                "step {step}: {cut:?}"
+            );
+            // The agent's next acquire waits for the dropped one's attempt.
+            assert!(matches!(
+                m.acquire_lock_with(a, "file", "b.rs", waiting(30_000))
+                    .await,
+                Err(Error::Deadlock { .. })
+            ));
+            let after = snapshot(&db).await;
+            assert_eq!(
+                (&after.locks, &after.waiters),
+                (&before.locks, &before.waiters),
+                "{}: step {step}: a refused wait changed lock rows",
+                db.backend.name()
+            );
+            let rows = deadlock_rows(&db).await;
+            let added = rows.len() - written;
+            assert!(
+                (1..=2).contains(&added),
+                "{}: step {step}: {added} rows for one refusal and one dropped",
+                db.backend.name()
+            );
+            written = rows.len();
+            let cycle = [(a, sa, "coder", "b.rs"), (b, sb, "reviewer", "a.rs")];
+            for row in &rows {
+                assert_names_cycle(row, &cycle, &after.locks);
+            }
+        }
+        b_waits.abort();
         db.cleanup().await;
     })
     .await;
@@ -500,8 +708,8 @@ async fn two_waits_closing_a_cycle_at_once_are_refused_exactly_once() {
         let m2 = other_instance(&db).await;
         for round in 0..5 {
             let (ka, kb) = (format!("x/{round}/a"), format!("x/{round}/b"));
-            let (_, a) = agent_in_new_session(&m1, "a").await;
-            let (_, b) = agent_in_new_session(&m2, "b").await;
+            let (sa, a) = agent_in_new_session(&m1, "a").await;
+            let (sb, b) = agent_in_new_session(&m2, "b").await;
             let held_a = m1.acquire_lock(a, "file", &ka).await.expect("a");
             let held_b = m2.acquire_lock(b, "file", &kb).await.expect("b");
             let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(2));
@@ -528,6 +736,25 @@ async fn two_waits_closing_a_cycle_at_once_are_refused_exactly_once() {
                     assert!(matches!(r, Err(Error::LockWaitTimeout { .. })), "{r:?}");
                 }
             }
+            // One row, for the refusal; the locks are as they were.
+            let a_refused = matches!(ra, Err(Error::Deadlock { .. }));
+            let cycle = match a_refused {
+                true => [(a, sa, "a", kb.as_str()), (b, sb, "b", ka.as_str())],
+                false => [(b, sb, "b", ka.as_str()), (a, sa, "a", kb.as_str())],
+            };
+            let rows: Vec<_> = deadlock_rows(&db)
+                .await
+                .into_iter()
+                .filter(|r| [Some(sa.to_string()), Some(sb.to_string())].contains(&r.session_id))
+                .collect();
+            assert_eq!(rows.len(), 1, "round {round}: {rows:?}");
+            let locks = [grants_of(&db, &ka).await, grants_of(&db, &kb).await].concat();
+            assert_eq!(
+                locks.iter().map(|l| l.id.clone()).collect::<Vec<_>>(),
+                [held_a.lock_id.to_string(), held_b.lock_id.to_string()],
+                "round {round}: only the two held locks"
+            );
+            assert_names_cycle(&rows[0], &cycle, &locks);
             m1.release_lock(held_a.lock_id).await.expect("release");
             m2.release_lock(held_b.lock_id).await.expect("release");
             assert!(waiter_rows(&db).await.is_empty());

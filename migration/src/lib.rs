@@ -11,6 +11,7 @@ mod m20261201_000004_audit_seq;
 mod m20261201_000005_browse_indexes;
 mod m20261207_000006_retention;
 mod m20261207_000007_dashboard;
+mod shared;
 
 pub struct Migrator;
 

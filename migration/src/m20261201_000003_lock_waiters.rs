@@ -10,9 +10,7 @@ use sea_orm_migration::prelude::*;
 use sea_orm_migration::schema::*;
 use sea_orm_migration::sea_orm::DatabaseBackend;
 
-use crate::m20261124_000001_core_schema::{
-    binary_collation, table_for, timestamp_col, UUID_TEXT_LEN,
-};
+use crate::shared::{binary_collation, table_for, timestamp_col, UUID_TEXT_LEN};
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;

@@ -16,7 +16,7 @@ use sea_orm_migration::prelude::*;
 use sea_orm_migration::schema::*;
 use sea_orm_migration::sea_orm::DatabaseBackend;
 
-use crate::m20261124_000001_core_schema::{
+use crate::shared::{
     binary_collation, create_audit_guards, create_session_end_index, drop_audit_guards,
     ensure_first_row, table_for, timestamp_col, UUID_TEXT_LEN,
 };

@@ -23,7 +23,7 @@ use sea_orm_migration::prelude::*;
 use sea_orm_migration::schema::*;
 use sea_orm_migration::sea_orm::{ConnectionTrait, DatabaseBackend, Statement};
 
-use crate::m20261124_000001_core_schema::{
+use crate::shared::{
     binary_collation, create_audit_guards, drop_audit_guards, ensure_first_row, table_for,
     timestamp_col, UUID_TEXT_LEN,
 };

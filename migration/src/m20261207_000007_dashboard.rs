@@ -9,7 +9,7 @@
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::sea_orm::DatabaseBackend;
 
-use crate::m20261124_000001_core_schema::timestamp_col;
+use crate::shared::timestamp_col;
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;

@@ -5,6 +5,7 @@
 //! held locks. Who gets a free resource is decided in one transaction that
 //! draws from the fencing counter, which serializes grants: the first live
 //! waiter in the queue (`queue`), or, when nobody waits, whoever asks.
+mod deadlock;
 pub(crate) mod lost;
 mod queue;
 mod wait;
@@ -111,7 +112,9 @@ pub(crate) struct Request {
 /// expired holder is released first), out of its lock delay and nobody is
 /// queued ahead of the caller; otherwise, for a waiting acquire not yet
 /// queued, queues it at the tail unless that would close a waits-for cycle
-/// ([`Error::Deadlock`], nothing queued). `queued` is the caller's entry.
+/// ([`Error::Deadlock`], nothing queued: the transaction rolls back, and a
+/// `lock_deadlock` audit row naming the cycle is written in one of its own).
+/// `queued` is the caller's entry.
 pub(crate) async fn attempt(
     conn: &db::Store,
     config: &Config,
@@ -190,10 +193,11 @@ pub(crate) async fn attempt(
     let mut changed = expired_one;
     if let (Some(expires_at), None) = (request.wait_until, entry) {
         if let Some(holder) = &holder {
-            let holder_agent =
-                db::stored_id("resource_locks", &holder.id, "agent_id", &holder.agent_id)?;
-            if let Some(agents) = queue::cycle(&*txn, request.agent_id, holder_agent, now).await? {
+            let me = request.agent_id;
+            if let Some(links) = queue::cycle(&*txn, me, resource, holder, now).await? {
                 txn.rollback().await?;
+                deadlock::record(conn, me, session_id, &links, now).await;
+                let agents = links.into_iter().map(|link| link.agent_id).collect();
                 return Err(Error::Deadlock { agents });
             }
         }

@@ -264,26 +264,41 @@ async fn waiting_for(
 /// is a path that either returns to it or ends).
 const MAX_CYCLE: usize = 10_000;
 
-/// The cycle that `me` waiting for a resource held by `holder` would close,
-/// in waits-for order starting with `me`; `None` if it closes none. A
-/// waits-for edge runs from a waiter to its resource's current holder.
+/// One edge of the waits-for graph: an agent, the resource it waits for (or,
+/// for the caller, would wait for), and the lock on it that the next agent
+/// of the cycle holds.
+#[derive(Clone, Debug)]
+pub(crate) struct Link {
+    pub agent_id: Uuid,
+    pub resource: Resource,
+    pub held: resource_locks::Model,
+}
+
+/// The cycle that `me` waiting for `resource`, whose current holder's lock
+/// is `held`, would close, in waits-for order starting with `me`; `None` if
+/// it closes none. A waits-for edge runs from a waiter to its resource's
+/// current holder.
 pub(crate) async fn cycle(
     conn: &impl ConnectionTrait,
     me: Uuid,
-    holder: Uuid,
+    resource: &Resource,
+    held: &resource_locks::Model,
     now: DateTime<Utc>,
-) -> Result<Option<Vec<Uuid>>> {
-    let mut path = vec![me];
-    let mut next = holder;
-    while path.len() <= MAX_CYCLE {
+) -> Result<Option<Vec<Link>>> {
+    let mut links = vec![Link {
+        agent_id: me,
+        resource: resource.clone(),
+        held: held.clone(),
+    }];
+    let mut next = db::stored_id("resource_locks", &held.id, "agent_id", &held.agent_id)?;
+    while links.len() <= MAX_CYCLE {
         if next == me {
-            return Ok(Some(path));
+            return Ok(Some(links));
         }
-        if path.contains(&next) {
+        if links.iter().any(|link| link.agent_id == next) {
             // A cycle that does not pass through `me`: not ours to refuse.
             return Ok(None);
         }
-        path.push(next);
         let Some(resource) = waiting_for(conn, next, now).await? else {
             return Ok(None);
         };
@@ -294,7 +309,13 @@ pub(crate) async fn cycle(
         else {
             return Ok(None);
         };
-        next = db::stored_id("resource_locks", &lock.id, "agent_id", &lock.agent_id)?;
+        let holder = db::stored_id("resource_locks", &lock.id, "agent_id", &lock.agent_id)?;
+        links.push(Link {
+            agent_id: next,
+            resource,
+            held: lock,
+        });
+        next = holder;
     }
     Ok(None)
 }

@@ -353,7 +353,17 @@ impl<'a> Cleanup<'a> {
         let (manager, request) = (self.manager.clone(), request.clone());
         let work = async move {
             let store = manager.store();
-            let done = attempt(store, manager.config(), &request, queued, Uuid::new_v4()).await?;
+            let tried = attempt(store, manager.config(), &request, queued, Uuid::new_v4()).await;
+            let done = match tried {
+                Err(refused @ Error::Deadlock { .. }) => {
+                    // For the feeds: the refusal's `lock_deadlock` row (or
+                    // nothing, should it have failed; they look and go on).
+                    let (wakers, instance) = (manager.lock_wakers(), manager.instance_id());
+                    wake::announce(store, wakers, instance, Freed::Nothing, true).await;
+                    return Err(refused);
+                }
+                tried => tried?,
+            };
             announce_attempt(&manager, &request.resource, &done).await;
             Ok((done, guard))
         };

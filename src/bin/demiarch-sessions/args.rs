@@ -275,7 +275,7 @@ pub enum AuditCommand {
         /// Only events of this type (session_start, session_end,
         /// session_interrupted, session_resumed, locks_swept, lock_released,
         /// session_paused, session_unpaused, agent_finished, sessions_pruned,
-        /// audit_compacted).
+        /// audit_compacted, lock_deadlock).
         #[arg(long, value_name = "EVENT")]
         event: Option<String>,
         /// Only events after this seq (the SEQ column; with --json, "seq"):
