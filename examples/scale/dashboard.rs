@@ -6,7 +6,11 @@
 //!
 //! - `sessions-page`: `GET /` (the newest 50 sessions, rendered);
 //! - `api-sessions`: `GET /api/v1/sessions` (the same 50, as JSON);
-//! - `api-sessions-deep`: `GET /api/v1/sessions?offset=N/2&limit=50`;
+//! - `api-sessions-deep`: `GET /api/v1/sessions?cursor=…` of the page half
+//!   way down (cursor paging: as cheap as the first);
+//! - `sessions-page-deep`: the same page, rendered;
+//! - `sessions-page-filtered`: `GET /?status=completed&agent_type=coder`;
+//! - `locks-page`, `audit-page`: `GET /locks`, `GET /audit`;
 //! - `session-page`: `GET /sessions/{id}` of a background session;
 //! - `live-stream`: from `end_session`'s return (in this process) to the
 //!   `/events` stream's delivery of its event to this client, over
@@ -95,6 +99,17 @@ async fn cases(
         .await?
         .rows;
     let one = some.first().ok_or("no background session")?.id;
+    // The cursor the page before the middle one hands out.
+    let middle = manager
+        .list_sessions(SessionFilter {
+            limit: Some(1),
+            offset: sessions / 2,
+            ..SessionFilter::default()
+        })
+        .await?
+        .rows;
+    let middle = middle.first().ok_or("no background session")?;
+    let cursor = format!("{}.{}", middle.started_at.timestamp_micros(), middle.id);
     let line = |case, samples: &[Duration]| {
         let (p50_us, p99_us) = summarize(samples);
         Line {
@@ -113,8 +128,15 @@ async fn cases(
         ("api-sessions", "/api/v1/sessions".to_owned()),
         (
             "api-sessions-deep",
-            format!("/api/v1/sessions?offset={}&limit=50", sessions / 2),
+            format!("/api/v1/sessions?cursor={cursor}"),
         ),
+        ("sessions-page-deep", format!("/?cursor={cursor}")),
+        (
+            "sessions-page-filtered",
+            "/?status=completed&agent_type=coder".to_owned(),
+        ),
+        ("locks-page", "/locks".to_owned()),
+        ("audit-page", "/audit".to_owned()),
         ("session-page", format!("/sessions/{one}")),
     ] {
         let mut samples = Vec::with_capacity(args.iters);

@@ -5,7 +5,7 @@
 //! - sessions newest first, by status or not, paged by cursor:
 //!   (started_at, id) and (status, started_at, id);
 //! - sessions with an agent of a type: agent_executions (agent_type);
-//! - locks granted in the last hour: resource_locks (acquired_at).
+//! - locks waited for in the last hour: resource_locks (waited_since).
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::sea_orm::DatabaseBackend;
 
@@ -32,9 +32,9 @@ const INDEXES: [(&str, &str, &[&str]); 4] = [
         &["agent_type"],
     ),
     (
-        "ix_resource_locks_acquired",
+        "ix_resource_locks_waited",
         "resource_locks",
-        &["acquired_at"],
+        &["waited_since"],
     ),
 ];
 

@@ -389,7 +389,7 @@ pub struct Series {
 pub struct Activity {
     /// Sessions ended (with cleanup) per minute.
     pub ends: Series,
-    /// Locks granted per minute after their agent waited for them.
+    /// Waits for a lock that ended in a grant, per minute the wait began.
     pub lock_waits: Series,
     /// Agents waiting for a lock right now.
     pub waiting_now: u64,
@@ -730,34 +730,25 @@ impl<'a> Views<'a> {
 
     /// Ends and lock waits per minute over the last hour.
     pub async fn activity(&self) -> Result<Activity> {
+        const MINUTES: u32 = 60;
         let now = Utc::now();
-        let since = now - chrono::Duration::minutes(60);
-        let since = since
-            - chrono::Duration::seconds(i64::from(chrono::Timelike::second(&since)))
-            - chrono::Duration::nanoseconds(i64::from(chrono::Timelike::nanosecond(&since)));
-        let bucket = |times: Vec<DateTime<Utc>>| {
-            let mut per_minute = vec![0u64; 61];
-            for t in times {
-                if let Ok(i) = usize::try_from((t - since).num_minutes()) {
-                    if let Some(n) = per_minute.get_mut(i) {
-                        *n += 1;
-                    }
-                }
-            }
-            per_minute.remove(0);
-            Series {
-                since: since + chrono::Duration::minutes(1),
-                per_minute,
-            }
-        };
+        // The start of the minute 59 minutes ago: the last bar is this one.
+        let minute_start = now
+            - chrono::Duration::seconds(i64::from(chrono::Timelike::second(&now)))
+            - chrono::Duration::nanoseconds(i64::from(chrono::Timelike::nanosecond(&now)));
+        let since = minute_start - chrono::Duration::minutes(i64::from(MINUTES - 1));
         let db = self.manager.connection();
-        let ends = read::event_times(db, AuditEvent::SessionEnd, since).await?;
-        let waits = read::waited_grant_times(db, since).await?;
-        let waiting_now = read::waiting_now(db).await?;
         Ok(Activity {
-            ends: bucket(ends),
-            lock_waits: bucket(waits),
-            waiting_now,
+            ends: Series {
+                since,
+                per_minute: read::events_per_minute(db, AuditEvent::SessionEnd, since, MINUTES)
+                    .await?,
+            },
+            lock_waits: Series {
+                since,
+                per_minute: read::waits_per_minute(db, since, MINUTES).await?,
+            },
+            waiting_now: read::waiting_now(db).await?,
         })
     }
 }

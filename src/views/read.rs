@@ -16,9 +16,6 @@ use entity::{agent_executions, audit_log, global_sessions, lock_waiters, resourc
 use crate::query::{session_columns, session_info, SessionRow};
 use crate::{AuditEvent, AuditRecord, Listing, LockInfo, Result, SessionInfo, SessionStatus};
 
-/// At most this many rows feed one activity series.
-const SERIES_ROWS: u64 = 100_000;
-
 /// A LIKE pattern matching values that start with `prefix`, its wildcards
 /// escaped.
 fn starts_with(prefix: &str) -> LikeExpr {
@@ -229,43 +226,46 @@ pub(crate) async fn newest_seq(db: &DatabaseConnection) -> Result<i64> {
     Ok(newest.flatten().unwrap_or(0))
 }
 
-/// When each `event` row since `since` was written (at most
-/// [`SERIES_ROWS`], newest first).
-pub(crate) async fn event_times(
+/// How many `event` rows were written in each minute from `since`: one
+/// count per minute, each a range of the (event_type, event_time) index.
+pub(crate) async fn events_per_minute(
     db: &DatabaseConnection,
     event: AuditEvent,
     since: DateTime<Utc>,
-) -> Result<Vec<DateTime<Utc>>> {
-    let rows: Vec<DateTime<Utc>> = audit_log::Entity::find()
-        .select_only()
-        .column(audit_log::Column::EventTime)
-        .filter(audit_log::Column::EventType.eq(event.as_str()))
-        .filter(audit_log::Column::EventTime.gte(since))
-        .order_by_desc(audit_log::Column::EventTime)
-        .limit(SERIES_ROWS)
-        .into_tuple()
-        .all(db)
-        .await?;
-    Ok(rows)
+    minutes: u32,
+) -> Result<Vec<u64>> {
+    let mut counts = Vec::with_capacity(minutes as usize);
+    for minute in 0..minutes {
+        let from = since + chrono::Duration::minutes(i64::from(minute));
+        let n = audit_log::Entity::find()
+            .filter(audit_log::Column::EventType.eq(event.as_str()))
+            .filter(audit_log::Column::EventTime.gte(from))
+            .filter(audit_log::Column::EventTime.lt(from + chrono::Duration::minutes(1)))
+            .count(db)
+            .await?;
+        counts.push(n);
+    }
+    Ok(counts)
 }
 
-/// When each lock granted since `since` after its agent waited in the
-/// queue was granted (at most [`SERIES_ROWS`]).
-pub(crate) async fn waited_grant_times(
+/// How many locks whose holder waited for them started waiting in each
+/// minute from `since`, by the (waited_since) index.
+pub(crate) async fn waits_per_minute(
     db: &DatabaseConnection,
     since: DateTime<Utc>,
-) -> Result<Vec<DateTime<Utc>>> {
-    let rows: Vec<DateTime<Utc>> = resource_locks::Entity::find()
-        .select_only()
-        .column(resource_locks::Column::AcquiredAt)
-        .filter(resource_locks::Column::WaitedSince.is_not_null())
-        .filter(resource_locks::Column::AcquiredAt.gte(since))
-        .order_by_desc(resource_locks::Column::AcquiredAt)
-        .limit(SERIES_ROWS)
-        .into_tuple()
-        .all(db)
-        .await?;
-    Ok(rows)
+    minutes: u32,
+) -> Result<Vec<u64>> {
+    let mut counts = Vec::with_capacity(minutes as usize);
+    for minute in 0..minutes {
+        let from = since + chrono::Duration::minutes(i64::from(minute));
+        let n = resource_locks::Entity::find()
+            .filter(resource_locks::Column::WaitedSince.gte(from))
+            .filter(resource_locks::Column::WaitedSince.lt(from + chrono::Duration::minutes(1)))
+            .count(db)
+            .await?;
+        counts.push(n);
+    }
+    Ok(counts)
 }
 
 /// Agents in a lock queue now.

@@ -283,7 +283,7 @@ pub(crate) async fn sessions(
         @if let Some(activity) = &activity {
             div .charts {
                 (super::svg::bars("ends-chart", "Sessions ended", &activity.ends))
-                (super::svg::bars("waits-chart", "Lock grants after a wait", &activity.lock_waits))
+                (super::svg::bars("waits-chart", "Lock waits (granted)", &activity.lock_waits))
                 p .muted { (activity.waiting_now) " agents waiting for a lock now" }
             }
         }
