@@ -72,6 +72,13 @@ pub struct Config {
     /// call is refused with [`Error::ReadOnly`](crate::Error::ReadOnly)
     /// naming it, before it touches the database. A SQLite URL with
     /// `?mode=ro` does the same. `false` by default.
+    ///
+    /// The SQLite file itself is never written. In a writable directory
+    /// SQLite may leave an empty `-wal` and a `-shm` index beside a WAL
+    /// store (it needs them to read safely alongside writers); where they
+    /// cannot be created (a read-only file system) and no `-wal` exists,
+    /// the file is read as immutable. An in-memory database cannot be
+    /// opened read-only (it would be empty), nor can `retention` be set.
     pub read_only: bool,
 }
 
