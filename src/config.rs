@@ -64,6 +64,22 @@ pub struct Config {
     /// first right after connecting, then every interval. One hour by
     /// default.
     pub prune_interval: Duration,
+    /// Opens the store read-only: `connect_with` migrates nothing (it checks
+    /// that the store is at the latest migration instead, and refuses it
+    /// otherwise), a SQLite file is opened with `SQLITE_OPEN_READONLY` and
+    /// never created, a server connection runs every transaction `READ
+    /// ONLY`, and no background task that writes is started. Every write
+    /// call is refused with [`Error::ReadOnly`](crate::Error::ReadOnly)
+    /// naming it, before it touches the database. A SQLite URL with
+    /// `?mode=ro` does the same. `false` by default.
+    ///
+    /// The SQLite file itself is never written. In a writable directory
+    /// SQLite may leave an empty `-wal` and a `-shm` index beside a WAL
+    /// store (it needs them to read safely alongside writers); where they
+    /// cannot be created (a read-only file system) and no `-wal` exists,
+    /// the file is read as immutable. An in-memory database cannot be
+    /// opened read-only (it would be empty), nor can `retention` be set.
+    pub read_only: bool,
 }
 
 /// The longest timeout or interval a [`Config`] takes: one day. (PostgreSQL
@@ -93,11 +109,14 @@ impl Config {
     /// ([`MAX_SWEEP_BATCH`] for the first);
     /// `max_context_bytes` under 64 (the empty context needs 26) or over
     /// [`MAX_CONTEXT_BYTES_LIMIT`]; a `retention` policy that
-    /// [`RetentionPolicy::validate`](crate::RetentionPolicy::validate) refuses.
+    /// [`RetentionPolicy::validate`](crate::RetentionPolicy::validate) refuses,
+    /// or any `retention` together with `read_only` (a read-only manager
+    /// prunes nothing).
     /// `SessionManager::connect_with` and `new` call it.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`](crate::Error::InvalidInput) naming the field.
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) naming the field
+    /// as `Config::<field>` (`Config::retention.<field>` for the policy's).
     pub fn validate(&self) -> crate::Result<()> {
         for (field, value, zero_ok) in [
             ("cleanup_timeout", self.cleanup_timeout, false),
@@ -156,14 +175,65 @@ impl Config {
             ));
         }
         if let Some(policy) = &self.retention {
-            policy.validate()?;
+            if self.read_only {
+                return Err(invalid(
+                    "retention",
+                    "a read-only manager prunes nothing; set retention to None or \
+                     read_only to false"
+                        .to_owned(),
+                ));
+            }
+            policy.validate().map_err(|e| match e {
+                crate::Error::InvalidInput { field, reason } => crate::Error::InvalidInput {
+                    field: retention_field(field),
+                    reason,
+                },
+                other => other,
+            })?;
         }
         Ok(())
     }
 }
 
+/// A `Config` field's name as errors give it: `Config::<field>`.
+fn config_field(field: &'static str) -> &'static str {
+    match field {
+        "cleanup_timeout" => "Config::cleanup_timeout",
+        "connect_timeout" => "Config::connect_timeout",
+        "heartbeat_interval" => "Config::heartbeat_interval",
+        "busy_timeout" => "Config::busy_timeout",
+        "lock_delay" => "Config::lock_delay",
+        "lock_poll_interval" => "Config::lock_poll_interval",
+        "watch_poll_interval" => "Config::watch_poll_interval",
+        "prune_interval" => "Config::prune_interval",
+        "sweep_batch" => "Config::sweep_batch",
+        "max_connections" => "Config::max_connections",
+        "watch_page_size" => "Config::watch_page_size",
+        "max_context_bytes" => "Config::max_context_bytes",
+        "retention" => "Config::retention",
+        "read_only" => "Config::read_only",
+        _ => "Config",
+    }
+}
+
+/// A field of `Config::retention`'s policy as errors give it.
+fn retention_field(field: &'static str) -> &'static str {
+    match field {
+        "completed_after" => "Config::retention.completed_after",
+        "context_after" => "Config::retention.context_after",
+        "audit_after" => "Config::retention.audit_after",
+        "keep_last" => "Config::retention.keep_last",
+        "batch" => "Config::retention.batch",
+        "archive" => "Config::retention.archive",
+        _ => "Config::retention",
+    }
+}
+
 fn invalid(field: &'static str, reason: String) -> crate::Error {
-    crate::Error::InvalidInput { field, reason }
+    crate::Error::InvalidInput {
+        field: config_field(field),
+        reason,
+    }
 }
 
 impl Default for Config {
@@ -182,6 +252,7 @@ impl Default for Config {
             watch_page_size: 500,
             retention: None,
             prune_interval: Duration::from_secs(60 * 60),
+            read_only: false,
         }
     }
 }

@@ -67,10 +67,26 @@ static MIGRATING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 ///
 /// On a SQLite file the store also opens its writer: one more connection, with
 /// the same settings, that every gated write goes through (see [`Store`]).
+///
+/// Read-only (`Config::read_only`, or a SQLite URL with `?mode=ro`), it
+/// creates nothing, migrates nothing and opens no writer: it checks that the
+/// schema is at the latest migration ([`Error::NotMigrated`] otherwise).
 pub(crate) async fn connect(url: &str, config: &Config) -> Result<Store> {
     let sqlite = url.starts_with("sqlite:");
     let memory = sqlite && is_sqlite_memory(url);
-    let created = sqlite && !memory && create_private_sqlite_file(url)?;
+    let read_only = config.read_only || (sqlite && sqlite_url_read_only(url));
+    if read_only && memory {
+        return Err(Error::InvalidInput {
+            field: "Config::read_only",
+            reason: "an in-memory SQLite database starts empty, so there is nothing to \
+                     read; open a file read-only, or an in-memory database writable"
+                .into(),
+        });
+    }
+    if read_only && sqlite {
+        refuse_missing_sqlite_file(url)?;
+    }
+    let created = sqlite && !memory && !read_only && create_private_sqlite_file(url)?;
     let sqlite_path = sqlite.then(|| sqlite_display_path(url));
     let not_a_database = |e: sea_orm::DbErr| match &sqlite_path {
         Some(path) if is_not_a_database(&e) => Error::NotADatabase { path: path.clone() },
@@ -87,7 +103,7 @@ pub(crate) async fn connect(url: &str, config: &Config) -> Result<Store> {
         // written by WAL mode) before anything else opens it: the setting
         // holds only in an empty database, and setting it on every
         // connection would take the write lock each time.
-        let mut options = connect_options(url, config, 1);
+        let mut options = connect_options(url, config, 1, Access::ReadWrite);
         options.map_sqlx_sqlite_opts(|opts| {
             opts.auto_vacuum(sea_orm::sqlx::sqlite::SqliteAutoVacuum::Incremental)
         });
@@ -97,20 +113,43 @@ pub(crate) async fn connect(url: &str, config: &Config) -> Result<Store> {
             .close()
             .await?;
     }
-    let db = Database::connect(connect_options(url, config, pool_size))
-        .await
-        .map_err(not_a_database)?;
-    // One migrator at a time in this process: a connect whose caller gave
-    // up still finishes migrating, and a retry must not race it.
-    let _migrating = MIGRATING.lock().await;
-    refuse_newer_schema(&db).await.map_err(|e| match e {
+    let access = if read_only {
+        Access::ReadOnly
+    } else {
+        Access::ReadWrite
+    };
+    let db = match Database::connect(connect_options(url, config, pool_size, access)).await {
+        // A WAL store on a read-only medium: SQLite cannot create the -shm
+        // index a read-only open needs. Without a -wal file nothing is
+        // pending, and nobody can write there: read the file as it is.
+        Err(e) if read_only && sqlite && is_cannot_open(&e) && !sqlite_wal_exists(url) => {
+            tracing::info!(
+                url,
+                "cannot create the SQLite index files beside the store (a read-only \
+                 medium?); reading it as immutable"
+            );
+            let options = connect_options(url, config, pool_size, Access::Immutable);
+            Database::connect(options).await.map_err(not_a_database)?
+        }
+        other => other.map_err(not_a_database)?,
+    };
+    let schema_error = |e| match e {
         Error::Database(e) => not_a_database(e),
         other => other,
-    })?;
-    migration::Migrator::up(&db, None).await?;
-    drop(_migrating);
-    let writer = if sqlite && !memory {
-        let mut options = connect_options(url, config, 1);
+    };
+    if read_only {
+        refuse_newer_schema(&db).await.map_err(schema_error)?;
+        let store = sqlite_path.clone().unwrap_or_else(|| server_display(url));
+        refuse_unmigrated(&db, store).await.map_err(schema_error)?;
+    } else {
+        // One migrator at a time in this process: a connect whose caller gave
+        // up still finishes migrating, and a retry must not race it.
+        let _migrating = MIGRATING.lock().await;
+        refuse_newer_schema(&db).await.map_err(schema_error)?;
+        migration::Migrator::up(&db, None).await?;
+    }
+    let writer = if sqlite && !memory && !read_only {
+        let mut options = connect_options(url, config, 1, Access::ReadWrite);
         // Kept open for the manager's life: a reopened writer starts cold.
         options.idle_timeout(None).max_lifetime(None);
         Some(Database::connect(options).await.map_err(not_a_database)?)
@@ -118,9 +157,10 @@ pub(crate) async fn connect(url: &str, config: &Config) -> Result<Store> {
         None
     };
     let mut store = Store::with_writer(db, writer, config.busy_timeout);
+    store.read_only = read_only;
     // Read up front, so that no end of this store waits for it.
     store.context_limit().await?;
-    if sqlite && !memory {
+    if sqlite && !memory && !read_only {
         store.file = FileIdentity::of(url);
         if store.file.is_none() {
             tracing::warn!(
@@ -172,8 +212,78 @@ impl FileIdentity {
     }
 }
 
+/// Whether a SQLite URL asks for a read-only open (`mode=ro` in its query).
+fn sqlite_url_read_only(url: &str) -> bool {
+    url.split_once('?').is_some_and(|(_, query)| {
+        query
+            .split('&')
+            .any(|pair| pair.eq_ignore_ascii_case("mode=ro"))
+    })
+}
+
+/// A read-only open creates nothing: a missing file is refused by name.
+fn refuse_missing_sqlite_file(url: &str) -> Result<()> {
+    let options: sea_orm::sqlx::sqlite::SqliteConnectOptions =
+        url.parse().map_err(|e| Error::InvalidInput {
+            field: "url",
+            reason: format!("{e}"),
+        })?;
+    let path = options.get_filename();
+    if path.exists() {
+        return Ok(());
+    }
+    Err(Error::CannotOpen {
+        path: path.display().to_string(),
+        reason: "no such file, and a read-only open creates none; open it writable once \
+                 to create the store"
+            .into(),
+    })
+}
+
+/// A server URL fit for messages: without its password.
+fn server_display(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        if let Some((auth, host)) = rest.split_once('@') {
+            let user = auth.split_once(':').map_or(auth, |(user, _)| user);
+            return format!("{scheme}://{user}@{host}");
+        }
+    }
+    url.to_owned()
+}
+
+/// How a connection opens the store.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    ReadWrite,
+    /// SQLite opens the file `SQLITE_OPEN_READONLY` (creating nothing,
+    /// changing no journal mode); a server runs every transaction of the
+    /// connection `READ ONLY`.
+    ReadOnly,
+    /// As `ReadOnly`, and SQLite takes the file for one nobody writes
+    /// (`immutable=1`: no locks, no -shm index), for a read-only medium.
+    Immutable,
+}
+
+/// SQLITE_CANTOPEN (14): the file, or the -shm index a WAL store needs, cannot be opened.
+fn is_cannot_open(err: &sea_orm::DbErr) -> bool {
+    err.to_string().contains("(code: 14)")
+}
+
+/// Whether the SQLite store has a -wal file beside it (writes not yet
+/// checkpointed into the file, or a writer at work).
+fn sqlite_wal_exists(url: &str) -> bool {
+    url.parse::<sea_orm::sqlx::sqlite::SqliteConnectOptions>()
+        .map(|o| {
+            let mut wal = o.get_filename().as_os_str().to_owned();
+            wal.push("-wal");
+            Path::new(&wal).exists()
+        })
+        .unwrap_or(true)
+}
+
 /// The pool's settings: SQLite's pragmas, or the servers' session setup.
-fn connect_options(url: &str, config: &Config, pool_size: u32) -> ConnectOptions {
+fn connect_options(url: &str, config: &Config, pool_size: u32, access: Access) -> ConnectOptions {
+    let read_only = access != Access::ReadWrite;
     let mut options = ConnectOptions::new(url.to_owned());
     options
         .sqlx_logging(false)
@@ -190,21 +300,53 @@ fn connect_options(url: &str, config: &Config, pool_size: u32) -> ConnectOptions
         options.map_sqlx_sqlite_opts(move |opts| {
             use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
             let opts = opts
-                .create_if_missing(true)
+                .create_if_missing(!read_only)
+                .read_only(read_only)
+                .immutable(access == Access::Immutable)
                 .foreign_keys(true)
                 .busy_timeout(busy_timeout)
                 // FULL: a committed end survives power loss, not only a crash.
                 .synchronous(SqliteSynchronous::Full);
-            if memory {
+            // Setting the journal mode writes the file's header: a read-only
+            // open reads the file in whatever mode its writers left it.
+            if memory || read_only {
                 opts
             } else {
                 opts.journal_mode(SqliteJournalMode::Wal)
             }
         });
     } else {
-        configure_server_sessions(&mut options, config);
+        configure_server_sessions(&mut options, config, read_only);
     }
     options
+}
+
+/// Refuses, for a read-only open, a store some migration of this library
+/// was not applied to: a read-only manager cannot apply it.
+async fn refuse_unmigrated(db: &DatabaseConnection, store: String) -> Result<()> {
+    use sea_orm::EntityTrait;
+    use sea_orm_migration::seaql_migrations;
+    let manager = sea_orm_migration::SchemaManager::new(db);
+    let applied: Vec<String> = if manager.has_table("seaql_migrations").await? {
+        seaql_migrations::Entity::find()
+            .all(db)
+            .await?
+            .into_iter()
+            .map(|m| m.version)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let missing: Vec<String> = migration::Migrator::migrations()
+        .iter()
+        .map(|m| m.name().to_owned())
+        .filter(|name| !applied.contains(name))
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::NotMigrated { store, missing })
+    }
 }
 
 /// Refuses a database migrated by a newer library before anything is written.
@@ -258,14 +400,18 @@ fn is_not_a_database(err: &sea_orm::DbErr) -> bool {
 ///
 /// The server-side lock timeout means a blocked statement is ended by the
 /// server, so a connection never goes back to the pool stuck inside one.
+///
+/// A read-only store's connections also run every transaction `READ ONLY`,
+/// so the server itself refuses a write that got past the manager's checks.
 #[allow(unused_variables)]
-fn configure_server_sessions(options: &mut ConnectOptions, config: &Config) {
+fn configure_server_sessions(options: &mut ConnectOptions, config: &Config, read_only: bool) {
     let lock_wait_ms = config.cleanup_timeout.as_millis().max(1);
     #[cfg(feature = "postgres")]
     {
         // Session settings on each new connection: SeaORM has no API for them.
+        let access = if read_only { ", READ ONLY" } else { "" };
         let setup = format!(
-            "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED; \
+            "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED{access}; \
              SET lock_timeout = '{lock_wait_ms}ms'"
         );
         options.map_sqlx_postgres_pool_opts(move |pool| {
@@ -286,10 +432,15 @@ fn configure_server_sessions(options: &mut ConnectOptions, config: &Config) {
         // innodb_lock_wait_timeout counts whole seconds.
         let lock_wait_s = lock_wait_ms.div_ceil(1000);
         // Session settings on each new connection: SeaORM has no API for them.
-        let setup = [
+        let mut setup = vec![
             "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED".to_owned(),
             format!("SET SESSION innodb_lock_wait_timeout = {lock_wait_s}"),
         ];
+        if read_only {
+            // The server refuses any write on this connection: the backstop
+            // behind the manager's own refusal (SeaORM has no API for it).
+            setup.push("SET SESSION TRANSACTION READ ONLY".to_owned());
+        }
         options.map_sqlx_mysql_pool_opts(move |pool| {
             let setup = setup.clone();
             pool.after_connect(move |conn, _meta| {
@@ -413,6 +564,8 @@ pub(crate) struct Store {
     txn_lock_timeout: Option<Duration>,
     /// The SQLite file opened by [`connect`], checked before each write.
     file: Option<FileIdentity>,
+    /// Opened read-only: [`write_gate`] refuses every write.
+    read_only: bool,
     /// MariaDB/MySQL's `max_allowed_packet`, read once per manager (at
     /// connect, or at the first end on an app's connection: a later change
     /// on the server is seen by a new manager); `None` elsewhere.
@@ -430,10 +583,17 @@ impl Store {
         conn: DatabaseConnection,
         gate_timeout: Duration,
         lock_timeout: Duration,
+        read_only: bool,
     ) -> Self {
         let mut store = Self::with_writer(conn, None, gate_timeout);
         store.txn_lock_timeout = Some(lock_timeout);
+        store.read_only = read_only;
         store
+    }
+
+    /// Whether the store was opened read-only.
+    pub(crate) fn read_only(&self) -> bool {
+        self.read_only
     }
 
     fn with_writer(
@@ -450,6 +610,7 @@ impl Store {
             gate_timeout,
             txn_lock_timeout: None,
             file: None,
+            read_only: false,
             packet_limit: Arc::default(),
         }
     }
@@ -537,7 +698,14 @@ impl std::ops::Deref for WriteTxn {
 ///
 /// On a SQLite file opened by [`connect`] it then checks that the path still
 /// names the file opened ([`Error::DatabaseMoved`] if not).
+///
+/// Every write passes here, so a read-only store refuses it here
+/// ([`Error::ReadOnly`]); the manager's write calls refuse first, naming
+/// themselves.
 pub(crate) async fn write_gate(store: &Store) -> Result<Option<tokio::sync::OwnedMutexGuard<()>>> {
+    if store.read_only {
+        return Err(Error::ReadOnly { operation: "write" });
+    }
     let Some(gate) = &store.gate else {
         return Ok(None);
     };

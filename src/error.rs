@@ -180,6 +180,17 @@ pub enum Error {
         "this manager was shut down and takes no new sessions, agents or locks; connect a new one"
     )]
     ManagerShutDown,
+    /// The manager opened the store read-only (`Config::read_only`, or a
+    /// SQLite URL with `?mode=ro`) and refuses `operation`, a write, before
+    /// touching the database. Nothing changed.
+    #[error("{operation} refused: this manager opened the store read-only; connect without Config::read_only (or ?mode=ro) to write")]
+    ReadOnly { operation: &'static str },
+    /// The manager was asked to open the store read-only, but the store is
+    /// not at the latest schema of this library (`missing` names the
+    /// migrations not applied; all of them for an empty database), and a
+    /// read-only manager migrates nothing. Nothing was written.
+    #[error("store at {store} is not migrated to the latest schema (missing: {}); open it writable once, or run the migration CLI (`cargo run -p demiarch-sessions-migration -- up`)", .missing.join(", "))]
+    NotMigrated { store: String, missing: Vec<String> },
     /// The manager (or a clone) was closed: its connections are gone.
     #[error("this manager was closed; connect a new one")]
     ManagerClosed,

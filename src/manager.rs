@@ -32,6 +32,12 @@ use crate::{db, detached, locks, session, Config, Error, Result};
 /// wait for its answer is dropped. A lock granted to a dropped acquire is
 /// released, and a dropped wait leaves the queue; everything else a dropped
 /// call wrote stands, as if it had been awaited.
+///
+/// A manager opened read-only ([`Config::read_only`]) refuses every call
+/// that writes (starting, registering, acquiring, renewing, releasing,
+/// finishing, pausing, ending, sweeping, recovering, resuming, pruning) with
+/// [`Error::ReadOnly`](crate::Error::ReadOnly) naming the call, before it
+/// touches the database; reads, `watch` and `lock_lost` work as usual.
 #[derive(Clone)]
 pub struct SessionManager {
     db: db::Store,
@@ -82,10 +88,17 @@ impl SessionManager {
     /// `Config::busy_timeout`.
     /// Every `sqlite::memory:` connect is a fresh, empty database.
     ///
+    /// With `Config::read_only` (or a SQLite URL with `?mode=ro`) it
+    /// creates and migrates nothing: the store must exist at the latest
+    /// schema, and every write call is refused (see [`is_read_only`](Self::is_read_only)).
+    ///
     /// # Errors
     /// [`Error::Database`](crate::Error::Database) when the database cannot be
     /// opened or migrated; [`Error::InvalidInput`](crate::Error::InvalidInput)
-    /// when the URL is malformed or the file cannot be created.
+    /// when the URL is malformed or the file cannot be created;
+    /// read-only, [`Error::CannotOpen`](crate::Error::CannotOpen) for a
+    /// missing file and [`Error::NotMigrated`](crate::Error::NotMigrated)
+    /// for a store not at the latest schema.
     pub async fn connect_with(url: &str, config: Config) -> Result<Self> {
         config.validate()?;
         let url = url.to_owned();
@@ -98,13 +111,20 @@ impl SessionManager {
 
     /// Wraps a connection the app owns. The app runs `migration::Migrator`
     /// itself, and sets SQLite's pragmas (foreign keys on, WAL, busy timeout).
+    /// With `Config::read_only` the manager refuses every write call; the
+    /// connection itself is as the app opened it.
     ///
     /// # Errors
     /// [`Error::InvalidInput`](crate::Error::InvalidInput) naming a `config`
     /// field out of range (see [`Config::validate`]).
     pub fn new(db: DatabaseConnection, config: Config) -> Result<Self> {
         config.validate()?;
-        let store = db::Store::new(db, config.busy_timeout, config.cleanup_timeout);
+        let store = db::Store::new(
+            db,
+            config.busy_timeout,
+            config.cleanup_timeout,
+            config.read_only,
+        );
         Ok(Self::from_store(store, config))
     }
 
@@ -217,6 +237,14 @@ impl SessionManager {
         &self.config
     }
 
+    /// Whether this manager opened the store read-only (`Config::read_only`,
+    /// or a SQLite URL with `?mode=ro`): its write calls return
+    /// [`Error::ReadOnly`](crate::Error::ReadOnly) naming themselves, and
+    /// change nothing.
+    pub fn is_read_only(&self) -> bool {
+        self.db.read_only()
+    }
+
     /// The built-in in-memory registry of live context windows.
     pub fn contexts(&self) -> &ContextRegistry {
         &self.contexts
@@ -263,6 +291,11 @@ impl SessionManager {
         let Some(policy) = self.config.retention.clone() else {
             return;
         };
+        if self.is_read_only() {
+            // `Config::validate` refuses the pair; a URL's `?mode=ro` gets here.
+            tracing::warn!("the store is open read-only: Config::retention is not applied");
+            return;
+        }
         let (db, wakers, instance) = (self.db.clone(), self.lock_wakers.clone(), self.instance_id);
         let lock_delay = self.config.lock_delay;
         self.pruner.ensure_started(
@@ -345,10 +378,22 @@ impl SessionManager {
         }
     }
 
-    /// Refuses new sessions, agents and locks once the manager was shut down
-    /// (its heartbeat has stopped, so other instances would recover them) or
-    /// closed.
-    fn takes_new_work(&self) -> Result<()> {
+    /// The one check at the start of every write call: refuses
+    /// `operation` on a read-only store, then as [`usable`](Self::usable).
+    fn writes(&self, operation: &'static str) -> Result<()> {
+        if self.is_read_only() {
+            return Err(Error::ReadOnly { operation });
+        }
+        self.usable()
+    }
+
+    /// Refuses new sessions, agents and locks (`operation`) on a read-only
+    /// store, and once the manager was shut down (its heartbeat has
+    /// stopped, so other instances would recover them) or closed.
+    fn takes_new_work(&self, operation: &'static str) -> Result<()> {
+        if self.is_read_only() {
+            return Err(Error::ReadOnly { operation });
+        }
         match self.state.load(Ordering::SeqCst) {
             OPEN => Ok(()),
             SHUT_DOWN => Err(Error::ManagerShutDown),
@@ -362,7 +407,7 @@ impl SessionManager {
     /// [`Error::Database`](crate::Error::Database) when the write fails.
     #[instrument(skip(self), err)]
     pub async fn start_session(&self) -> Result<Uuid> {
-        self.takes_new_work()?;
+        self.takes_new_work("start_session")?;
         self.detached(|m| async move {
             let id = session::start::start_session(&m.db, m.instance_id).await?;
             m.start_heartbeat();
@@ -381,7 +426,7 @@ impl SessionManager {
     /// `agent_type`.
     #[instrument(skip(self), err)]
     pub async fn register_agent(&self, session_id: Uuid, agent_type: &str) -> Result<Uuid> {
-        self.takes_new_work()?;
+        self.takes_new_work("register_agent")?;
         let agent_type = agent_type.to_owned();
         self.detached(|m| async move {
             session::start::register_agent(&m.db, session_id, &agent_type).await
@@ -410,6 +455,7 @@ impl SessionManager {
         resource_type: &str,
         resource_key: &str,
     ) -> Result<LockGrant> {
+        self.takes_new_work("acquire_lock")?;
         self.acquire_lock_with(
             agent_id,
             resource_type,
@@ -464,7 +510,7 @@ impl SessionManager {
         resource_key: &str,
         options: LockOptions,
     ) -> Result<LockGrant> {
-        self.takes_new_work()?;
+        self.takes_new_work("acquire_lock_with")?;
         let started = std::time::Instant::now();
         let result = locks::acquire(self, agent_id, resource_type, resource_key, &options).await;
         if options.wait.is_some() {
@@ -498,7 +544,7 @@ impl SessionManager {
     /// or has expired (renewing cannot revive it).
     #[instrument(skip(self), err)]
     pub async fn renew_lock(&self, lock_id: Uuid, ttl: std::time::Duration) -> Result<()> {
-        self.usable()?;
+        self.writes("renew_lock")?;
         self.detached(|m| async move { locks::renew(&m.db, lock_id, ttl).await })
             .await
     }
@@ -512,7 +558,7 @@ impl SessionManager {
     /// [`Error::Database`](crate::Error::Database); batches already committed stay.
     #[instrument(skip(self), err)]
     pub async fn sweep_locks(&self) -> Result<SweepReport> {
-        self.usable()?;
+        self.writes("sweep_locks")?;
         self.detached(|m| async move {
             let report = match locks::sweep(&m.db, m.config.sweep_batch).await {
                 Ok(report) => report,
@@ -572,7 +618,7 @@ impl SessionManager {
         agent_id: Uuid,
         outcome: crate::AgentOutcome,
     ) -> Result<crate::FinishReport> {
-        self.usable()?;
+        self.writes("finish_agent")?;
         self.detached(|m| async move {
             let (report, freed) = crate::agents::finish(&m.db, agent_id, outcome).await?;
             if !report.already_finished {
@@ -615,7 +661,7 @@ impl SessionManager {
     /// [`Error::InvalidInput`](crate::Error::InvalidInput) for the nil id.
     #[instrument(skip(self), err)]
     pub async fn release_lock(&self, lock_id: Uuid) -> Result<()> {
-        self.usable()?;
+        self.writes("release_lock")?;
         self.detached(|m| async move {
             if let Some(resource) = locks::release(&m.db, lock_id, None).await? {
                 m.announce(Freed::One(resource), false).await;
@@ -635,7 +681,7 @@ impl SessionManager {
     /// naming `reason` (missing or empty) or `via`.
     #[instrument(skip(self), err)]
     pub async fn release_lock_by(&self, lock_id: Uuid, operator: &Operator) -> Result<()> {
-        self.usable()?;
+        self.writes("release_lock_by")?;
         if operator.reason.is_none() {
             return Err(Error::InvalidInput {
                 field: "reason",
@@ -677,7 +723,7 @@ impl SessionManager {
         session_id: Uuid,
         budget: std::time::Duration,
     ) -> Result<EndSessionReport> {
-        self.end_with(session_id, budget, None).await
+        self.end_with("end_session", session_id, budget, None).await
     }
 
     /// [`end_session`](Self::end_session) asked for by an operator on the
@@ -692,9 +738,15 @@ impl SessionManager {
         session_id: Uuid,
         operator: &Operator,
     ) -> Result<EndSessionReport> {
+        self.writes("end_session_by")?;
         let details = operator.details("end_session")?;
-        self.end_with(session_id, self.config.cleanup_timeout, Some(details))
-            .await
+        self.end_with(
+            "end_session_by",
+            session_id,
+            self.config.cleanup_timeout,
+            Some(details),
+        )
+        .await
     }
 
     /// Pauses an active session: it keeps its locks (its workspace) and
@@ -713,7 +765,8 @@ impl SessionManager {
     /// for the nil id.
     #[instrument(skip(self), err)]
     pub async fn pause_session(&self, session_id: Uuid) -> Result<()> {
-        self.pause_with(session_id, true, None).await
+        self.pause_with("pause_session", session_id, true, None)
+            .await
     }
 
     /// Makes a paused session active again (one `session_unpaused` audit
@@ -724,7 +777,8 @@ impl SessionManager {
     /// As [`pause_session`](Self::pause_session).
     #[instrument(skip(self), err)]
     pub async fn unpause_session(&self, session_id: Uuid) -> Result<()> {
-        self.pause_with(session_id, false, None).await
+        self.pause_with("unpause_session", session_id, false, None)
+            .await
     }
 
     /// [`pause_session`](Self::pause_session) asked for by an operator: the
@@ -734,8 +788,10 @@ impl SessionManager {
     /// As `pause_session`, and [`Error::InvalidInput`](crate::Error::InvalidInput)
     /// naming `via` or `reason`.
     pub async fn pause_session_by(&self, session_id: Uuid, operator: &Operator) -> Result<()> {
+        self.writes("pause_session_by")?;
         let details = operator.details("pause_session")?;
-        self.pause_with(session_id, true, Some(details)).await
+        self.pause_with("pause_session_by", session_id, true, Some(details))
+            .await
     }
 
     /// [`unpause_session`](Self::unpause_session) asked for by an operator.
@@ -743,17 +799,20 @@ impl SessionManager {
     /// # Errors
     /// As `pause_session_by`.
     pub async fn unpause_session_by(&self, session_id: Uuid, operator: &Operator) -> Result<()> {
+        self.writes("unpause_session_by")?;
         let details = operator.details("unpause_session")?;
-        self.pause_with(session_id, false, Some(details)).await
+        self.pause_with("unpause_session_by", session_id, false, Some(details))
+            .await
     }
 
     async fn pause_with(
         &self,
+        operation: &'static str,
         session_id: Uuid,
         pause: bool,
         operator: Option<serde_json::Value>,
     ) -> Result<()> {
-        self.usable()?;
+        self.writes(operation)?;
         self.detached(|m| async move {
             if session::pause::set_paused(&m.db, session_id, pause, operator).await? {
                 // Waits removed: their acquires learn at once.
@@ -766,11 +825,12 @@ impl SessionManager {
 
     async fn end_with(
         &self,
+        operation: &'static str,
         session_id: Uuid,
         budget: std::time::Duration,
         operator: Option<serde_json::Value>,
     ) -> Result<EndSessionReport> {
-        self.usable()?;
+        self.writes(operation)?;
         self.detached(|m| async move {
             let result = session::end::end_session(&m, session_id, budget, operator).await;
             match &result {
@@ -808,7 +868,7 @@ impl SessionManager {
     /// [`Error::Database`](crate::Error::Database); sessions already recovered stay so.
     #[instrument(skip(self), err)]
     pub async fn recover_stale(&self, stale_after: std::time::Duration) -> Result<RecoveryReport> {
-        self.recover_with(stale_after, None).await
+        self.recover_with("recover_stale", stale_after, None).await
     }
 
     /// [`recover_stale`](Self::recover_stale) asked for by an operator: each
@@ -822,16 +882,19 @@ impl SessionManager {
         stale_after: std::time::Duration,
         operator: &Operator,
     ) -> Result<RecoveryReport> {
+        self.writes("recover_stale_by")?;
         let details = operator.details("recover_stale")?;
-        self.recover_with(stale_after, Some(details)).await
+        self.recover_with("recover_stale_by", stale_after, Some(details))
+            .await
     }
 
     async fn recover_with(
         &self,
+        operation: &'static str,
         stale_after: std::time::Duration,
         operator: Option<serde_json::Value>,
     ) -> Result<RecoveryReport> {
-        self.usable()?;
+        self.writes(operation)?;
         self.detached(|m| async move {
             let report = match session::recovery::recover_stale(&m, stale_after, operator).await {
                 Ok(report) => report,
@@ -860,7 +923,7 @@ impl SessionManager {
     /// [`Error::CorruptContext`](crate::Error::CorruptContext).
     #[instrument(skip(self), err)]
     pub async fn resume_session(&self, from: Uuid) -> Result<Uuid> {
-        self.takes_new_work()?;
+        self.takes_new_work("resume_session")?;
         self.detached(|m| async move {
             let id = session::recovery::resume_session(&m, from).await?;
             m.announce(Freed::Nothing, true).await;
@@ -1054,6 +1117,7 @@ impl SessionManager {
     /// `Config::lock_delay` are kept until that delay is over: the release
     /// row is what holds the resource off.
     pub async fn prune(&self, policy: &RetentionPolicy) -> Result<PruneReport> {
+        self.writes("prune")?;
         self.prune_with_progress(policy, |_| {}).await
     }
 
@@ -1070,7 +1134,7 @@ impl SessionManager {
     where
         F: Fn(&PruneReport) + Send + Sync + 'static,
     {
-        self.usable()?;
+        self.writes("prune_with_progress")?;
         policy.validate()?;
         let policy = policy.clone();
         self.detached(|m| async move {

@@ -21,7 +21,7 @@ async fn a_sweep_batch_no_statement_can_carry_is_refused_by_name() {
     };
     match SessionManager::connect_with("sqlite::memory:", config).await {
         Err(Error::InvalidInput { field, reason }) => {
-            assert_eq!(field, "sweep_batch");
+            assert_eq!(field, "Config::sweep_batch");
             assert!(reason.contains("10000"), "{reason}");
         }
         other => panic!("expected sweep_batch to be refused, got {other:?}"),

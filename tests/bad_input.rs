@@ -913,3 +913,101 @@ async fn a_database_from_a_newer_library_is_refused_and_left_unchanged() {
     );
     raw.close().await.expect("close raw");
 }
+
+// ---- Config errors name the field; the CLI names the flag ---------------------
+
+#[tokio::test]
+async fn config_errors_name_the_config_field() {
+    use demiarch_sessions::{Config, RetentionPolicy};
+    let cases = [
+        (
+            Config {
+                cleanup_timeout: Duration::from_nanos(1),
+                ..Config::default()
+            },
+            "Config::cleanup_timeout",
+        ),
+        (
+            Config {
+                busy_timeout: Duration::from_secs(2 * 24 * 60 * 60),
+                ..Config::default()
+            },
+            "Config::busy_timeout",
+        ),
+        (
+            Config {
+                watch_page_size: 0,
+                ..Config::default()
+            },
+            "Config::watch_page_size",
+        ),
+        (
+            Config {
+                retention: Some(RetentionPolicy {
+                    batch: 0,
+                    ..RetentionPolicy::default()
+                }),
+                ..Config::default()
+            },
+            "Config::retention.batch",
+        ),
+    ];
+    for (config, want) in cases {
+        for outcome in [
+            config.validate().map(drop),
+            SessionManager::connect_with("sqlite::memory:", config.clone())
+                .await
+                .map(drop),
+        ] {
+            match outcome {
+                Err(e @ Error::InvalidInput { .. }) => {
+                    let message = e.to_string();
+                    assert!(
+                        message.starts_with(&format!("invalid {want}: ")),
+                        "{message}"
+                    );
+                    assert!(!message.contains("URL"), "{message}");
+                }
+                other => panic!("{want}: {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn cli_errors_name_the_flag() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}", dir.path().join("t.db").display());
+    for (args, flag) in [
+        (
+            &["--cleanup-timeout", "1ns", "sessions", "list"][..],
+            "--cleanup-timeout",
+        ),
+        (
+            &["--busy-timeout", "2days", "locks", "sweep"],
+            "--busy-timeout",
+        ),
+        (&["recover", "--stale-after", "11years"], "--stale-after"),
+        (&["prune", "--audit-after", "11years"], "--audit-after"),
+        (
+            &["prune", "--completed-after", "1d", "--batch", "0"],
+            "--batch",
+        ),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_demiarch-sessions"))
+            .env_remove("DATABASE_URL")
+            .arg("--database-url")
+            .arg(&url)
+            .args(args)
+            .output()
+            .expect("run the CLI");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        let line = stderr.lines().last().unwrap_or_default();
+        assert!(
+            line.starts_with(&format!("error: invalid {flag}: ")),
+            "{args:?}: {stderr}"
+        );
+        assert!(!line.contains("URL"), "{args:?}: {stderr}");
+    }
+}

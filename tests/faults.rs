@@ -395,7 +395,7 @@ async fn every_config_duration_is_honoured_or_refused_by_name() {
                     within("close", manager.close()).await.expect("close");
                 }
                 Err(Error::InvalidInput { field: named, .. }) => {
-                    assert_eq!(named, field, "{field} = {value:?}");
+                    assert_eq!(named, format!("Config::{field}"), "{field} = {value:?}");
                     assert!(
                         !path.exists(),
                         "{field} = {value:?}: refused before any file"
@@ -450,7 +450,9 @@ async fn every_config_duration_is_honoured_or_refused_by_name() {
         ),
     ] {
         match SessionManager::connect_with("sqlite::memory:", config).await {
-            Err(Error::InvalidInput { field: named, .. }) => assert_eq!(named, field),
+            Err(Error::InvalidInput { field: named, .. }) => {
+                assert_eq!(named, format!("Config::{field}"))
+            }
             other => panic!("{field}: expected InvalidInput, got {other:?}"),
         }
     }

@@ -16,6 +16,11 @@ Database:
   --database-url, else DATABASE_URL, else ./demiarch-sessions.db (SQLite, created
   and migrated on first use). A plain path such as `data/sessions.db` is a SQLite
   file; postgres:// and mysql:// URLs need a build with those features.
+  Commands that only read (sessions list/show, locks list/waiters, audit tail,
+  prune --dry-run, serve --read-only) open an existing store read-only: they
+  migrate and write nothing, so they work on a read-only file or mount, and
+  need a store at the latest schema (any other command migrates it). A SQLite
+  URL with ?mode=ro opens every command read-only; writes then exit 2.
 
 Ids:
   A session id may be given in full or as a unique prefix of 8 or more hex
@@ -29,10 +34,12 @@ Output:
 Exit codes:
   0  success
   1  internal error: an unexpected database failure or a malformed stored row
-  2  invalid input: bad arguments, a malformed id, an ambiguous id prefix
+  2  invalid input: bad arguments, a malformed id, an ambiguous id prefix, a write
+     to a store opened read-only
   3  not found: no session has that id or id prefix
   4  timeout: the database stayed busy past the budget; nothing changed, retry
-  5  database unreachable: cannot open or connect, not a database, schema too new
+  5  database unreachable: cannot open or connect, not a database, schema too new,
+     or (read-only) not migrated to the latest schema
   6  conflict: the state of a session or lock forbids it (e.g. its owner is still
      alive, the resource is held, waiting would deadlock), or another prune runs
   7  compacted: audit events after the --after given were pruned; the message
@@ -169,6 +176,31 @@ pub enum Command {
         #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         max_connections: u32,
     },
+}
+
+impl Command {
+    /// Whether the command only reads the store, so that it opens it
+    /// read-only (`Config::read_only`): the listings, `audit tail`,
+    /// `prune --dry-run`, and `serve --read-only`. The serve wrapper can also
+    /// ask the manager (`SessionManager::is_read_only`).
+    pub fn opens_read_only(&self) -> bool {
+        match self {
+            Command::Sessions(SessionsCommand::List { .. } | SessionsCommand::Show { .. })
+            | Command::Locks(LocksCommand::List { .. } | LocksCommand::Waiters { .. })
+            | Command::Audit(AuditCommand::Tail { .. }) => true,
+            Command::Prune { dry_run, .. } => *dry_run,
+            Command::Serve { read_only, .. } => *read_only,
+            Command::Demo
+            | Command::Sessions(
+                SessionsCommand::End { .. }
+                | SessionsCommand::Pause { .. }
+                | SessionsCommand::Unpause { .. },
+            )
+            | Command::Locks(LocksCommand::Sweep | LocksCommand::Release { .. })
+            | Command::Agents(AgentsCommand::Finish { .. })
+            | Command::Recover { .. } => false,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -347,6 +379,27 @@ pub fn database_url(given: Option<&str>) -> String {
         }
         Some(path) => format!("sqlite://{path}"),
     }
+}
+
+/// Whether `url` names a SQLite file that does not exist yet (an in-memory
+/// database counts as missing): opening it read-only would find no store.
+pub fn sqlite_store_missing(url: &str) -> bool {
+    if !url.starts_with("sqlite:") {
+        return false;
+    }
+    if url.contains(":memory:") || url.contains("mode=memory") {
+        return true;
+    }
+    #[cfg(feature = "sqlite")]
+    {
+        match url.parse::<sea_orm::sqlx::sqlite::SqliteConnectOptions>() {
+            Ok(options) => !options.get_filename().exists(),
+            // The connect reports the malformed URL.
+            Err(_) => false,
+        }
+    }
+    #[cfg(not(feature = "sqlite"))]
+    false
 }
 
 /// The URL with any password replaced, fit for messages.

@@ -44,6 +44,9 @@ pub async fn run(cli: Cli) -> Result<String, Failure> {
     let mut config = Config {
         cleanup_timeout: cli.cleanup_timeout,
         busy_timeout: cli.busy_timeout,
+        // Reads open an existing store read-only; a missing SQLite file is
+        // created (and migrated) as on every first use.
+        read_only: cli.command.opens_read_only() && !args::sqlite_store_missing(&url),
         ..Config::default()
     };
     if matches!(cli.command, Command::Serve { .. }) {

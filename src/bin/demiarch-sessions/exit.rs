@@ -31,6 +31,10 @@ const LIST_HINT: &str = "`demiarch-sessions sessions list` shows the sessions th
 pub struct Failure {
     pub code: u8,
     pub message: String,
+    /// For invalid input: the command-line flag at fault and the reason,
+    /// for [`cli_line`](Self::cli_line). (The dashboard, which has no
+    /// flags, prints [`line`](Self::line).)
+    pub flag: Option<(&'static str, String)>,
 }
 
 impl Failure {
@@ -38,6 +42,26 @@ impl Failure {
         Self {
             code,
             message: message.into(),
+            flag: None,
+        }
+    }
+
+    /// Invalid input naming `field`, which on the command line is `flag`.
+    fn invalid_flag(message: String, flag: &'static str, reason: String) -> Self {
+        let mut failure = Self::new(INVALID_INPUT, message);
+        failure.flag = Some((flag, reason));
+        failure
+    }
+
+    /// The line printed on stderr by the CLI: as [`line`](Self::line), but
+    /// invalid input names the flag that gave it (`--stale-after`) rather
+    /// than the library's field.
+    pub fn cli_line(&self) -> String {
+        match &self.flag {
+            Some((flag, reason)) => {
+                Self::new(self.code, format!("invalid {flag}: {reason}")).line()
+            }
+            None => self.line(),
         }
     }
 
@@ -75,7 +99,24 @@ impl Failure {
                      give more characters"
                 ),
             ),
-            Error::InvalidInput { .. } => Self::new(INVALID_INPUT, err.to_string()),
+            Error::InvalidInput { field, reason } => match flag_of(field) {
+                Some(flag) => {
+                    let message = Error::InvalidInput {
+                        field,
+                        reason: reason.clone(),
+                    }
+                    .to_string();
+                    Self::invalid_flag(message, flag, reason)
+                }
+                None => Self::new(INVALID_INPUT, format!("invalid {field}: {reason}")),
+            },
+            Error::ReadOnly { operation } => Self::new(
+                INVALID_INPUT,
+                format!(
+                    "{doing}: {operation} refused: the store was opened read-only \
+                     (?mode=ro in the database URL); drop mode=ro to change it"
+                ),
+            ),
             Error::Timeout { elapsed_ms } => Self::new(
                 TIMEOUT,
                 format!(
@@ -86,6 +127,7 @@ impl Failure {
             Error::NotADatabase { .. } | Error::SchemaTooNew { .. } | Error::MissingRow { .. } => {
                 Self::new(UNREACHABLE, err.to_string())
             }
+            Error::NotMigrated { .. } => Self::new(UNREACHABLE, not_migrated(&err)),
             Error::CorruptContext { .. } | Error::CorruptRow(_) => Self::new(
                 INTERNAL,
                 format!("{err}; was the store edited by hand or by another program?"),
@@ -142,6 +184,7 @@ impl Failure {
             Error::NotADatabase { .. } | Error::SchemaTooNew { .. } | Error::MissingRow { .. } => {
                 Self::new(UNREACHABLE, format!("{err} ({url})"))
             }
+            Error::NotMigrated { .. } => Self::new(UNREACHABLE, not_migrated(&err)),
             Error::CannotOpen { reason, .. } => Self::new(
                 UNREACHABLE,
                 format!(
@@ -149,10 +192,17 @@ impl Failure {
                          or DATABASE_URL"
                 ),
             ),
-            Error::InvalidInput { reason, .. } => Self::new(
+            Error::InvalidInput {
+                field: "url",
+                reason,
+            } => Self::new(
                 INVALID_INPUT,
                 format!("invalid database URL {url}: {reason}"),
             ),
+            Error::InvalidInput { field, reason } => {
+                let flag = flag_of(field).unwrap_or(field);
+                Self::invalid_flag(format!("invalid {flag}: {reason}"), flag, reason)
+            }
             Error::Database(db) if is_busy(&db) => Self::new(
                 TIMEOUT,
                 format!(
@@ -187,6 +237,34 @@ impl Failure {
         let code = u8::try_from(err.exit_code()).unwrap_or(INVALID_INPUT);
         Self::new(code, format!("{}; see --help", parts.join(" ")))
     }
+}
+
+/// The command-line flag that sets a library field or argument, where one
+/// does: `Config::cleanup_timeout` is `--cleanup-timeout`, `stale_after`
+/// is `--stale-after`.
+fn flag_of(field: &str) -> Option<&'static str> {
+    Some(match field {
+        "Config::cleanup_timeout" => "--cleanup-timeout",
+        "Config::busy_timeout" => "--busy-timeout",
+        "stale_after" => "--stale-after",
+        "completed_after" => "--completed-after",
+        "context_after" => "--context-after",
+        "audit_after" => "--audit-after",
+        "keep_last" => "--keep-last",
+        "archive" => "--archive",
+        "batch" => "--batch",
+        "after" => "--after",
+        "event_types" => "--event",
+        _ => return None,
+    })
+}
+
+/// A store not at the latest schema, opened by a command that only reads.
+fn not_migrated(err: &Error) -> String {
+    format!(
+        "{err}; read commands open the store read-only and migrate nothing: any \
+         command that writes (e.g. `demiarch-sessions locks sweep`) migrates it"
+    )
 }
 
 /// The database gave up waiting for another writer (the library's own test).

@@ -93,7 +93,7 @@ fn main() -> ExitCode {
 }
 
 fn fail(failure: &Failure) -> ExitCode {
-    let _ = writeln!(std::io::stderr(), "{}", failure.line());
+    let _ = writeln!(std::io::stderr(), "{}", failure.cli_line());
     ExitCode::from(failure.code)
 }
 
