@@ -828,3 +828,61 @@ async fn every_documented_status_is_reachable() {
     }
     db.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_activity_charts_count_ends_and_granted_waits() {
+    each_backend("activity", |db: TestDb| async move {
+        let m = &db.manager;
+        let s = m.start_session().await.expect("start");
+        let holder = m.register_agent(s, "coder").await.expect("agent");
+        let waiter = m.register_agent(s, "reviewer").await.expect("agent");
+        let lock = m.acquire_lock(holder, "file", "w").await.expect("lock");
+        let waiting = {
+            let m = m.clone();
+            tokio::spawn(async move {
+                m.acquire_lock_with(
+                    waiter,
+                    "file",
+                    "w",
+                    LockOptions {
+                        wait: Some(Duration::from_secs(10)),
+                        ..LockOptions::default()
+                    },
+                )
+                .await
+            })
+        };
+        while m.lock_waiters("file", "w").await.expect("queue").is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        m.release_lock(lock.lock_id).await.expect("release");
+        let granted = waiting
+            .await
+            .expect("task")
+            .expect("granted after the wait");
+        for _ in 0..2 {
+            let ended = m.start_session().await.expect("start");
+            m.end_session(ended).await.expect("end");
+        }
+        let rows = common::all_locks(&db).await;
+        let waited: Vec<_> = rows.iter().filter(|l| l.waited_since.is_some()).collect();
+        assert_eq!(waited.len(), 1, "{rows:?}");
+        assert_eq!(waited[0].id, granted.lock_id.to_string());
+        let app = app(m, by_role());
+        let activity: demiarch_sessions::views::Activity =
+            get(&app, &format!("{PREFIX}/api/v1/activity"), "admin")
+                .await
+                .json();
+        assert_eq!(activity.ends.per_minute.len(), 60);
+        assert_eq!(activity.ends.per_minute.iter().sum::<u64>(), 2);
+        assert_eq!(activity.lock_waits.per_minute.iter().sum::<u64>(), 1);
+        assert_eq!(activity.waiting_now, 0);
+        let page = get(&app, PREFIX, "admin").await.body;
+        assert!(
+            page.contains("id=\"ends-chart\"") && page.contains("<rect"),
+            "{page}"
+        );
+        db.cleanup().await;
+    })
+    .await;
+}

@@ -373,6 +373,18 @@ pub struct AuditPage {
     pub newest_seq: i64,
 }
 
+/// One resource's queue: who holds it and who waits, next in line first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "web", derive(utoipa::ToSchema))]
+pub struct QueueView {
+    pub resource_type: String,
+    pub resource_key: String,
+    /// The lock held on it, if any.
+    pub holder: Option<LockView>,
+    pub waiters: Vec<WaiterView>,
+    pub now: DateTime<Utc>,
+}
+
 /// Counts per minute over the last hour, oldest minute first.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "web", derive(utoipa::ToSchema))]
@@ -725,6 +737,38 @@ impl<'a> Views<'a> {
             corrupt: listing.corrupt,
             next_cursor,
             newest_seq,
+        })
+    }
+
+    /// Who holds `resource_type`/`resource_key` and who waits for it.
+    pub async fn queue(&self, resource_type: &str, resource_key: &str) -> Result<QueueView> {
+        let m = self.manager;
+        let waiters = m.lock_waiters(resource_type, resource_key).await?;
+        let held = read::held_lock(m.connection(), resource_type, resource_key).await?;
+        let now = Utc::now();
+        let wanted: BTreeSet<Uuid> = waiters
+            .iter()
+            .map(|w| w.agent_id)
+            .chain(held.iter().map(|l| l.agent_id))
+            .collect();
+        let agent_types = read::agent_types(m.connection(), wanted).await?;
+        let holder = held.map(|l| LockView::new(l, &agent_types, &waiters, now));
+        let waiters = waiters
+            .iter()
+            .map(|w| WaiterView {
+                agent_id: w.agent_id,
+                agent_type: agent_types.get(&w.agent_id).cloned(),
+                session_id: w.session_id,
+                since: w.since,
+                position: w.position,
+            })
+            .collect();
+        Ok(QueueView {
+            resource_type: resource_type.to_owned(),
+            resource_key: resource_key.to_owned(),
+            holder,
+            waiters,
+            now,
         })
     }
 

@@ -178,6 +178,21 @@ pub(crate) async fn lock_page(
         .collect())
 }
 
+/// The lock held on a resource, if any.
+pub(crate) async fn held_lock(
+    db: &DatabaseConnection,
+    resource_type: &str,
+    resource_key: &str,
+) -> Result<Option<LockInfo>> {
+    let row = resource_locks::Entity::find()
+        .filter(resource_locks::Column::ResourceType.eq(resource_type))
+        .filter(resource_locks::Column::ResourceKey.eq(resource_key))
+        .filter(resource_locks::Column::ReleasedAt.is_null())
+        .one(db)
+        .await?;
+    Ok(row.map(LockInfo::from_row).transpose()?)
+}
+
 /// Which audit rows a page of them holds.
 pub(crate) struct AuditPageFilter {
     pub session_id: Option<Uuid>,

@@ -31,6 +31,7 @@ pub fn status_of(e: &Error) -> StatusCode {
         | Error::SessionStillOpen { .. }
         | Error::PruneInProgress { .. } => StatusCode::CONFLICT,
         Error::Compacted { .. } => StatusCode::GONE,
+        Error::ReadOnly { .. } => StatusCode::FORBIDDEN,
         Error::ManagerShutDown | Error::ManagerClosed => StatusCode::SERVICE_UNAVAILABLE,
         e if e.is_timeout() => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,

@@ -241,7 +241,11 @@ fn same_origin(headers: &HeaderMap) -> bool {
 async fn guard(State(web): State<Shared>, request: Request, next: Next) -> Response {
     let base = base_of(&request);
     let (mut parts, body) = request.into_parts();
-    let access = web.options.access.access(&parts);
+    let access = match web.options.access.access(&parts) {
+        // A store opened read-only takes no action, whoever asks.
+        Access::Full if web.manager.is_read_only() => Access::ReadOnly,
+        access => access,
+    };
     let path = parts.uri.path().to_owned();
     let login = path == "/login" || path == "/logout";
     match access {

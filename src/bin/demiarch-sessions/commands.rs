@@ -1,16 +1,13 @@
 //! The commands: each reads or changes the store through `SessionManager`
 //! and returns what to print on stdout.
-use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use demiarch_sessions::entity::{agent_executions, resource_locks};
 use demiarch_sessions::views::{AuditQuery, LocksQuery, SessionView, SessionsQuery, Views};
 use demiarch_sessions::{
-    AgentOutcome, AuditEvent, AuditFilter, AuditRecord, Config, Error, Listing, LockFilter,
-    Operator, RetentionPolicy, SessionInfo, SessionManager, SessionStatus,
+    AgentOutcome, AuditEvent, AuditFilter, AuditRecord, Config, Listing, LockFilter, Operator,
+    RetentionPolicy, SessionInfo, SessionManager, SessionStatus,
 };
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
@@ -18,7 +15,7 @@ use uuid::Uuid;
 use crate::args::{self, AgentsCommand, AuditCommand, Cli, Command, LocksCommand, SessionsCommand};
 use crate::exit::{Failure, CONFLICT, INVALID_INPUT, NOT_FOUND, UNREACHABLE};
 use crate::output::{self, count, short, Spinner};
-use crate::render::{self, agent_label};
+use crate::render;
 
 /// An open session whose owner heartbeated this recently is taken to be
 /// alive: three of the default heartbeat intervals (10 s).
@@ -396,90 +393,21 @@ impl Ctx {
         }
     }
 
-    /// The agent type of each of these agents, in one query.
-    async fn agent_types(
-        &self,
-        ids: impl IntoIterator<Item = Uuid>,
-    ) -> Result<HashMap<Uuid, String>, Failure> {
-        let ids: BTreeSet<Uuid> = ids.into_iter().collect();
-        if ids.is_empty() {
-            return Ok(HashMap::new());
-        }
-        let agents = agent_executions::Entity::find()
-            .filter(agent_executions::Column::Id.is_in(ids.into_iter().map(|id| id.to_string())))
-            .all(self.manager.connection())
-            .await
-            .map_err(|e| Failure::during("reading agents", Error::Database(e)))?;
-        Ok(agents
-            .into_iter()
-            .filter_map(|a| Some((Uuid::parse_str(&a.id).ok()?, a.agent_type)))
-            .collect())
-    }
-
     async fn locks_waiters(
         &self,
         resource_type: &str,
         resource_key: &str,
     ) -> Result<String, Failure> {
-        let resource = format!("{resource_type}/{resource_key}");
-        let doing = format!("reading the queue of {resource}");
-        let waiters = self
-            .manager
-            .lock_waiters(resource_type, resource_key)
+        let doing = format!("reading the queue of {resource_type}/{resource_key}");
+        let queue = self
+            .views()
+            .queue(resource_type, resource_key)
             .await
             .map_err(|e| Failure::during(&doing, e))?;
-        if self.json {
-            return output::json(&waiters);
+        match self.json {
+            true => output::json(&queue),
+            false => Ok(render::queue(&queue)),
         }
-        let holder = resource_locks::Entity::find()
-            .filter(resource_locks::Column::ResourceType.eq(resource_type))
-            .filter(resource_locks::Column::ResourceKey.eq(resource_key))
-            .filter(resource_locks::Column::ReleasedAt.is_null())
-            .one(self.manager.connection())
-            .await
-            .map_err(|e| Failure::during(&doing, Error::Database(e)))?;
-        let holder_id = holder
-            .as_ref()
-            .and_then(|h| Uuid::parse_str(&h.agent_id).ok());
-        let ids = waiters.iter().map(|w| w.agent_id).chain(holder_id);
-        let agent_types = self.agent_types(ids).await?;
-        let held = match (&holder, holder_id) {
-            (Some(h), Some(id)) => format!(
-                "held by {}, fencing token {}",
-                agent_label(id, agent_types.get(&id).map(String::as_str)),
-                h.fencing_token
-            ),
-            (Some(h), None) => format!(
-                "held by {}, fencing token {}",
-                output::short_text(&h.agent_id),
-                h.fencing_token
-            ),
-            (None, _) => "not held".into(),
-        };
-        if waiters.is_empty() {
-            return Ok(format!("Nobody waits for {resource} ({held}).\n"));
-        }
-        let verb = if waiters.len() == 1 { "waits" } else { "wait" };
-        let mut text = format!(
-            "{} {verb} for {resource} ({held}), next in line first.\n",
-            count(waiters.len() as u64, "agent")
-        );
-        let mut table = output::table(["POSITION", "AGENT", "TYPE", "SESSION", "WAITING SINCE"]);
-        for w in &waiters {
-            table.add_row(vec![
-                w.position.to_string(),
-                short(w.agent_id),
-                agent_types
-                    .get(&w.agent_id)
-                    .cloned()
-                    .unwrap_or_else(|| "-".into()),
-                short(w.session_id),
-                output::time_ago(w.since, self.now),
-            ]);
-        }
-        text.push_str(&output::render(&table));
-        text.push('\n');
-        Ok(text)
     }
 
     async fn agents_finish(

@@ -109,11 +109,6 @@ pub fn short(id: Uuid) -> String {
     id.simple().to_string()[..8].to_owned()
 }
 
-/// `short` of an id kept as text.
-pub fn short_text(id: &str) -> String {
-    id.chars().take(8).collect()
-}
-
 /// An audit row's details as `key=value` pairs; `session_id` is left out (it
 /// has its own column) and long lists are counted rather than spelled out.
 pub fn details(details: &Value) -> String {

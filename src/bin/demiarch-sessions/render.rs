@@ -2,7 +2,8 @@
 //! prints, laid out as tables.
 use chrono::{DateTime, Utc};
 use demiarch_sessions::views::{
-    AuditPage, LockState, LockView, LocksPage, SessionDetail, SessionView, SessionsPage, WaiterView,
+    AuditPage, LockState, LockView, LocksPage, QueueView, SessionDetail, SessionView, SessionsPage,
+    WaiterView,
 };
 use demiarch_sessions::{CorruptRow, SessionStatus};
 
@@ -290,5 +291,43 @@ pub fn audit(page: &AuditPage, now: DateTime<Utc>) -> String {
     let mut text = output::render(&table);
     text.push('\n');
     text.push_str(&corrupt(&page.corrupt));
+    text
+}
+
+/// A resource's holder and queue, next in line first.
+pub fn queue(q: &QueueView) -> String {
+    let resource = format!("{}/{}", q.resource_type, q.resource_key);
+    let held = match &q.holder {
+        Some(h) => format!(
+            "held by {}, fencing token {}",
+            agent_label(h.agent_id, h.agent_type.as_deref()),
+            h.fencing_token
+        ),
+        None => "not held".into(),
+    };
+    if q.waiters.is_empty() {
+        return format!("Nobody waits for {resource} ({held}).\n");
+    }
+    let verb = if q.waiters.len() == 1 {
+        "waits"
+    } else {
+        "wait"
+    };
+    let mut text = format!(
+        "{} {verb} for {resource} ({held}), next in line first.\n",
+        count(q.waiters.len() as u64, "agent")
+    );
+    let mut table = output::table(["POSITION", "AGENT", "TYPE", "SESSION", "WAITING SINCE"]);
+    for w in &q.waiters {
+        table.add_row(vec![
+            w.position.to_string(),
+            short(w.agent_id),
+            w.agent_type.clone().unwrap_or_else(|| "-".into()),
+            short(w.session_id),
+            output::time_ago(w.since, q.now),
+        ]);
+    }
+    text.push_str(&output::render(&table));
+    text.push('\n');
     text
 }
