@@ -266,7 +266,7 @@ impl Ctx {
             .map_err(|e| Failure::during("listing sessions", e))?;
         match self.json {
             true => output::json(&page),
-            false => Ok(render::sessions(&page, &self.url, limit)),
+            false => Ok(render::sessions(&page, status, &self.url, limit)),
         }
     }
 
