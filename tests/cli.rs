@@ -1455,6 +1455,72 @@ fn prune_deletes_ended_sessions_and_a_feed_from_before_exits_7() {
     assert_error(&db.run(&["prune"]), 2, "nothing to prune");
 }
 
+/// A --limit (or -n) over the views' page size (500) is read as several
+/// pages and printed as one document.
+#[tokio::test]
+async fn limits_over_a_page_are_read_as_several_pages() {
+    let db = Db::new();
+    let manager = db.manager().await;
+    let session = manager.start_session().await.unwrap();
+    let agent = manager.register_agent(session, "coder").await.unwrap();
+    for n in 0..520 {
+        manager
+            .acquire_lock(agent, "file", &format!("f{n}.rs"))
+            .await
+            .unwrap();
+    }
+    for _ in 0..519 {
+        manager.start_session().await.unwrap();
+    }
+    let seqs_of = |doc: &Value| -> Vec<i64> {
+        page_rows(doc, "events")
+            .iter()
+            .map(|e| e["seq"].as_i64().unwrap())
+            .collect()
+    };
+    let audit = db.json(&["audit", "tail", "-n", "700"]);
+    let seqs = seqs_of(&audit);
+    assert_eq!(seqs.len(), 520, "one session_start each");
+    assert_eq!(audit["next_cursor"], Value::Null);
+    assert!(
+        seqs.windows(2).all(|w| w[0] > w[1]),
+        "newest first, no repeats"
+    );
+    assert_eq!(seqs[0], audit["newest_seq"].as_i64().unwrap());
+    let audit = db.json(&["audit", "tail", "-n", "510"]);
+    assert_eq!(seqs_of(&audit), seqs[..510]);
+    assert!(audit["next_cursor"].is_string());
+
+    let sessions = db.json(&["sessions", "list", "--limit", "1000"]);
+    let ids: Vec<Uuid> = page_rows(&sessions, "sessions")
+        .iter()
+        .map(|s| id_of(&s["id"]))
+        .collect();
+    assert_eq!(ids.len(), 520);
+    assert_eq!(
+        ids.iter().collect::<std::collections::BTreeSet<_>>().len(),
+        520
+    );
+    assert_eq!(ids[519], session, "the oldest last");
+    assert_eq!(sessions["next_cursor"], Value::Null);
+    let sessions = db.json(&["sessions", "list", "--limit", "501"]);
+    assert_eq!(page_rows(&sessions, "sessions").len(), 501);
+    assert!(sessions["next_cursor"].is_string());
+
+    let locks = db.json(&["locks", "list", "--held", "--limit", "520"]);
+    let keys: Vec<&str> = page_rows(&locks, "locks")
+        .iter()
+        .map(|l| l["resource_key"].as_str().unwrap())
+        .collect();
+    let want: Vec<String> = (0..520).rev().map(|n| format!("f{n}.rs")).collect();
+    assert_eq!(keys, want, "newest grant first, each once");
+    assert_eq!(locks["held_total"], 520);
+    assert_eq!(locks["next_cursor"], Value::Null);
+    assert!(db
+        .ok(&["locks", "list", "--limit", "505"])
+        .contains("(the newest 505 shown; --limit shows more)"));
+}
+
 #[tokio::test]
 async fn sessions_pause_and_unpause_keep_the_locks() {
     let db = Db::new();
