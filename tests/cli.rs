@@ -129,6 +129,13 @@ fn short(id: Uuid) -> String {
     id.to_string()[..8].to_owned()
 }
 
+/// The rows under `key` of a page document (`sessions`, `locks`, `events`).
+fn page_rows<'a>(doc: &'a Value, key: &str) -> &'a [Value] {
+    doc[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("no {key:?} array in {doc}"))
+}
+
 fn id_of(value: &Value) -> Uuid {
     value
         .as_str()
@@ -310,7 +317,11 @@ fn database_url_comes_from_the_environment_and_the_flag_wins() {
     assert_success(&out, &["sessions", "list"]);
     assert!(from_flag.exists());
     let listed: Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert_eq!(listed, Value::Array(vec![]), "the flag's database is new");
+    assert!(
+        page_rows(&listed, "sessions").is_empty(),
+        "the flag's database is new"
+    );
+    assert_eq!(listed["counts"]["completed"], 0, "{listed}");
 }
 
 // --- demo -------------------------------------------------------------------
@@ -352,9 +363,7 @@ async fn demo_json_reports_the_end_and_the_store_agrees() {
     assert_eq!(report["already_ended"], false);
 
     let listed = db.json(&["sessions", "list"]);
-    let row = listed
-        .as_array()
-        .unwrap()
+    let row = page_rows(&listed, "sessions")
         .iter()
         .find(|s| id_of(&s["id"]) == session)
         .expect("demo session listed");
@@ -437,7 +446,10 @@ async fn demo_json_reports_the_end_and_the_store_agrees() {
 async fn sessions_list_shows_filters_and_limits() {
     let db = Db::new();
     assert!(db.ok(&["sessions", "list"]).contains("No sessions"));
-    assert_eq!(db.json(&["sessions", "list"]), Value::Array(vec![]));
+    let empty = db.json(&["sessions", "list"]);
+    assert!(page_rows(&empty, "sessions").is_empty(), "{empty}");
+    assert_eq!(empty["counts"]["active"], 0);
+    assert_eq!(empty["next_cursor"], Value::Null);
 
     let (done, _) = demo(&db);
     let manager = db.manager().await;
@@ -449,17 +461,20 @@ async fn sessions_list_shows_filters_and_limits() {
     assert!(text.contains(" UTC (just now)"), "{text}");
 
     let active = db.json(&["sessions", "list", "--status", "active"]);
-    let ids: Vec<Uuid> = active
-        .as_array()
-        .unwrap()
+    let ids: Vec<Uuid> = page_rows(&active, "sessions")
         .iter()
         .map(|s| id_of(&s["id"]))
         .collect();
     assert_eq!(ids, [open]);
+    // The counts are of the whole store, whatever the filter.
+    assert_eq!(active["counts"]["active"], 1, "{active}");
+    assert_eq!(active["counts"]["completed"], 1, "{active}");
+    assert_eq!(active["sessions"][0]["status"], "active");
 
     let newest = db.json(&["sessions", "list", "--limit", "1"]);
-    assert_eq!(newest.as_array().unwrap().len(), 1);
-    assert_eq!(id_of(&newest[0]["id"]), open, "newest first");
+    assert_eq!(page_rows(&newest, "sessions").len(), 1);
+    assert_eq!(id_of(&newest["sessions"][0]["id"]), open, "newest first");
+    assert!(newest["next_cursor"].is_string(), "{newest}");
     assert!(db
         .ok(&["sessions", "list", "--limit", "1"])
         .contains("--limit shows more"));
@@ -681,7 +696,9 @@ async fn sessions_end_of_an_abandoned_session_needs_no_force() {
 async fn locks_list_held_and_sweep() {
     let db = Db::new();
     assert!(db.ok(&["locks", "list"]).contains("No locks"));
-    assert_eq!(db.json(&["locks", "list", "--held"]), Value::Array(vec![]));
+    let none = db.json(&["locks", "list", "--held"]);
+    assert!(page_rows(&none, "locks").is_empty(), "{none}");
+    assert_eq!(none["held_total"], 0);
     let (done, _) = demo(&db);
 
     let manager = db.manager().await;
@@ -698,23 +715,26 @@ async fn locks_list_held_and_sweep() {
     tokio::time::sleep(Duration::from_millis(150)).await;
 
     let all = db.json(&["locks", "list"]);
-    assert_eq!(all.as_array().unwrap().len(), 6);
-    assert!(all
-        .as_array()
-        .unwrap()
+    assert_eq!(page_rows(&all, "locks").len(), 6);
+    assert!(page_rows(&all, "locks")
         .iter()
         .all(|l| l["waiters"] == Value::Array(vec![])));
+    assert_eq!(all["held_total"], 2, "{all}");
     let held = db.json(&["locks", "list", "--held"]);
-    let held_ids: Vec<Uuid> = held
-        .as_array()
-        .unwrap()
+    let held_ids: Vec<Uuid> = page_rows(&held, "locks")
         .iter()
         .map(|l| id_of(&l["id"]))
         .collect();
     assert_eq!(held_ids, [expiring.lock_id, kept], "newest grant first");
-    assert_eq!(held[0]["agent_type"], "tester");
-    assert_eq!(held[0]["held"], true);
-    assert!(held[0]["expires_at"].is_string());
+    let newest = &held["locks"][0];
+    assert_eq!(newest["agent_type"], "tester");
+    assert_eq!(newest["held"], true);
+    assert!(newest["expires_at"].is_string());
+    // Past its ttl but not yet swept: still held, in the expired state.
+    assert_eq!(newest["state"], "expired", "{newest}");
+    assert!(newest["ttl_remaining_ms"].as_i64().unwrap() < 0, "{newest}");
+    assert_eq!(held["locks"][1]["state"], "held");
+    assert_eq!(held["locks"][1]["ttl_remaining_ms"], Value::Null);
 
     let text = db.ok(&["locks", "list", "--held"]);
     assert!(text.contains("file/src/expiring.rs"), "{text}");
@@ -722,14 +742,13 @@ async fn locks_list_held_and_sweep() {
     assert!(text.contains("tester"), "{text}");
     assert!(text.contains("┆ WAITERS"), "{text}");
     let of_demo = db.json(&["locks", "list", "--session", &short(done)]);
-    assert_eq!(of_demo.as_array().unwrap().len(), 4);
-    assert_eq!(
-        db.json(&["locks", "list", "--limit", "2"])
-            .as_array()
-            .unwrap()
-            .len(),
-        2
-    );
+    assert_eq!(page_rows(&of_demo, "locks").len(), 4);
+    assert!(page_rows(&of_demo, "locks")
+        .iter()
+        .all(|l| l["state"] == "released" && l["held"] == false));
+    let two = db.json(&["locks", "list", "--limit", "2"]);
+    assert_eq!(page_rows(&two, "locks").len(), 2);
+    assert!(two["next_cursor"].is_string(), "{two}");
 
     let text = db.ok(&["locks", "sweep"]);
     assert!(
@@ -755,8 +774,8 @@ async fn locks_list_held_and_sweep() {
     assert_eq!(report["orphaned"], 0);
     assert_eq!(report["batches"], 1);
     let held = db.json(&["locks", "list", "--held"]);
-    assert_eq!(held.as_array().unwrap().len(), 1, "only the kept lock");
-    assert_eq!(id_of(&held[0]["id"]), kept);
+    assert_eq!(page_rows(&held, "locks").len(), 1, "only the kept lock");
+    assert_eq!(id_of(&held["locks"][0]["id"]), kept);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -807,7 +826,7 @@ async fn locks_waiters_and_locks_list_show_a_waiting_agent() {
     }
 
     let locks = db.json(&["locks", "list"]);
-    let locks = locks.as_array().unwrap();
+    let locks = page_rows(&locks, "locks");
     assert_eq!(locks.len(), 1);
     assert_eq!(id_of(&locks[0]["id"]), held.lock_id);
     let waiters = locks[0]["waiters"].as_array().expect("waiters array");
@@ -815,6 +834,7 @@ async fn locks_waiters_and_locks_list_show_a_waiting_agent() {
     assert_eq!(id_of(&waiters[0]["agent_id"]), reviewer);
     assert_eq!(id_of(&waiters[0]["session_id"]), session);
     assert_eq!(waiters[0]["position"], 1);
+    assert_eq!(waiters[0]["agent_type"], "reviewer");
     let text = db.ok(&["locks", "list", "--held"]);
     let cell = format!("1 (next: reviewer {})", short(reviewer));
     assert!(text.contains(&cell), "{cell:?} missing from:\n{text}");
@@ -847,8 +867,8 @@ async fn locks_waiters_and_locks_list_show_a_waiting_agent() {
         )
     );
     let locks = db.json(&["locks", "list", "--held"]);
-    assert_eq!(id_of(&locks[0]["id"]), grant.lock_id);
-    assert_eq!(locks[0]["waiters"], Value::Array(vec![]));
+    assert_eq!(id_of(&locks["locks"][0]["id"]), grant.lock_id);
+    assert_eq!(locks["locks"][0]["waiters"], Value::Array(vec![]));
 }
 
 #[test]
@@ -929,55 +949,57 @@ async fn recover_interrupts_only_stale_sessions() {
 // --- audit tail -------------------------------------------------------------
 
 #[test]
-fn audit_tail_filters_and_orders_oldest_first() {
+fn audit_tail_filters_and_orders_newest_first_in_json_oldest_first_in_text() {
     let db = Db::new();
     assert!(db.ok(&["audit", "tail"]).contains("No audit events"));
+    let empty = db.json(&["audit", "tail"]);
+    assert!(page_rows(&empty, "events").is_empty(), "{empty}");
+    assert_eq!(empty["newest_seq"], 0, "{empty}");
     let (first, _) = demo(&db);
     let (second, _) = demo(&db);
 
+    // The JSON page lists the newest first.
     let all = db.json(&["audit", "tail"]);
-    let events: Vec<(&str, Uuid)> = all
-        .as_array()
-        .unwrap()
+    let events: Vec<(&str, Uuid)> = page_rows(&all, "events")
         .iter()
         .map(|e| (e["event_type"].as_str().unwrap(), id_of(&e["session_id"])))
         .collect();
     assert_eq!(
         events,
         [
-            ("session_start", first),
-            ("session_end", first),
-            ("session_start", second),
             ("session_end", second),
+            ("session_start", second),
+            ("session_end", first),
+            ("session_start", first),
         ]
     );
+    let seqs: Vec<i64> = page_rows(&all, "events")
+        .iter()
+        .map(|e| e["seq"].as_i64().unwrap())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] > w[1]), "{seqs:?}");
+    assert_eq!(all["newest_seq"], seqs[0]);
+    assert_eq!(all["next_cursor"], Value::Null, "one page holds all");
 
     let last = db.json(&["audit", "tail", "-n", "1"]);
-    assert_eq!(last.as_array().unwrap().len(), 1);
-    assert_eq!(last[0]["event_type"], "session_end");
-    assert_eq!(id_of(&last[0]["session_id"]), second);
-    assert_eq!(
-        db.json(&["audit", "tail", "--lines", "3"])
-            .as_array()
-            .unwrap()
-            .len(),
-        3
-    );
+    assert_eq!(page_rows(&last, "events").len(), 1);
+    assert_eq!(last["events"][0]["event_type"], "session_end");
+    assert_eq!(id_of(&last["events"][0]["session_id"]), second);
+    let three = db.json(&["audit", "tail", "--lines", "3"]);
+    assert_eq!(page_rows(&three, "events").len(), 3);
+    assert!(three["next_cursor"].is_string(), "{three}");
 
     let ends = db.json(&["audit", "tail", "--event", "session_end"]);
-    assert_eq!(ends.as_array().unwrap().len(), 2);
-    assert!(ends
-        .as_array()
-        .unwrap()
+    assert_eq!(page_rows(&ends, "events").len(), 2);
+    assert!(page_rows(&ends, "events")
         .iter()
         .all(|e| e["event_type"] == "session_end"));
-    assert_eq!(ends[0]["details"]["locks_released"], 3);
+    assert_eq!(id_of(&ends["events"][0]["session_id"]), second);
+    assert_eq!(ends["events"][0]["details"]["locks_released"], 3);
 
     let mine = db.json(&["audit", "tail", "--session", &short(first)]);
-    assert_eq!(mine.as_array().unwrap().len(), 2);
-    assert!(mine
-        .as_array()
-        .unwrap()
+    assert_eq!(page_rows(&mine, "events").len(), 2);
+    assert!(page_rows(&mine, "events")
         .iter()
         .all(|e| id_of(&e["session_id"]) == first));
     let both = db.json(&[
@@ -988,11 +1010,14 @@ fn audit_tail_filters_and_orders_oldest_first() {
         "--event",
         "session_start",
     ]);
-    assert_eq!(both.as_array().unwrap().len(), 1);
+    assert_eq!(page_rows(&both, "events").len(), 1);
 
+    // The table reads as a log: oldest first.
     let text = db.ok(&["audit", "tail", "-n", "2"]);
+    let start_at = text.find("session_start");
+    let end_at = text.find("session_end");
     assert!(
-        text.contains("session_start") && text.contains("session_end"),
+        start_at.is_some() && end_at.is_some() && start_at < end_at,
         "{text}"
     );
     assert!(text.contains(&short(second)), "{text}");
@@ -1357,8 +1382,9 @@ async fn audit_tail_follow_prints_events_as_they_commit_and_resumes_after_a_seq(
 
     // Without --follow, --after keeps the newest N after it.
     let after = db.json(&["audit", "tail", "--after", "2", "-n", "1"]);
-    assert_eq!(after.as_array().map(Vec::len), Some(1));
-    assert_eq!(after[0]["seq"], end_seq);
+    assert_eq!(page_rows(&after, "events").len(), 1, "{after}");
+    assert_eq!(after["events"][0]["seq"], end_seq);
+    assert_eq!(after["newest_seq"], end_seq);
     let table = db.ok(&["audit", "tail", "--after", "1"]);
     assert!(table.contains("SEQ"), "{table}");
     let show = db.ok(&["sessions", "show", &short(session)]);
@@ -1475,11 +1501,78 @@ fn prune_deletes_ended_sessions_and_a_feed_from_before_exits_7() {
         2
     );
     let listed = db.json(&["sessions", "list"]);
-    assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
+    assert!(page_rows(&listed, "sessions").is_empty(), "{listed}");
+    assert_eq!(listed["counts"]["completed"], 0, "{listed}");
     let out = db.run(&["audit", "tail", "--follow", "--after", "1"]);
     let stderr = assert_error(&out, 7, "compacted away");
     assert!(stderr.contains("--after"), "{stderr}");
     assert_error(&db.run(&["prune"]), 2, "nothing to prune");
+}
+
+/// A --limit (or -n) over the views' page size (500) is read as several
+/// pages and printed as one document.
+#[tokio::test]
+async fn limits_over_a_page_are_read_as_several_pages() {
+    let db = Db::new();
+    let manager = db.manager().await;
+    let session = manager.start_session().await.unwrap();
+    let agent = manager.register_agent(session, "coder").await.unwrap();
+    for n in 0..520 {
+        manager
+            .acquire_lock(agent, "file", &format!("f{n}.rs"))
+            .await
+            .unwrap();
+    }
+    for _ in 0..519 {
+        manager.start_session().await.unwrap();
+    }
+    let seqs_of = |doc: &Value| -> Vec<i64> {
+        page_rows(doc, "events")
+            .iter()
+            .map(|e| e["seq"].as_i64().unwrap())
+            .collect()
+    };
+    let audit = db.json(&["audit", "tail", "-n", "700"]);
+    let seqs = seqs_of(&audit);
+    assert_eq!(seqs.len(), 520, "one session_start each");
+    assert_eq!(audit["next_cursor"], Value::Null);
+    assert!(
+        seqs.windows(2).all(|w| w[0] > w[1]),
+        "newest first, no repeats"
+    );
+    assert_eq!(seqs[0], audit["newest_seq"].as_i64().unwrap());
+    let audit = db.json(&["audit", "tail", "-n", "510"]);
+    assert_eq!(seqs_of(&audit), seqs[..510]);
+    assert!(audit["next_cursor"].is_string());
+
+    let sessions = db.json(&["sessions", "list", "--limit", "1000"]);
+    let ids: Vec<Uuid> = page_rows(&sessions, "sessions")
+        .iter()
+        .map(|s| id_of(&s["id"]))
+        .collect();
+    assert_eq!(ids.len(), 520);
+    assert_eq!(
+        ids.iter().collect::<std::collections::BTreeSet<_>>().len(),
+        520
+    );
+    assert_eq!(ids[519], session, "the oldest last");
+    assert_eq!(sessions["next_cursor"], Value::Null);
+    let sessions = db.json(&["sessions", "list", "--limit", "501"]);
+    assert_eq!(page_rows(&sessions, "sessions").len(), 501);
+    assert!(sessions["next_cursor"].is_string());
+
+    let locks = db.json(&["locks", "list", "--held", "--limit", "520"]);
+    let keys: Vec<&str> = page_rows(&locks, "locks")
+        .iter()
+        .map(|l| l["resource_key"].as_str().unwrap())
+        .collect();
+    let want: Vec<String> = (0..520).rev().map(|n| format!("f{n}.rs")).collect();
+    assert_eq!(keys, want, "newest grant first, each once");
+    assert_eq!(locks["held_total"], 520);
+    assert_eq!(locks["next_cursor"], Value::Null);
+    assert!(db
+        .ok(&["locks", "list", "--limit", "505"])
+        .contains("(the newest 505 shown; --limit shows more)"));
 }
 
 #[tokio::test]

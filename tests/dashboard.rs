@@ -89,6 +89,28 @@ fn assert_error(status: u16, body: &str, want: u16, needle: &str) {
     assert!(line.contains(needle), "{needle:?} not in {line:?}");
 }
 
+/// `doc` without what depends on the moment it was read (`now`, and the ages
+/// and times left measured from it), so two reads of the same rows compare
+/// equal.
+fn timeless(doc: &Value) -> Value {
+    match doc {
+        Value::Object(fields) => Value::Object(
+            fields
+                .iter()
+                .filter(|(key, _)| {
+                    !matches!(
+                        key.as_str(),
+                        "now" | "heartbeat_age_ms" | "held_for_ms" | "ttl_remaining_ms"
+                    )
+                })
+                .map(|(key, value)| (key.clone(), timeless(value)))
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(timeless).collect()),
+        other => other.clone(),
+    }
+}
+
 /// A session of another instance (its owner still heartbeats) with an agent holding `key`.
 async fn session_with_lock(m: &SessionManager, key: &str) -> (Uuid, Uuid) {
     let s = m.start_session().await.expect("start");
@@ -118,16 +140,24 @@ async fn the_api_returns_the_clis_documents_and_actions_write_their_audit_rows()
         let (status, body) = get(&format!("{base}{path}")).await;
         assert_eq!(status, 200, "{path}: {body}");
         let api: Value = serde_json::from_str(&body).expect("JSON");
-        assert_eq!(api, served.cli(&args), "{path} is the CLI's document");
+        assert!(api["now"].is_string() || path.starts_with("/api/v1/audit"));
+        assert_eq!(
+            timeless(&api),
+            timeless(&served.cli(&args)),
+            "{path} is the CLI's document"
+        );
     }
     let (status, body) = get(&format!("{base}/api/v1/sessions/{s}")).await;
     assert_eq!(status, 200);
     let show: Value = serde_json::from_str(&body).expect("JSON");
     assert_eq!(
-        show["session"],
-        served.cli(&["sessions", "show", &s.to_string()])["session"]
+        timeless(&show),
+        timeless(&served.cli(&["sessions", "show", &s.to_string()])),
+        "/api/v1/sessions/{{id}} is the CLI's document"
     );
+    assert_eq!(show["session"]["alive"], true);
     assert_eq!(show["locks"][0]["resource_key"], "src/main.rs");
+    assert_eq!(show["locks"][0]["state"], "held");
 
     // Ending refuses a live owner without force, and changes nothing.
     let end = format!("{base}/api/v1/sessions/{s}/end");
@@ -155,7 +185,11 @@ async fn the_api_returns_the_clis_documents_and_actions_write_their_audit_rows()
         .await
         .expect("POST");
     assert_eq!(r.status().as_u16(), 200);
-    assert_eq!(r.json::<Value>().await.expect("JSON")["held"], false);
+    let view = r.json::<Value>().await.expect("JSON");
+    assert_eq!(view["id"], lock.to_string(), "{view}");
+    assert_eq!(view["held"], false, "{view}");
+    assert_eq!(view["state"], "released", "{view}");
+    assert_eq!(view["release_reason"], "released", "{view}");
     let released = m
         .audit_events(AuditFilter {
             event_type: Some("lock_released".into()),
@@ -287,15 +321,37 @@ async fn a_token_is_required_everywhere_and_a_wrong_one_changes_nothing() {
     let m = served.manager().await;
     let (s, _) = session_with_lock(&m, "a").await;
     let base = &served.base;
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client");
+    // Data answers 401; a page sends the browser to the login form, and
+    // shows nothing of the store.
     for path in [
-        "/",
         "/api/v1/sessions",
+        &format!("/api/v1/sessions/{s}"),
+        "/api/v1/locks",
+        "/api/v1/audit",
         "/metrics",
         "/events",
-        &format!("/sessions/{s}"),
     ] {
         let (status, body) = get(&format!("{base}{path}")).await;
         assert_error(status, &body, 401, "token");
+    }
+    for path in ["/", "/locks", "/audit", &format!("/sessions/{s}")] {
+        let r = no_redirects
+            .get(format!("{base}{path}"))
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(r.status().as_u16(), 303, "{path}");
+        assert_eq!(r.headers()["location"], "/login", "{path}");
+        assert!(r.headers().get("set-cookie").is_none(), "{path}");
+        let (status, page) = get(&format!("{base}{path}")).await;
+        assert_eq!(status, 200, "{path}: the login form");
+        assert!(page.contains("name=\"token\""), "{path}: {page}");
+        assert!(!page.contains(&s.to_string()), "{path} shows the store");
     }
     for auth in ["Bearer wrong", "", "Basic abc"] {
         let r = client()
@@ -319,16 +375,25 @@ async fn a_token_is_required_everywhere_and_a_wrong_one_changes_nothing() {
         .await
         .expect("GET");
     assert_eq!(r.status().as_u16(), 200);
-    // A browser logs in once; the cookie is HttpOnly and SameSite=Strict.
-    let no_redirects = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("client");
+    // A token in a URL is no login (it would stay in histories and logs):
+    // the form is shown, and no cookie is set.
     let r = no_redirects
         .get(format!("{base}/login?token={TOKEN}"))
         .send()
         .await
         .expect("login");
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.headers().get("set-cookie").is_none());
+    // A browser logs in once by posting the form; the cookie is HttpOnly and
+    // SameSite=Strict, and it is sent on to the sessions page.
+    let r = no_redirects
+        .post(format!("{base}/login"))
+        .form(&[("token", TOKEN)])
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(r.status().as_u16(), 303);
+    assert_eq!(r.headers()["location"], "/");
     let cookie = r.headers()["set-cookie"]
         .to_str()
         .expect("cookie")
@@ -344,12 +409,36 @@ async fn a_token_is_required_everywhere_and_a_wrong_one_changes_nothing() {
         .await
         .expect("GET");
     assert_eq!(r.status().as_u16(), 200);
+    let page = r.text().await.expect("body");
+    assert!(
+        page.contains(&s.to_string()),
+        "the session is listed: {page}"
+    );
+    // A wrong token is refused with the form again, and no cookie.
     let r = no_redirects
-        .get(format!("{base}/login?token=wrong"))
+        .post(format!("{base}/login"))
+        .form(&[("token", "wrong")])
         .send()
         .await
         .expect("login");
     assert_eq!(r.status().as_u16(), 401);
+    assert!(r.headers().get("set-cookie").is_none());
+    assert!(r.text().await.expect("body").contains("Wrong token"));
+    // A login posted from another site is refused like any change.
+    let r = no_redirects
+        .post(format!("{base}/login"))
+        .header("Origin", "http://evil.example")
+        .form(&[("token", TOKEN)])
+        .send()
+        .await
+        .expect("login");
+    let status = r.status().as_u16();
+    assert_error(status, &r.text().await.expect("body"), 403, "another site");
+    assert_eq!(
+        m.session(s).await.expect("session").status,
+        SessionStatus::Active,
+        "nothing changed"
+    );
     m.close().await.expect("close");
 }
 
@@ -491,13 +580,20 @@ async fn stored_values_are_escaped_and_limits_and_errors_are_one_line() {
         .expect("POST");
     let status = r.status().as_u16();
     assert_error(status, &r.text().await.expect("body"), 413, "");
-    let (status, body) = get(&format!(
-        "{base}/api/v1/sessions?offset=9223372036854775808"
-    ))
-    .await;
-    assert_error(status, &body, 400, "offset");
-    let (status, body) = get(&format!("{base}/api/v1/sessions?limit=abc")).await;
-    assert_error(status, &body, 400, "limit");
+    // Paging is by cursor: one the store did not give out, or numbers out of
+    // range, are refused naming their parameter.
+    for (path, field) in [
+        ("/api/v1/sessions?cursor=garbage", "cursor"),
+        ("/api/v1/locks?cursor=garbage", "cursor"),
+        ("/api/v1/audit?cursor=-3", "cursor"),
+        ("/api/v1/sessions?limit=18446744073709551616", "limit"),
+        ("/api/v1/audit?after=9223372036854775808", "after"),
+        ("/api/v1/audit?after=-1", "after"),
+        ("/api/v1/sessions?limit=abc", "limit"),
+    ] {
+        let (status, body) = get(&format!("{base}{path}")).await;
+        assert_error(status, &body, 400, field);
+    }
     // No other site may frame the pages.
     let r = client().get(format!("{base}/")).send().await.expect("GET");
     assert_eq!(r.headers()["x-frame-options"], "DENY");

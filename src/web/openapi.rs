@@ -90,7 +90,7 @@ impl Modify for EveryOperation {
             .get_or_insert_with(Default::default)
             .schemas
             .entry("ErrorBody".to_owned())
-            .or_insert_with(|| <super::error::ErrorBody as utoipa::PartialSchema>::schema());
+            .or_insert_with(<super::error::ErrorBody as utoipa::PartialSchema>::schema);
     }
 }
 

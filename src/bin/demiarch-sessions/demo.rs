@@ -228,6 +228,7 @@ async fn steps(ctx: &Ctx) -> Result<String, Failure> {
         &locks.locks,
         locks.now,
         false,
+        false,
     )));
     text.push_str(&format!(
         "\n\nNext:\n  demiarch-sessions sessions list\n  demiarch-sessions sessions show {}\n  \

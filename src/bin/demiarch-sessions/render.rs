@@ -32,16 +32,26 @@ fn heartbeat(s: &SessionView, now: DateTime<Utc>) -> String {
     }
 }
 
-pub fn sessions(page: &SessionsPage, url: &str, limit: u64) -> String {
+/// The page as a table; `status` is the filter it was read with, named when
+/// nothing matches it.
+pub fn sessions(
+    page: &SessionsPage,
+    status: Option<SessionStatus>,
+    url: &str,
+    limit: u64,
+) -> String {
     let c = &page.counts;
     let mut text = format!(
         "{} active, {} paused, {} interrupted, {} completed\n",
         c.active, c.paused, c.interrupted, c.completed
     );
     if page.sessions.is_empty() {
-        text.push_str(&match c.total() {
-            0 => format!("No sessions in {url}. Run `demiarch-sessions demo` to create one.\n"),
-            _ => "No sessions match.\n".to_owned(),
+        text.push_str(&match (c.total(), status) {
+            (0, _) => {
+                format!("No sessions in {url}. Run `demiarch-sessions demo` to create one.\n")
+            }
+            (_, Some(status)) => format!("No {status} sessions.\n"),
+            (_, None) => "No sessions match.\n".to_owned(),
         });
         text.push_str(&corrupt(&page.corrupt));
         return text;
@@ -163,7 +173,7 @@ pub fn session(d: &SessionDetail) -> String {
 
     text.push_str(&format!("\nLocks ({})\n", shown(d.locks.len())));
     if !d.locks.is_empty() {
-        text.push_str(&output::render(&lock_table(&d.locks, now, false)));
+        text.push_str(&output::render(&lock_table(&d.locks, now, false, true)));
         text.push('\n');
     }
 
@@ -223,16 +233,22 @@ fn queue_cell(queue: &[WaiterView]) -> String {
     }
 }
 
+/// The locks as a table; with `with_waiters`, a WAITERS column shows who
+/// waits for each (left out where nobody can wait, as after a session's end).
 pub fn lock_table(
     locks: &[LockView],
     now: DateTime<Utc>,
     with_session: bool,
+    with_waiters: bool,
 ) -> comfy_table::Table {
     let mut header = vec!["LOCK", "TOKEN", "RESOURCE"];
     if with_session {
         header.push("SESSION");
     }
-    header.extend(["AGENT", "ACQUIRED", "STATE", "WAITERS"]);
+    header.extend(["AGENT", "ACQUIRED", "STATE"]);
+    if with_waiters {
+        header.push("WAITERS");
+    }
     let mut table = output::table(header);
     for l in locks {
         let mut row = vec![
@@ -247,8 +263,10 @@ pub fn lock_table(
             agent_label(l.agent_id, l.agent_type.as_deref()),
             output::time_ago(l.acquired_at, now),
             lock_state(l, now),
-            queue_cell(&l.waiters),
         ]);
+        if with_waiters {
+            row.push(queue_cell(&l.waiters));
+        }
         table.add_row(row);
     }
     table
@@ -262,7 +280,7 @@ pub fn locks(page: &LocksPage, held: bool, whose: Option<uuid::Uuid>, limit: u64
             .unwrap_or_default();
         return format!("No locks{which}{whose}.\n{}", corrupt(&page.corrupt));
     }
-    let mut text = output::render(&lock_table(&page.locks, page.now, true));
+    let mut text = output::render(&lock_table(&page.locks, page.now, true, true));
     text.push('\n');
     text.push_str(&corrupt(&page.corrupt));
     if page.next_cursor.is_some() {
