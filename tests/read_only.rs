@@ -144,13 +144,17 @@ async fn every_read_works(ro: &SessionManager, f: &Fixture) {
         .list_sessions(SessionFilter::default())
         .await
         .expect("list");
-    assert_eq!(sessions.len(), 2);
+    assert_eq!(sessions.rows.len(), 2);
     assert_eq!(ro.session(f.open).await.expect("session").id, f.open);
     let prefix = f.open.simple().to_string();
     assert_eq!(ro.find_session(&prefix[..8]).await.expect("find"), f.open);
-    assert_eq!(ro.agents(f.open).await.expect("agents").len(), 1);
+    assert_eq!(ro.agents(f.open).await.expect("agents").rows.len(), 1);
     assert_eq!(
-        ro.locks(LockFilter::default()).await.expect("locks").len(),
+        ro.locks(LockFilter::default())
+            .await
+            .expect("locks")
+            .rows
+            .len(),
         1
     );
     assert!(ro
@@ -162,6 +166,7 @@ async fn every_read_works(ro: &SessionManager, f: &Fixture) {
         .audit_events(Default::default())
         .await
         .expect("audit")
+        .rows
         .is_empty());
     assert!(ro
         .session_context(f.ended)

@@ -133,7 +133,7 @@ async fn mounted_under_a_prefix_every_link_form_and_call_stays_under_it() {
         let app = app(m, by_role());
         assert_eq!(get(&app, "/", "admin").await.body, "the app");
         for page in [
-            format!("{PREFIX}"),
+            PREFIX.to_owned(),
             format!("{PREFIX}/sessions/{session}"),
             format!("{PREFIX}/locks"),
             format!("{PREFIX}/audit"),

@@ -135,6 +135,7 @@ impl SessionView {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "web", derive(utoipa::IntoParams))]
 #[cfg_attr(feature = "web", into_params(parameter_in = Query))]
+#[serde(deny_unknown_fields)]
 pub struct SessionsQuery {
     /// Only sessions in this status.
     pub status: Option<SessionStatus>,
@@ -310,6 +311,7 @@ pub struct SessionDetail {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "web", derive(utoipa::IntoParams))]
 #[cfg_attr(feature = "web", into_params(parameter_in = Query))]
+#[serde(deny_unknown_fields)]
 pub struct LocksQuery {
     /// Only locks still held (default true).
     pub held: Option<bool>,
@@ -346,6 +348,7 @@ pub struct LocksPage {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "web", derive(utoipa::IntoParams))]
 #[cfg_attr(feature = "web", into_params(parameter_in = Query))]
+#[serde(deny_unknown_fields)]
 pub struct AuditQuery {
     /// Only rows after this seq; answers `410 Gone` when a prune deleted
     /// some of them.

@@ -23,8 +23,17 @@ type Answer = Result<Response, ApiError>;
 pub(crate) fn query<T>(
     q: Result<Query<T>, axum::extract::rejection::QueryRejection>,
 ) -> Result<T, ApiError> {
-    q.map(|Query(q)| q)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))
+    q.map(|Query(q)| q).map_err(|e| {
+        // serde names the field first: "limit: invalid digit found in string".
+        let text = e.body_text();
+        let text = text
+            .strip_prefix("Failed to deserialize query string: ")
+            .unwrap_or(&text);
+        match text.split_once(": ") {
+            Some((field, reason)) if !field.contains(' ') => ApiError::invalid(field, reason),
+            _ => ApiError::invalid("query", text),
+        }
+    })
 }
 
 /// A session named by its full id or a unique prefix of 8+ hex digits.
@@ -127,6 +136,7 @@ fn reason_of(bytes: &Bytes) -> Result<Option<String>, ApiError> {
 /// `?force=true`.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct EndQuery {
     /// End it even though its owner still heartbeats (its live context is
     /// then not saved).
@@ -322,6 +332,7 @@ pub(crate) async fn activity(State(web): State<Shared>) -> Answer {
 /// `?stale_after=5m`.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct RecoverQuery {
     /// Interrupt open sessions silent for longer than this (`30s`, `5m`);
     /// default: the dashboard's stale threshold.

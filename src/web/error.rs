@@ -73,11 +73,18 @@ impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         let status = status_of(&e);
         let message = match status {
-            // A database's own words may carry its internals; one line of
-            // them is enough.
+            // A database's own words may carry its internals: they go to
+            // the server's log, the client gets their kind.
             StatusCode::INTERNAL_SERVER_ERROR => {
-                tracing::warn!(error = %e, "dashboard request failed");
-                e.to_string()
+                tracing::error!(error = %e, "dashboard request failed");
+                match e {
+                    Error::CorruptRow(row) => format!("stored row is malformed: {row}"),
+                    Error::Database(_) => {
+                        "internal error: the database failed; the server's log has the details"
+                            .to_owned()
+                    }
+                    other => other.to_string(),
+                }
             }
             _ => e.to_string(),
         };

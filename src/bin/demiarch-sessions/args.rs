@@ -416,6 +416,23 @@ pub fn redacted(url: &str) -> String {
     url.to_owned()
 }
 
+/// `7980`, `localhost:7980`, `127.0.0.1:7980` or `[::1]:7980`.
+fn listen_address(text: &str) -> Result<std::net::SocketAddr, String> {
+    let text = text.trim();
+    if let Ok(port) = text.parse::<u16>() {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    if let Some(port) = text.strip_prefix("localhost:") {
+        return port
+            .parse::<u16>()
+            .map(|port| std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+            .map_err(|_| format!("{port:?} is not a port (0 to 65535)"));
+    }
+    text.parse().map_err(|_| {
+        format!("{text:?} is not PORT, localhost:PORT or IP:PORT (such as 127.0.0.1:7878)")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -444,21 +461,4 @@ mod tests {
         use clap::CommandFactory;
         Cli::command().debug_assert();
     }
-}
-
-/// `7980`, `localhost:7980`, `127.0.0.1:7980` or `[::1]:7980`.
-fn listen_address(text: &str) -> Result<std::net::SocketAddr, String> {
-    let text = text.trim();
-    if let Ok(port) = text.parse::<u16>() {
-        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
-    }
-    if let Some(port) = text.strip_prefix("localhost:") {
-        return port
-            .parse::<u16>()
-            .map(|port| std::net::SocketAddr::from(([127, 0, 0, 1], port)))
-            .map_err(|_| format!("{port:?} is not a port (0 to 65535)"));
-    }
-    text.parse().map_err(|_| {
-        format!("{text:?} is not PORT, localhost:PORT or IP:PORT (such as 127.0.0.1:7878)")
-    })
 }
