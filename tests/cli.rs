@@ -800,9 +800,13 @@ async fn locks_waiters_and_locks_list_show_a_waiting_agent() {
     });
     until_queued(&manager, "file", "x", 1).await;
 
-    let queue = db.json(&["locks", "waiters", "file", "x"]);
-    let queue = queue.as_array().expect("an array");
+    let doc = db.json(&["locks", "waiters", "file", "x"]);
+    assert_eq!(id_of(&doc["holder"]["agent_id"]), coder, "{doc}");
+    assert_eq!(doc["holder"]["fencing_token"], held.fencing_token, "{doc}");
+    assert_eq!(doc["holder"]["agent_type"], "coder", "{doc}");
+    let queue = doc["waiters"].as_array().expect("the waiters");
     assert_eq!(queue.len(), 1, "{queue:?}");
+    assert_eq!(queue[0]["agent_type"], "reviewer");
     assert_eq!(id_of(&queue[0]["agent_id"]), reviewer);
     assert_eq!(id_of(&queue[0]["session_id"]), session);
     assert_eq!(queue[0]["position"], 1);
@@ -1071,8 +1075,8 @@ async fn audit_tail_shows_deadlock_refusals() {
     );
     waiting.abort();
 
-    let rows = db.json(&["audit", "tail", "--event", "lock_deadlock"]);
-    let rows = rows.as_array().expect("a list");
+    let page = db.json(&["audit", "tail", "--event", "lock_deadlock"]);
+    let rows = page["events"].as_array().expect("the events");
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(id_of(&rows[0]["session_id"]), session);
     let cycle = &rows[0]["details"]["cycle"];

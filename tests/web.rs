@@ -719,6 +719,7 @@ async fn every_documented_status_is_reachable() {
     let m = &db.manager;
     let (alive, agent, lock) = session_with_lock(m, "reach").await;
     let ended = m.start_session().await.expect("start");
+    let cancelled = m.register_agent(ended, "coder").await.expect("agent");
     m.end_session(ended).await.expect("end");
     let missing = Uuid::new_v4();
 
@@ -771,6 +772,11 @@ async fn every_documented_status_is_reachable() {
                 (at(&ended.to_string()), None)
             }
             ("/api/v1/agents/{id}/finish", 200) => (at(&agent.to_string()), None),
+            ("/api/v1/agents/{id}/finish", 409) => (at(&cancelled.to_string()), None),
+            (_, 413) => (
+                at(&alive.to_string()),
+                Some(serde_json::json!({"reason": "x".repeat(17 * 1024)})),
+            ),
             ("/api/v1/locks/{id}/release", 200) => (
                 at(&lock.to_string()),
                 Some(serde_json::json!({"reason": "reach"})),

@@ -17,7 +17,7 @@ pub struct Migration;
 /// (name, table, columns).
 const INDEXES: [(&str, &str, &[&str]); 4] = [
     (
-        "ix_global_sessions_started",
+        "ix_global_sessions_started_id",
         "global_sessions",
         &["started_at", "id"],
     ),

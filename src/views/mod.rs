@@ -523,8 +523,9 @@ impl<'a> Views<'a> {
         };
         let now = Utc::now();
         let listing = read::session_page(self.manager.connection(), &filter).await?;
+        let read = (listing.rows.len() + listing.corrupt.len()) as u64;
         let mut rows = listing.rows;
-        let next_cursor = match rows.len() as u64 > limit {
+        let next_cursor = match read > limit {
             true => {
                 rows.truncate(limit as usize);
                 rows.last()
@@ -685,8 +686,9 @@ impl<'a> Views<'a> {
         };
         let now = Utc::now();
         let listing = read::lock_page(self.manager.connection(), &filter).await?;
+        let read = (listing.rows.len() + listing.corrupt.len()) as u64;
         let mut rows = listing.rows;
-        let next_cursor = match rows.len() as u64 > limit {
+        let next_cursor = match read > limit {
             true => {
                 rows.truncate(limit as usize);
                 rows.last()
@@ -725,16 +727,18 @@ impl<'a> Views<'a> {
             before,
             limit: limit + 1,
         };
+        // Before the rows: a feed resuming after it misses no commit.
+        let newest_seq = read::newest_seq(self.manager.connection()).await?;
         let listing = read::audit_page(self.manager.connection(), &filter).await?;
+        let read = (listing.rows.len() + listing.corrupt.len()) as u64;
         let mut events = listing.rows;
-        let next_cursor = match events.len() as u64 > limit {
+        let next_cursor = match read > limit {
             true => {
                 events.truncate(limit as usize);
                 events.last().map(|e| e.seq.to_string())
             }
             false => None,
         };
-        let newest_seq = read::newest_seq(self.manager.connection()).await?;
         Ok(AuditPage {
             events,
             corrupt: listing.corrupt,

@@ -78,7 +78,9 @@ pub(crate) async fn session_page(
         );
     }
     if let Some((at, id)) = f.before {
-        query = query.filter(
+        // `started_at <= at` bounds the index range; the rest picks the
+        // rows after the cursor within it.
+        query = query.filter(C::StartedAt.lte(at)).filter(
             Condition::any().add(C::StartedAt.lt(at)).add(
                 Condition::all()
                     .add(C::StartedAt.eq(at))

@@ -67,10 +67,14 @@ where
     }
 }
 
-/// Requests from this machine only: the peer address (when the server
-/// records it) and the `Host` header must both be loopback, which also
-/// closes DNS rebinding (a page of another site re-pointed at 127.0.0.1
-/// sends its own name as `Host`).
+/// Requests from this machine only: the peer address and the `Host` header
+/// must both be loopback, which also closes DNS rebinding (a page of another
+/// site re-pointed at 127.0.0.1 sends its own name as `Host`). The peer is
+/// read from `ConnectInfo<SocketAddr>`: serve the app with
+/// `into_make_service_with_connect_info::<SocketAddr>()` (as
+/// [`serve`](crate::web::serve) does); without it every request is refused.
+/// Behind a reverse proxy on the same machine every request comes from
+/// loopback: use [`TokenAccess`] or the app's own policy there.
 #[derive(Clone, Copy, Debug)]
 pub struct LoopbackAccess {
     grant: Access,
@@ -98,6 +102,15 @@ impl Default for LoopbackAccess {
     }
 }
 
+/// The host a request is addressed to: its `Host` header, or the URI's
+/// authority (HTTP/2 carries no `Host`).
+pub(crate) fn host_of(request: &Parts) -> Option<String> {
+    match request.headers.get(header::HOST).and_then(|v| v.to_str().ok()) {
+        Some(host) => Some(host.to_owned()),
+        None => request.uri.authority().map(|a| a.as_str().to_owned()),
+    }
+}
+
 /// Whether a `Host` header names this machine: `127.0.0.1`, `localhost` or
 /// `[::1]`, with or without a port.
 pub fn loopback_host(host: &str) -> bool {
@@ -116,12 +129,8 @@ impl AccessPolicy for LoopbackAccess {
         let peer_local = request
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
-            .is_none_or(|ConnectInfo(peer)| peer.ip().is_loopback());
-        let host_local = request
-            .headers
-            .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(loopback_host);
+            .is_some_and(|ConnectInfo(peer)| peer.ip().is_loopback());
+        let host_local = host_of(request).is_some_and(|host| loopback_host(&host));
         match peer_local && host_local {
             true => self.grant,
             false => Access::Forbidden,

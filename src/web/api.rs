@@ -4,7 +4,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -19,21 +19,32 @@ use crate::{AgentOutcome, Error, RetentionPolicy, WatchOptions};
 
 type Answer = Result<Response, ApiError>;
 
-/// A query string that did not parse, as one line naming the field.
-pub(crate) fn query<T>(
-    q: Result<Query<T>, axum::extract::rejection::QueryRejection>,
-) -> Result<T, ApiError> {
-    q.map(|Query(q)| q).map_err(|e| {
-        // serde names the field first: "limit: invalid digit found in string".
-        let text = e.body_text();
-        let text = text
-            .strip_prefix("Failed to deserialize query string: ")
-            .unwrap_or(&text);
-        match text.split_once(": ") {
-            Some((field, reason)) if !field.contains(' ') => ApiError::invalid(field, reason),
-            _ => ApiError::invalid("query", text),
-        }
-    })
+/// A query string as `T`, its empty values (`status=` from a form's "any"
+/// choice) taken as absent; one that does not parse is a 400 naming the
+/// field.
+pub(crate) fn query<T: serde::de::DeserializeOwned>(raw: Option<String>) -> Result<T, ApiError> {
+    let kept: Vec<&str> = raw
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter(|pair| !pair.is_empty() && !pair.ends_with('='))
+        .collect();
+    let uri: axum::http::Uri = format!("/?{}", kept.join("&"))
+        .parse()
+        .map_err(|_| ApiError::invalid("query", "not a query string"))?;
+    Query::<T>::try_from_uri(&uri)
+        .map(|Query(q)| q)
+        .map_err(|e| {
+            // serde names the field first: "limit: invalid digit found in string".
+            let text = e.body_text();
+            let text = text
+                .strip_prefix("Failed to deserialize query string: ")
+                .unwrap_or(&text);
+            match text.split_once(": ") {
+                Some((field, reason)) if !field.contains(' ') => ApiError::invalid(field, reason),
+                _ => ApiError::invalid("query", text),
+            }
+        })
 }
 
 /// A session named by its full id or a unique prefix of 8+ hex digits.
@@ -59,9 +70,9 @@ pub(crate) async fn openapi() -> Response {
     ))]
 pub(crate) async fn sessions(
     State(web): State<Shared>,
-    q: Result<Query<SessionsQuery>, axum::extract::rejection::QueryRejection>,
+    RawQuery(q): RawQuery,
 ) -> Answer {
-    let q = query(q)?;
+    let q: SessionsQuery = query(q)?;
     Ok(json(web.views().sessions(&q).await?))
 }
 
@@ -156,10 +167,10 @@ pub(crate) struct EndQuery {
 pub(crate) async fn end(
     State(web): State<Shared>,
     Path(id): Path<String>,
-    q: Result<Query<EndQuery>, axum::extract::rejection::QueryRejection>,
+    RawQuery(q): RawQuery,
     body: Bytes,
 ) -> Answer {
-    let q = query(q)?;
+    let q: EndQuery = query(q)?;
     let id = session_id(&web, &id).await?;
     let view = SessionView::new(
         web.manager.session(id).await?,
@@ -242,6 +253,7 @@ pub(crate) struct Finish {
         (status = 200, body = crate::FinishReport, description = "Finished (or it already was); its locks released"),
         (status = 400, body = super::error::ErrorBody, description = "Not an agent id"),
         (status = 404, body = super::error::ErrorBody, description = "No such agent"),
+        (status = 409, body = super::error::ErrorBody, description = "It was cancelled when its session ended"),
     ))]
 pub(crate) async fn finish(
     State(web): State<Shared>,
@@ -252,8 +264,14 @@ pub(crate) async fn finish(
         .map_err(|_| ApiError::invalid("agent id", format!("{id:?} is not a UUID")))?;
     let finish: Finish = self::body(&body)?;
     let outcome = match finish.failed.map(|r| r.trim().to_owned()) {
-        Some(reason) if !reason.is_empty() => AgentOutcome::Failed { reason },
-        _ => AgentOutcome::Completed,
+        Some(reason) if reason.is_empty() => {
+            return Err(ApiError::invalid(
+                "failed",
+                "a failure needs its reason; leave `failed` out for a completed agent",
+            ))
+        }
+        Some(reason) => AgentOutcome::Failed { reason },
+        None => AgentOutcome::Completed,
     };
     Ok(json(web.manager.finish_agent(id, outcome).await?))
 }
@@ -265,9 +283,9 @@ pub(crate) async fn finish(
     ))]
 pub(crate) async fn locks(
     State(web): State<Shared>,
-    q: Result<Query<LocksQuery>, axum::extract::rejection::QueryRejection>,
+    RawQuery(q): RawQuery,
 ) -> Answer {
-    let q = query(q)?;
+    let q: LocksQuery = query(q)?;
     Ok(json(web.views().locks(&q).await?))
 }
 
@@ -317,9 +335,9 @@ pub(crate) async fn release(
     ))]
 pub(crate) async fn audit(
     State(web): State<Shared>,
-    q: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+    RawQuery(q): RawQuery,
 ) -> Answer {
-    let q = query(q)?;
+    let q: AuditQuery = query(q)?;
     Ok(json(web.views().audit(&q).await?))
 }
 
@@ -365,10 +383,10 @@ pub(crate) fn duration(field: &str, text: &str) -> Result<Duration, ApiError> {
     ))]
 pub(crate) async fn recover(
     State(web): State<Shared>,
-    q: Result<Query<RecoverQuery>, axum::extract::rejection::QueryRejection>,
+    RawQuery(q): RawQuery,
     body: Bytes,
 ) -> Answer {
-    let q = query(q)?;
+    let q: RecoverQuery = query(q)?;
     let stale_after = match q.stale_after.as_deref() {
         Some(text) => duration("stale_after", text)?,
         None => web.options.stale_after,
@@ -436,9 +454,9 @@ pub(crate) struct EventsQuery {
 pub(crate) async fn events(
     State(web): State<Shared>,
     headers: HeaderMap,
-    q: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+    RawQuery(q): RawQuery,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let q = query(q)?;
+    let q: EventsQuery = query(q)?;
     let resumed = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, OriginalUri, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -221,11 +221,12 @@ fn for_data(path: &str) -> bool {
 /// A change must come from this dashboard's own pages or from a script:
 /// a browser request from another site says so in `Origin` or
 /// `Sec-Fetch-Site`.
-fn same_origin(headers: &HeaderMap) -> bool {
-    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+fn same_origin(parts: &axum::http::request::Parts) -> bool {
+    let headers = &parts.headers;
+    let host = access::host_of(parts);
     if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
         // `https://` behind a TLS-terminating proxy that keeps `Host`.
-        return host.is_some_and(|host| {
+        return host.as_deref().is_some_and(|host| {
             origin == format!("http://{host}") || origin == format!("https://{host}")
         });
     }
@@ -258,7 +259,7 @@ async fn guard(State(web): State<Shared>, request: Request, next: Next) -> Respo
             .into_response()
         }
         Access::Unauthorized if !login => {
-            if for_data(&path) {
+            if for_data(&path) || !web.options.access.has_login() {
                 return ApiError::new(
                     StatusCode::UNAUTHORIZED,
                     "missing or wrong token: send Authorization: Bearer TOKEN, or log in at \
@@ -271,7 +272,7 @@ async fn guard(State(web): State<Shared>, request: Request, next: Next) -> Respo
         _ => {}
     }
     if parts.method != Method::GET && parts.method != Method::HEAD {
-        if !same_origin(&parts.headers) {
+        if !same_origin(&parts) {
             return ApiError::new(
                 StatusCode::FORBIDDEN,
                 "refused: the request came from another site",

@@ -75,8 +75,12 @@ impl Modify for EveryOperation {
                     ("400", "A malformed parameter or body, named in the message"),
                     ("401", "Missing or wrong credentials"),
                     ("403", "Refused by the access policy, read-only access to an action, or a change from another site"),
+                    ("413", "A body over 16 KiB"),
                 ] {
                     if status == "400" && !takes_input {
+                        continue;
+                    }
+                    if status == "413" && operation.request_body.is_none() {
                         continue;
                     }
                     responses

@@ -2,7 +2,7 @@
 //! script calls are built under the mount point ([`Here::to`]).
 use std::time::Duration;
 
-use axum::extract::{Form, Path, Query, State};
+use axum::extract::{Form, Path, RawQuery, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Extension;
@@ -106,13 +106,14 @@ function audit_row(ev) {
   return tr;
 }
 function listen() {
-  const source = new EventSource(base + '/events?after=' + (document.body.dataset.after || 0));
+  const after = document.body.dataset.after;
+  if (after === undefined) return;
+  const source = new EventSource(base + '/events?after=' + after);
   source.addEventListener('audit', (e) => {
     const live = document.getElementById('live');
     if (live) { live.prepend(audit_row(JSON.parse(e.data))); const empty = document.getElementById('no-events'); if (empty) empty.remove(); return; }
-    // Several commits in a burst: one redraw.
-    if (pending) clearTimeout(pending);
-    pending = setTimeout(() => { pending = null; redraw(); }, 300);
+    // Several commits in a burst: one redraw, at most every 300 ms.
+    if (!pending) pending = setTimeout(() => { pending = null; redraw(); }, 300);
   });
   source.addEventListener('compacted', (e) => {
     say('events through seq ' + e.data + ' were pruned; the page resumes after them', true);
@@ -121,7 +122,9 @@ function listen() {
 listen();
 "#;
 
-fn layout(here: &Here, title: &str, nav: &str, after: i64, body: Markup) -> Markup {
+/// `after`: the seq the page's live updates resume after; without one the
+/// page does not listen.
+fn layout(here: &Here, title: &str, nav: &str, after: Option<i64>, body: Markup) -> Markup {
     let link = |path: &str, name: &str, label: &str| {
         html! { a href=(here.to(path)) class=[(nav == name).then_some("here")] { (label) } }
     };
@@ -134,7 +137,7 @@ fn layout(here: &Here, title: &str, nav: &str, after: i64, body: Markup) -> Mark
                 title { (title) " · demiarch-sessions" }
                 style { (PreEscaped(STYLE)) }
             }
-            body data-base=(here.base) data-after=(after) {
+            body data-base=(here.base) data-after=[after] {
                 nav {
                     (link("/", "sessions", "Sessions"))
                     (link("/locks", "locks", "Locks"))
@@ -163,7 +166,7 @@ fn error_page(here: &Here, e: ApiError) -> Response {
             here,
             "Error",
             "",
-            0,
+            None,
             html! { p .empty { (e.message) } p { a href=(here.to("/")) { "Back to the sessions" } } },
         ),
     )
@@ -195,14 +198,14 @@ fn status_badge(status: SessionStatus) -> Markup {
     html! { span .badge class={ "s-" (status) } { (status) } }
 }
 
-/// The seq the live stream starts after.
-async fn newest(web: &Shared) -> i64 {
-    crate::views::newest_seq(web.manager.connection())
-        .await
-        .unwrap_or(0)
+/// The seq the live stream starts after, read before the page's rows so
+/// that no commit falls between them; `None` if it cannot be read (the
+/// page then does not listen).
+async fn newest(web: &Shared) -> Option<i64> {
+    crate::views::newest_seq(web.manager.connection()).await.ok()
 }
 
-fn query<T>(q: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> Result<T, ApiError> {
+fn query<T>(RawQuery(q): RawQuery) -> Result<T, ApiError> {
     super::api::query(q)
 }
 
@@ -246,12 +249,13 @@ fn encode(value: &str) -> String {
 pub(crate) async fn sessions(
     State(web): State<Shared>,
     Extension(here): Extension<Here>,
-    q: Result<Query<SessionsQuery>, axum::extract::rejection::QueryRejection>,
+    RawQuery(q): RawQuery,
 ) -> Response {
-    let q = match query(q) {
+    let q: SessionsQuery = match query(q) {
         Ok(q) => q,
         Err(e) => return error_page(&here, e),
     };
+    let after = newest(&web).await;
     let page = match web.views().sessions(&q).await {
         Ok(page) => page,
         Err(e) => return error_page(&here, e.into()),
@@ -263,7 +267,6 @@ pub(crate) async fn sessions(
             None
         }
     };
-    let after = newest(&web).await;
     let stale_after =
         humantime::format_duration(Duration::from_millis(page.stale_after_ms)).to_string();
     let body = html! {
@@ -330,7 +333,7 @@ fn counts(here: &Here, page: &SessionsPage, q: &SessionsQuery) -> Markup {
         p .counts #counts {
             a href=(here.to("/")) class=[q.status.is_none().then_some("here")] { "all " strong { (page.counts.total()) } }
             @for s in [SessionStatus::Active, SessionStatus::Paused, SessionStatus::Interrupted, SessionStatus::Completed] {
-                a href=(here.to(&format!("/?status={s}"))) class=[(q.status == Some(s)).then_some("here")] data-status=(s) {
+                a href=(with_cursor(&here.to("/"), &[("status", Some(s.to_string()))], None)) class=[(q.status == Some(s)).then_some("here")] data-status=(s) {
                     (s) " " strong { (page.counts.of(s)) }
                 }
             }
@@ -398,11 +401,11 @@ pub(crate) async fn session(
         }
         Err(e) => return error_page(&here, e.into()),
     };
+    let after = newest(&web).await;
     let detail = match web.views().session(id).await {
         Ok(d) => d,
         Err(e) => return error_page(&here, e.into()),
     };
-    let after = newest(&web).await;
     let title = format!("Session {id}");
     layout(
         &here,
@@ -564,17 +567,17 @@ fn lock_table(here: &Here, locks: &[LockView], now: DateTime<Utc>, with_session:
 pub(crate) async fn locks(
     State(web): State<Shared>,
     Extension(here): Extension<Here>,
-    q: Result<Query<LocksQuery>, axum::extract::rejection::QueryRejection>,
+    RawQuery(q): RawQuery,
 ) -> Response {
-    let q = match query(q) {
+    let q: LocksQuery = match query(q) {
         Ok(q) => q,
         Err(e) => return error_page(&here, e),
     };
+    let after = newest(&web).await;
     let page = match web.views().locks(&q).await {
         Ok(page) => page,
         Err(e) => return error_page(&here, e.into()),
     };
-    let after = newest(&web).await;
     let held = q.held.unwrap_or(true);
     let filters = vec![
         ("held", q.held.map(|h| h.to_string())),
@@ -618,9 +621,9 @@ pub(crate) async fn locks(
 pub(crate) async fn audit(
     State(web): State<Shared>,
     Extension(here): Extension<Here>,
-    q: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+    RawQuery(q): RawQuery,
 ) -> Response {
-    let mut q = match query(q) {
+    let mut q: AuditQuery = match query(q) {
         Ok(q) => q,
         Err(e) => return error_page(&here, e),
     };
@@ -674,7 +677,7 @@ pub(crate) async fn audit(
         }
     };
     let after = match live {
-        true => page.newest_seq,
+        true => Some(page.newest_seq),
         false => newest(&web).await,
     };
     layout(&here, "Audit log", "audit", after, body).into_response()
@@ -702,7 +705,7 @@ fn login_page(here: &Here, status: StatusCode, message: Option<&str>) -> Respons
             button type="submit" { "Log in" }
         }
     };
-    (status, layout(here, "Log in", "", 0, body)).into_response()
+    (status, layout(here, "Log in", "", None, body)).into_response()
 }
 
 #[derive(Deserialize)]
