@@ -218,7 +218,7 @@ async fn every_write_is_refused_by_name_and_changes_no_row() {
             let out = cli(&db.url, &["--json", "sessions", "list"]);
             assert_ok(&out);
             let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-            assert_eq!(listed.as_array().map(Vec::len), Some(2));
+            assert_eq!(listed["sessions"].as_array().map(Vec::len), Some(2));
             assert_ok(&cli(&db.url, &["--json", "locks", "list", "--held"]));
             assert_ok(&cli(&db.url, &["--json", "audit", "tail"]));
             assert_eq!(snapshot(&db).await, before, "{}", db.backend.name());
@@ -481,7 +481,7 @@ async fn cli_reads_work_on_a_read_only_file_and_writes_are_refused_by_name() {
     let listed = cli(&url, &["--json", "sessions", "list"]);
     assert_ok(&listed);
     let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("json");
-    assert_eq!(listed.as_array().map(Vec::len), Some(2));
+    assert_eq!(listed["sessions"].as_array().map(Vec::len), Some(2));
     for args in [
         &["sessions", "list"][..],
         &["sessions", "show", &open[..8]],

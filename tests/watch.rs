@@ -670,16 +670,17 @@ async fn the_migration_numbers_existing_rows_in_time_order() {
     each_backend("the_migration_numbers_existing_rows_in_time_order", |db| async move {
         let conn = db.manager.connection();
         // Back to before audit_seq (and the migrations that follow it).
-        Migrator::down(conn, Some(3)).await.expect("down three");
+        let after_seq = Migrator::migrations()
+            .iter()
+            .skip_while(|m| m.name() != "m20261201_000004_audit_seq")
+            .count();
+        Migrator::down(conn, Some(u32::try_from(after_seq).expect("a few"))).await.expect("down");
         let status = Migrator::get_pending_migrations(conn).await.expect("pending");
         assert_eq!(
-            status.iter().map(|m| m.name().to_owned()).collect::<Vec<_>>(),
-            [
-                "m20261201_000004_audit_seq",
-                "m20261201_000005_browse_indexes",
-                "m20261207_000006_retention"
-            ]
+            status.first().map(|m| m.name().to_owned()).as_deref(),
+            Some("m20261201_000004_audit_seq")
         );
+        assert_eq!(status.len(), after_seq);
         let base = chrono::DurationRound::duration_trunc(chrono::Utc::now(), chrono::Duration::seconds(1)).expect("whole seconds");
         let t = |s: i64| base - chrono::Duration::seconds(s);
         // Inserted out of time order; two share a time and sort by id.

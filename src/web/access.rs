@@ -105,7 +105,11 @@ impl Default for LoopbackAccess {
 /// The host a request is addressed to: its `Host` header, or the URI's
 /// authority (HTTP/2 carries no `Host`).
 pub(crate) fn host_of(request: &Parts) -> Option<String> {
-    match request.headers.get(header::HOST).and_then(|v| v.to_str().ok()) {
+    match request
+        .headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+    {
         Some(host) => Some(host.to_owned()),
         None => request.uri.authority().map(|a| a.as_str().to_owned()),
     }

@@ -68,10 +68,7 @@ pub(crate) async fn openapi() -> Response {
         (status = 400, body = super::error::ErrorBody, description = "A parameter is invalid"),
         (status = 401, body = super::error::ErrorBody, description = "Missing or wrong token"),
     ))]
-pub(crate) async fn sessions(
-    State(web): State<Shared>,
-    RawQuery(q): RawQuery,
-) -> Answer {
+pub(crate) async fn sessions(State(web): State<Shared>, RawQuery(q): RawQuery) -> Answer {
     let q: SessionsQuery = query(q)?;
     Ok(json(web.views().sessions(&q).await?))
 }
@@ -281,10 +278,7 @@ pub(crate) async fn finish(
         (status = 200, body = crate::views::LocksPage, description = "A page of locks, newest grant first"),
         (status = 400, body = super::error::ErrorBody, description = "A parameter is invalid"),
     ))]
-pub(crate) async fn locks(
-    State(web): State<Shared>,
-    RawQuery(q): RawQuery,
-) -> Answer {
+pub(crate) async fn locks(State(web): State<Shared>, RawQuery(q): RawQuery) -> Answer {
     let q: LocksQuery = query(q)?;
     Ok(json(web.views().locks(&q).await?))
 }
@@ -333,10 +327,7 @@ pub(crate) async fn release(
         (status = 400, body = super::error::ErrorBody, description = "A parameter is invalid"),
         (status = 410, body = super::error::ErrorBody, description = "Rows after `after` were pruned"),
     ))]
-pub(crate) async fn audit(
-    State(web): State<Shared>,
-    RawQuery(q): RawQuery,
-) -> Answer {
+pub(crate) async fn audit(State(web): State<Shared>, RawQuery(q): RawQuery) -> Answer {
     let q: AuditQuery = query(q)?;
     Ok(json(web.views().audit(&q).await?))
 }

@@ -202,10 +202,12 @@ fn status_badge(status: SessionStatus) -> Markup {
 /// that no commit falls between them; `None` if it cannot be read (the
 /// page then does not listen).
 async fn newest(web: &Shared) -> Option<i64> {
-    crate::views::newest_seq(web.manager.connection()).await.ok()
+    crate::views::newest_seq(web.manager.connection())
+        .await
+        .ok()
 }
 
-fn query<T>(RawQuery(q): RawQuery) -> Result<T, ApiError> {
+fn query<T: serde::de::DeserializeOwned>(q: Option<String>) -> Result<T, ApiError> {
     super::api::query(q)
 }
 
