@@ -91,6 +91,12 @@ async function prune(form) {
   return false;
 }
 let pending = null;
+// The page's live stream. A browser keeps few connections per host: the
+// stream is closed when the page is left (also into the back-forward
+// cache) and opened again when it is shown from there.
+let source = null;
+window.addEventListener('pagehide', () => { if (source) { source.close(); source = null; } });
+window.addEventListener('pageshow', (e) => { if (e.persisted && !source) listen(); });
 async function redraw() {
   const r = await fetch(location.href, {headers: {'Accept': 'text/html'}});
   if (!r.ok) return;
@@ -108,7 +114,7 @@ function audit_row(ev) {
 function listen() {
   const after = document.body.dataset.after;
   if (after === undefined) return;
-  const source = new EventSource(base + '/events?after=' + after);
+  source = new EventSource(base + '/events?after=' + after);
   source.addEventListener('audit', (e) => {
     const live = document.getElementById('live');
     if (live) { live.prepend(audit_row(JSON.parse(e.data))); const empty = document.getElementById('no-events'); if (empty) empty.remove(); return; }
