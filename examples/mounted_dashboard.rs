@@ -5,7 +5,7 @@
 //! sets a cookie naming the user); a real app puts its own there. The
 //! dashboard asks the app who the request is from through an
 //! [`AccessPolicy`] closure: admins get full access, viewers read-only,
-//! anyone else is sent to log in.
+//! anyone else is refused (403) until the app's login says who they are.
 //!
 //! ```text
 //! cargo run --example mounted_dashboard -- sqlite://sessions.db 127.0.0.1:8080
