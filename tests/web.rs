@@ -894,3 +894,33 @@ async fn the_activity_charts_count_ends_and_granted_waits() {
     })
     .await;
 }
+
+/// The pages' counts are at most `aggregates_ttl` old: kept within it, read
+/// again after it (zero reads them for every page).
+#[tokio::test]
+async fn counts_are_kept_for_the_aggregates_ttl_and_no_longer() {
+    let db = TestDb::new(common::Backend::SqliteMemory).await;
+    let m = &db.manager;
+    let counted = |ttl: Duration| {
+        web::router(
+            Arc::new(m.clone()),
+            WebOptions {
+                access: by_role(),
+                aggregates_ttl: ttl,
+                ..WebOptions::default()
+            },
+        )
+    };
+    let kept = counted(Duration::from_secs(3600));
+    let fresh = counted(Duration::ZERO);
+    let active = |app: Router| async move {
+        let page: SessionsPage = get(&app, "/api/v1/sessions", "admin").await.json();
+        (page.counts.active, page.sessions.len())
+    };
+    assert_eq!(active(kept.clone()).await, (0, 0));
+    m.start_session().await.expect("start");
+    // The list is read fresh; the count is the one kept.
+    assert_eq!(active(kept.clone()).await, (0, 1));
+    assert_eq!(active(fresh.clone()).await, (1, 1));
+    db.cleanup().await;
+}

@@ -476,11 +476,53 @@ fn non_empty(text: Option<&str>) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// The store-wide aggregates the pages show (counts per status, locks held,
+/// the activity charts), kept for `ttl` between reads: counting every row
+/// of a large store on every page and every live redraw would cost more
+/// than the page. A dashboard keeps one; the CLI reads them fresh.
+#[derive(Debug)]
+pub struct Aggregates {
+    ttl: Duration,
+    counts: std::sync::Mutex<Option<(std::time::Instant, (StatusCounts, u64))>>,
+    activity: std::sync::Mutex<Option<(std::time::Instant, Activity)>>,
+}
+
+impl Aggregates {
+    /// Aggregates at most `ttl` old.
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            counts: std::sync::Mutex::new(None),
+            activity: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn fresh<T: Clone>(
+        &self,
+        slot: &std::sync::Mutex<Option<(std::time::Instant, T)>>,
+    ) -> Option<T> {
+        let kept = slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        kept.as_ref()
+            .filter(|(at, _)| at.elapsed() < self.ttl)
+            .map(|(_, v)| v.clone())
+    }
+
+    fn keep<T>(slot: &std::sync::Mutex<Option<(std::time::Instant, T)>>, value: T) {
+        let mut kept = slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *kept = Some((std::time::Instant::now(), value));
+    }
+}
+
 /// The reads behind the operator surface, on one manager.
 #[derive(Clone, Copy)]
 pub struct Views<'a> {
     manager: &'a SessionManager,
     stale_after: Duration,
+    aggregates: Option<&'a Aggregates>,
 }
 
 impl<'a> Views<'a> {
@@ -490,7 +532,28 @@ impl<'a> Views<'a> {
         Self {
             manager,
             stale_after,
+            aggregates: None,
         }
+    }
+
+    /// The same views, with the store-wide aggregates kept in `aggregates`.
+    pub fn with_aggregates(mut self, aggregates: &'a Aggregates) -> Self {
+        self.aggregates = Some(aggregates);
+        self
+    }
+
+    /// Sessions per status and locks held, from the aggregates when they
+    /// are fresh.
+    async fn totals(&self) -> Result<(StatusCounts, u64)> {
+        if let Some(kept) = self.aggregates.and_then(|a| a.fresh(&a.counts)) {
+            return Ok(kept);
+        }
+        let counts = self.counts().await?;
+        let (_, held) = crate::query::store_counts(self.manager.connection()).await?;
+        if let Some(a) = self.aggregates {
+            Aggregates::keep(&a.counts, (counts.clone(), held));
+        }
+        Ok((counts, held))
     }
 
     /// How many sessions are in each status.
@@ -534,7 +597,7 @@ impl<'a> Views<'a> {
             false => None,
         };
         Ok(SessionsPage {
-            counts: self.counts().await?,
+            counts: self.totals().await?.0,
             sessions: rows
                 .into_iter()
                 .map(|s| SessionView::new(s, now, self.stale_after))
@@ -696,7 +759,7 @@ impl<'a> Views<'a> {
             }
             false => None,
         };
-        let (_, held_total) = crate::query::store_counts(self.manager.connection()).await?;
+        let (_, held_total) = self.totals().await?;
         let locks = self.lock_views(rows, &mut HashMap::new(), now).await?;
         Ok(LocksPage {
             locks,
@@ -781,6 +844,17 @@ impl<'a> Views<'a> {
 
     /// Ends and lock waits per minute over the last hour.
     pub async fn activity(&self) -> Result<Activity> {
+        if let Some(kept) = self.aggregates.and_then(|a| a.fresh(&a.activity)) {
+            return Ok(kept);
+        }
+        let activity = self.read_activity().await?;
+        if let Some(a) = self.aggregates {
+            Aggregates::keep(&a.activity, activity.clone());
+        }
+        Ok(activity)
+    }
+
+    async fn read_activity(&self) -> Result<Activity> {
         const MINUTES: u32 = 60;
         let now = Utc::now();
         // The start of the minute 59 minutes ago: the last bar is this one.

@@ -64,6 +64,10 @@ pub struct WebOptions {
     pub via: String,
     /// When it turns true, the live streams end (so a server can stop).
     pub shutdown: Option<tokio::sync::watch::Receiver<bool>>,
+    /// How old the counts per status, the locks held and the charts may
+    /// be: counting a large store on every page and live redraw would cost
+    /// more than the page. Default 2 s; zero reads them for every page.
+    pub aggregates_ttl: Duration,
 }
 
 impl Default for WebOptions {
@@ -74,6 +78,7 @@ impl Default for WebOptions {
             stale_after: Duration::from_secs(300),
             via: "dashboard".into(),
             shutdown: None,
+            aggregates_ttl: Duration::from_secs(2),
         }
     }
 }
@@ -92,6 +97,8 @@ impl std::fmt::Debug for WebOptions {
 pub(crate) struct Web {
     pub manager: Arc<SessionManager>,
     pub options: WebOptions,
+    /// Counts and charts, at most [`WebOptions::aggregates_ttl`] old.
+    pub aggregates: crate::views::Aggregates,
 }
 
 pub(crate) type Shared = Arc<Web>;
@@ -99,6 +106,7 @@ pub(crate) type Shared = Arc<Web>;
 impl Web {
     pub fn views(&self) -> crate::views::Views<'_> {
         crate::views::Views::new(&self.manager, self.options.stale_after)
+            .with_aggregates(&self.aggregates)
     }
 
     pub fn operator(&self, reason: Option<String>) -> crate::Operator {
@@ -168,7 +176,12 @@ impl Here {
 /// }
 /// ```
 pub fn router(manager: Arc<SessionManager>, options: WebOptions) -> Router {
-    let web: Shared = Arc::new(Web { manager, options });
+    let aggregates = crate::views::Aggregates::new(options.aggregates_ttl);
+    let web: Shared = Arc::new(Web {
+        manager,
+        options,
+        aggregates,
+    });
     Router::new()
         .route("/", get(pages::sessions))
         .route("/sessions/{id}", get(pages::session))
