@@ -410,6 +410,60 @@ pub struct Activity {
     pub waiting_now: u64,
 }
 
+/// A list read page by page: [`Views::up_to`] joins its pages.
+#[allow(async_fn_in_trait)]
+pub trait Paged: Sized {
+    /// What selects the rows.
+    type Query: Clone;
+    /// Reads the page `query` names.
+    async fn read(views: &Views<'_>, query: &Self::Query) -> Result<Self>;
+    /// `query`, for `limit` rows (after `cursor`, if given).
+    fn narrow(query: &mut Self::Query, cursor: Option<String>, limit: u64);
+    /// The rows on the page, readable or not.
+    fn rows(&self) -> u64;
+    /// The cursor of the next page, taken out.
+    fn take_next(&mut self) -> Option<String>;
+    /// Sets the cursor of the next page.
+    fn set_next(&mut self, cursor: Option<String>);
+    /// The next page's rows after this page's, and its cursor.
+    fn append(&mut self, next: Self);
+}
+
+macro_rules! paged {
+    ($page:ty, $query:ty, $read:ident, $rows:ident) => {
+        impl Paged for $page {
+            type Query = $query;
+            async fn read(views: &Views<'_>, query: &$query) -> Result<Self> {
+                views.$read(query).await
+            }
+            fn narrow(query: &mut $query, cursor: Option<String>, limit: u64) {
+                if cursor.is_some() {
+                    query.cursor = cursor;
+                }
+                query.limit = Some(limit);
+            }
+            fn rows(&self) -> u64 {
+                (self.$rows.len() + self.corrupt.len()) as u64
+            }
+            fn take_next(&mut self) -> Option<String> {
+                self.next_cursor.take()
+            }
+            fn set_next(&mut self, cursor: Option<String>) {
+                self.next_cursor = cursor;
+            }
+            fn append(&mut self, next: Self) {
+                self.$rows.extend(next.$rows);
+                self.corrupt.extend(next.corrupt);
+                self.next_cursor = next.next_cursor;
+            }
+        }
+    };
+}
+
+paged!(SessionsPage, SessionsQuery, sessions, sessions);
+paged!(LocksPage, LocksQuery, locks, locks);
+paged!(AuditPage, AuditQuery, audit, events);
+
 /// A page limit as the views take it: 1 to [`MAX_PAGE`].
 pub fn page_limit(limit: Option<u64>) -> Result<u64> {
     match limit.unwrap_or(DEFAULT_PAGE) {
@@ -554,6 +608,24 @@ impl<'a> Views<'a> {
             Aggregates::keep(&a.counts, (counts.clone(), held));
         }
         Ok((counts, held))
+    }
+
+    /// Up to `rows` rows of a list from `query` on, read [`MAX_PAGE`] at a
+    /// time and joined into one page whose `next_cursor` goes on after them.
+    pub async fn up_to<P: Paged>(&self, mut query: P::Query, rows: u64) -> Result<P> {
+        P::narrow(&mut query, None, rows.clamp(1, MAX_PAGE));
+        let mut page = P::read(self, &query).await?;
+        while let Some(cursor) = page.take_next() {
+            let left = rows.saturating_sub(page.rows());
+            if left == 0 {
+                page.set_next(Some(cursor));
+                break;
+            }
+            P::narrow(&mut query, Some(cursor), left.min(MAX_PAGE));
+            let next = P::read(self, &query).await?;
+            page.append(next);
+        }
+        Ok(page)
     }
 
     /// How many sessions are in each status.

@@ -5,7 +5,6 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use demiarch_sessions::views::{
     AuditPage, AuditQuery, LocksPage, LocksQuery, SessionView, SessionsPage, SessionsQuery, Views,
-    MAX_PAGE,
 };
 use demiarch_sessions::{
     AgentOutcome, AuditEvent, AuditFilter, AuditRecord, Config, Listing, LockFilter, Operator,
@@ -257,35 +256,15 @@ impl Ctx {
         status: Option<SessionStatus>,
         limit: u64,
     ) -> Result<String, Failure> {
-        let mut query = SessionsQuery {
+        let query = SessionsQuery {
             status,
-            limit: Some(limit.min(MAX_PAGE)),
             ..SessionsQuery::default()
         };
-        let read = |query: &SessionsQuery| {
-            let query = query.clone();
-            async move {
-                self.views()
-                    .sessions(&query)
-                    .await
-                    .map_err(|e| Failure::during("listing sessions", e))
-            }
-        };
-        let mut page: SessionsPage = read(&query).await?;
-        // A --limit over the views' page size is read as several pages.
-        while let Some(cursor) = page.next_cursor.take() {
-            let left = limit - page.sessions.len() as u64;
-            if left == 0 {
-                page.next_cursor = Some(cursor);
-                break;
-            }
-            query.cursor = Some(cursor);
-            query.limit = Some(left.min(MAX_PAGE));
-            let next = read(&query).await?;
-            page.sessions.extend(next.sessions);
-            page.corrupt.extend(next.corrupt);
-            page.next_cursor = next.next_cursor;
-        }
+        let page: SessionsPage = self
+            .views()
+            .up_to(query, limit)
+            .await
+            .map_err(|e| Failure::during("listing sessions", e))?;
         match self.json {
             true => output::json(&page),
             false => Ok(render::sessions(&page, status, &self.url, limit)),
@@ -398,36 +377,16 @@ impl Ctx {
             Some(id) => Some(self.resolve(id).await?),
             None => None,
         };
-        let mut query = LocksQuery {
+        let query = LocksQuery {
             held: Some(held),
             session,
-            limit: Some(limit.min(MAX_PAGE)),
             ..LocksQuery::default()
         };
-        let read = |query: &LocksQuery| {
-            let query = query.clone();
-            async move {
-                self.views()
-                    .locks(&query)
-                    .await
-                    .map_err(|e| Failure::during("listing locks", e))
-            }
-        };
-        let mut page: LocksPage = read(&query).await?;
-        // A --limit over the views' page size is read as several pages.
-        while let Some(cursor) = page.next_cursor.take() {
-            let left = limit - page.locks.len() as u64;
-            if left == 0 {
-                page.next_cursor = Some(cursor);
-                break;
-            }
-            query.cursor = Some(cursor);
-            query.limit = Some(left.min(MAX_PAGE));
-            let next = read(&query).await?;
-            page.locks.extend(next.locks);
-            page.corrupt.extend(next.corrupt);
-            page.next_cursor = next.next_cursor;
-        }
+        let page: LocksPage = self
+            .views()
+            .up_to(query, limit)
+            .await
+            .map_err(|e| Failure::during("listing locks", e))?;
         match self.json {
             true => output::json(&page),
             false => Ok(render::locks(&page, held, session, limit)),
@@ -652,37 +611,18 @@ impl Ctx {
             Some(id) => Some(self.resolve(id).await?),
             None => None,
         };
-        let mut query = AuditQuery {
+        let query = AuditQuery {
             after: tail.after,
             session,
             event: tail.event.map(event_of).transpose()?,
             cursor: None,
-            limit: Some(tail.lines.min(MAX_PAGE)),
+            limit: None,
         };
-        let read = |query: &AuditQuery| {
-            let query = query.clone();
-            async move {
-                self.views()
-                    .audit(&query)
-                    .await
-                    .map_err(|e| Failure::during("reading the audit log", e))
-            }
-        };
-        let mut page: AuditPage = read(&query).await?;
-        // More --lines than the views' page size are read as several pages.
-        while let Some(cursor) = page.next_cursor.take() {
-            let left = tail.lines - page.events.len() as u64;
-            if left == 0 {
-                page.next_cursor = Some(cursor);
-                break;
-            }
-            query.cursor = Some(cursor);
-            query.limit = Some(left.min(MAX_PAGE));
-            let next = read(&query).await?;
-            page.events.extend(next.events);
-            page.corrupt.extend(next.corrupt);
-            page.next_cursor = next.next_cursor;
-        }
+        let page: AuditPage = self
+            .views()
+            .up_to(query, tail.lines)
+            .await
+            .map_err(|e| Failure::during("reading the audit log", e))?;
         match self.json {
             true => output::json(&page),
             false => Ok(render::audit(&page, self.now)),

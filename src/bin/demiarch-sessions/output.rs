@@ -9,7 +9,8 @@ use comfy_table::{presets, Table};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::Value;
-use uuid::Uuid;
+
+pub use demiarch_sessions::views::human::{ago, short, span, time};
 
 use crate::exit::{Failure, INTERNAL};
 
@@ -48,44 +49,9 @@ pub fn json<T: Serialize + ?Sized>(value: &T) -> Result<String, Failure> {
     Ok(text)
 }
 
-/// `2026-11-24 04:38:23 UTC`.
-pub fn time(at: DateTime<Utc>) -> String {
-    at.format("%Y-%m-%d %H:%M:%S UTC").to_string()
-}
-
 /// `2026-11-24 04:38:23 UTC (3m ago)`.
 pub fn time_ago(at: DateTime<Utc>, now: DateTime<Utc>) -> String {
     format!("{} ({})", time(at), ago(at, now))
-}
-
-/// `3m ago`, `in 2h`, `just now`: the largest unit only.
-pub fn ago(at: DateTime<Utc>, now: DateTime<Utc>) -> String {
-    let (delta, future) = if at <= now {
-        (now - at, false)
-    } else {
-        (at - now, true)
-    };
-    let secs = delta.to_std().map(|d| d.as_secs()).unwrap_or(0);
-    if secs == 0 {
-        return "just now".to_owned();
-    }
-    let rough = coarse(Duration::from_secs(secs), 1);
-    if future {
-        format!("in {rough}")
-    } else {
-        format!("{rough} ago")
-    }
-}
-
-/// A duration in at most its two largest units, to the millisecond (to the
-/// microsecond below one): `4ms`, `1s 250ms`, `3m 12s`, `250us`.
-pub fn span(duration: Duration) -> String {
-    let duration = if duration >= Duration::from_millis(1) {
-        Duration::from_millis(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX))
-    } else {
-        Duration::from_micros(u64::try_from(duration.as_micros()).unwrap_or(u64::MAX))
-    };
-    coarse(duration, 2)
 }
 
 /// The time between two instants, as `span` prints it.
@@ -96,17 +62,6 @@ pub fn between(from: DateTime<Utc>, to: DateTime<Utc>) -> String {
 /// `span` of a count of milliseconds.
 pub fn millis(ms: u64) -> String {
     span(Duration::from_millis(ms))
-}
-
-fn coarse(duration: Duration, units: usize) -> String {
-    let full = humantime::format_duration(duration).to_string();
-    let parts: Vec<&str> = full.split(' ').take(units).collect();
-    parts.join(" ")
-}
-
-/// The first 8 characters of an id, enough to name it on the command line.
-pub fn short(id: Uuid) -> String {
-    id.simple().to_string()[..8].to_owned()
 }
 
 /// An audit row's details as `key=value` pairs; `session_id` is left out (it
