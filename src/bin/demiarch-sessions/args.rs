@@ -155,8 +155,8 @@ pub enum Command {
         /// `IP:PORT`; anything but loopback needs --token.
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7878", value_parser = listen_address)]
         listen: std::net::SocketAddr,
-        /// Every request must carry it: `Authorization: Bearer TOKEN`, or a
-        /// browser opens /login?token=TOKEN once.
+        /// Every request must carry it: `Authorization: Bearer TOKEN`, or
+        /// the cookie a browser gets by logging in at /login.
         #[arg(
             long,
             value_name = "TOKEN",
