@@ -475,19 +475,7 @@ pub fn page_limit(limit: Option<u64>) -> Result<u64> {
     }
 }
 
-/// The `(time in µs, id)` a session or lock cursor holds.
-fn time_cursor(field: &'static str, text: &str) -> Result<(DateTime<Utc>, i64)> {
-    let bad = || Error::InvalidInput {
-        field,
-        reason: format!("{text:?} is not a cursor this store gave out"),
-    };
-    let (micros, rest) = text.split_once('.').ok_or_else(bad)?;
-    let micros: i64 = micros.parse().map_err(|_| bad())?;
-    let at = DateTime::<Utc>::from_timestamp_micros(micros).ok_or_else(bad)?;
-    let n: i64 = rest.parse().map_err(|_| bad())?;
-    Ok((at, n))
-}
-
+/// The `(started_at in µs, id)` a sessions page's cursor holds.
 fn id_cursor(field: &'static str, text: &str) -> Result<(DateTime<Utc>, Uuid)> {
     let bad = || Error::InvalidInput {
         field,
@@ -500,7 +488,8 @@ fn id_cursor(field: &'static str, text: &str) -> Result<(DateTime<Utc>, Uuid)> {
     Ok((at, id))
 }
 
-fn seq_cursor(text: &str) -> Result<i64> {
+/// The `seq` or fencing token an audit or locks page's cursor holds.
+fn number_cursor(text: &str) -> Result<i64> {
     match text.parse::<i64>() {
         Ok(n) if n > 0 => Ok(n),
         _ => Err(Error::InvalidInput {
@@ -803,7 +792,7 @@ impl<'a> Views<'a> {
     pub async fn locks(&self, query: &LocksQuery) -> Result<LocksPage> {
         let limit = page_limit(query.limit)?;
         let before = match query.cursor.as_deref().filter(|c| !c.is_empty()) {
-            Some(c) => Some(time_cursor("cursor", c)?.1),
+            Some(c) => Some(number_cursor(c)?),
             None => None,
         };
         let resource = non_empty(query.resource.as_deref());
@@ -826,8 +815,7 @@ impl<'a> Views<'a> {
         let next_cursor = match read > limit {
             true => {
                 rows.truncate(limit as usize);
-                rows.last()
-                    .map(|l| format!("{}.{}", l.acquired_at.timestamp_micros(), l.fencing_token))
+                rows.last().map(|l| l.fencing_token.to_string())
             }
             false => None,
         };
@@ -846,7 +834,7 @@ impl<'a> Views<'a> {
     pub async fn audit(&self, query: &AuditQuery) -> Result<AuditPage> {
         let limit = page_limit(query.limit)?;
         let before = match query.cursor.as_deref().filter(|c| !c.is_empty()) {
-            Some(c) => Some(seq_cursor(c)?),
+            Some(c) => Some(number_cursor(c)?),
             None => None,
         };
         if let Some(after) = query.after.filter(|a| *a < 0) {

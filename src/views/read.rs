@@ -7,7 +7,7 @@ use sea_orm::entity::prelude::TextUuid;
 use sea_orm::sea_query::{Expr, ExprTrait, LikeExpr, Query};
 use sea_orm::{
     ColumnTrait, Condition, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter,
-    QueryOrder, QuerySelect,
+    QueryOrder, QuerySelect, Select,
 };
 use uuid::Uuid;
 
@@ -243,21 +243,25 @@ pub(crate) async fn newest_seq(db: &DatabaseConnection) -> Result<i64> {
     Ok(newest.flatten().unwrap_or(0))
 }
 
-/// How many `event` rows were written in each minute from `since`: one
-/// count per minute, each a range of the (event_type, event_time) index.
-pub(crate) async fn events_per_minute(
+/// How many rows of `rows` have `column` in each minute from `since`: one
+/// count per minute, each a range of an index on `column`.
+async fn per_minute<E: EntityTrait>(
     db: &DatabaseConnection,
-    event: AuditEvent,
+    rows: Select<E>,
+    column: E::Column,
     since: DateTime<Utc>,
     minutes: u32,
-) -> Result<Vec<u64>> {
+) -> Result<Vec<u64>>
+where
+    E::Model: Sync,
+{
     let mut counts = Vec::with_capacity(minutes as usize);
     for minute in 0..minutes {
         let from = since + chrono::Duration::minutes(i64::from(minute));
-        let n = audit_log::Entity::find()
-            .filter(audit_log::Column::EventType.eq(event.as_str()))
-            .filter(audit_log::Column::EventTime.gte(from))
-            .filter(audit_log::Column::EventTime.lt(from + chrono::Duration::minutes(1)))
+        let n = rows
+            .clone()
+            .filter(column.gte(from))
+            .filter(column.lt(from + chrono::Duration::minutes(1)))
             .count(db)
             .await?;
         counts.push(n);
@@ -265,24 +269,34 @@ pub(crate) async fn events_per_minute(
     Ok(counts)
 }
 
-/// How many locks whose holder waited for them started waiting in each
-/// minute from `since`, by the (waited_since) index.
+/// `event` rows written per minute from `since`, by the (event_type,
+/// event_time) index.
+pub(crate) async fn events_per_minute(
+    db: &DatabaseConnection,
+    event: AuditEvent,
+    since: DateTime<Utc>,
+    minutes: u32,
+) -> Result<Vec<u64>> {
+    let rows = audit_log::Entity::find().filter(audit_log::Column::EventType.eq(event.as_str()));
+    per_minute(db, rows, audit_log::Column::EventTime, since, minutes).await
+}
+
+/// Locks whose holder waited for them, per minute the wait began, by the
+/// (waited_since) index.
 pub(crate) async fn waits_per_minute(
     db: &DatabaseConnection,
     since: DateTime<Utc>,
     minutes: u32,
 ) -> Result<Vec<u64>> {
-    let mut counts = Vec::with_capacity(minutes as usize);
-    for minute in 0..minutes {
-        let from = since + chrono::Duration::minutes(i64::from(minute));
-        let n = resource_locks::Entity::find()
-            .filter(resource_locks::Column::WaitedSince.gte(from))
-            .filter(resource_locks::Column::WaitedSince.lt(from + chrono::Duration::minutes(1)))
-            .count(db)
-            .await?;
-        counts.push(n);
-    }
-    Ok(counts)
+    let rows = resource_locks::Entity::find();
+    per_minute(
+        db,
+        rows,
+        resource_locks::Column::WaitedSince,
+        since,
+        minutes,
+    )
+    .await
 }
 
 /// Agents in a lock queue now.
