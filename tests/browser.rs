@@ -230,6 +230,23 @@ async fn post_from_page(client: &Client, path: &str) -> u64 {
         .expect("a status")
 }
 
+/// Clicks `css`, finding it again if a live redraw replaced it between the
+/// finding and the click.
+async fn click(client: &Client, css: &str) {
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let clicked = match client.find(Locator::Css(css)).await {
+            Ok(element) => element.click().await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        match clicked {
+            Ok(()) => return,
+            Err(e) if tokio::time::Instant::now() >= give_up => panic!("click {css}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
 /// examples/mounted_dashboard.rs: the dashboard at /ops/sessions behind the
 /// app's own login. A viewer sees every page and no action (and a POST of
 /// its own is refused); an admin pauses, unpauses, finishes an agent,
@@ -287,15 +304,11 @@ async fn the_mounted_dashboard_under_a_prefix_in_a_real_browser() {
         client.find(Locator::Id("recover")).await.is_err(),
         "a viewer sees Recover"
     );
-    client
-        .find(Locator::Css(&format!(
-            "a[href='/ops/sessions/sessions/{session}']"
-        )))
-        .await
-        .expect("the session's link under the prefix")
-        .click()
-        .await
-        .expect("click");
+    click(
+        &client,
+        &format!("a[href='/ops/sessions/sessions/{session}']"),
+    )
+    .await;
     until_text(&client, "h1", &session.to_string()).await;
     assert!(
         client.find(Locator::Id("end")).await.is_err(),
@@ -331,26 +344,14 @@ async fn the_mounted_dashboard_under_a_prefix_in_a_real_browser() {
     screenshot(&client, "dashboard-session.png").await;
 
     // Pause, then unpause.
-    client
-        .find(Locator::Id("pause"))
-        .await
-        .expect("Pause")
-        .click()
-        .await
-        .expect("click");
+    click(&client, "#pause").await;
     client.accept_alert().await.expect("confirm");
     until_text(&client, "#status", "paused").await;
     assert_eq!(
         m.session(session).await.expect("row").status,
         SessionStatus::Paused
     );
-    client
-        .find(Locator::Id("unpause"))
-        .await
-        .expect("Unpause")
-        .click()
-        .await
-        .expect("click");
+    click(&client, "#unpause").await;
     client.accept_alert().await.expect("confirm");
     until_text(&client, "#status", "active").await;
     assert_eq!(
@@ -359,13 +360,7 @@ async fn the_mounted_dashboard_under_a_prefix_in_a_real_browser() {
     );
 
     // Finish the reviewer: its lock goes with it.
-    client
-        .find(Locator::Css(&format!("#agent-{reviewer} button.finish")))
-        .await
-        .expect("Finish")
-        .click()
-        .await
-        .expect("click");
+    click(&client, &format!("#agent-{reviewer} button.finish")).await;
     client.accept_alert().await.expect("confirm");
     until_text(&client, &format!("#agent-{reviewer} .outcome"), "completed").await;
     let agents = m.agents(session).await.expect("agents");
@@ -388,16 +383,11 @@ async fn the_mounted_dashboard_under_a_prefix_in_a_real_browser() {
         .execute("window.prompt = () => 'stuck in the browser test';", vec![])
         .await
         .expect("answer the prompt");
-    client
-        .find(Locator::Css(&format!(
-            "tr[data-id='{}'] button.release",
-            main_rs.lock_id
-        )))
-        .await
-        .expect("Force release")
-        .click()
-        .await
-        .expect("click");
+    click(
+        &client,
+        &format!("tr[data-id='{}'] button.release", main_rs.lock_id),
+    )
+    .await;
     let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let locks = m
@@ -437,20 +427,8 @@ async fn the_mounted_dashboard_under_a_prefix_in_a_real_browser() {
         .goto(&format!("{base}/ops/sessions/sessions/{session}"))
         .await
         .expect("session page");
-    client
-        .find(Locator::Id("force"))
-        .await
-        .expect("force")
-        .click()
-        .await
-        .expect("tick");
-    client
-        .find(Locator::Id("end"))
-        .await
-        .expect("End")
-        .click()
-        .await
-        .expect("click");
+    click(&client, "#force").await;
+    click(&client, "#end").await;
     client.accept_alert().await.expect("confirm");
     until_text(&client, "#status", "completed").await;
     assert_eq!(
@@ -464,13 +442,7 @@ async fn the_mounted_dashboard_under_a_prefix_in_a_real_browser() {
         .await
         .expect("sessions");
     until_text(&client, "#counts", "completed").await;
-    client
-        .find(Locator::Id("recover"))
-        .await
-        .expect("Recover")
-        .click()
-        .await
-        .expect("click");
+    click(&client, "#recover").await;
     client.accept_alert().await.expect("confirm");
     until_text(&client, "#message", "Interrupted 0 sessions").await;
     let before = m
@@ -479,13 +451,7 @@ async fn the_mounted_dashboard_under_a_prefix_in_a_real_browser() {
         .expect("list")
         .rows
         .len();
-    client
-        .find(Locator::Css("details.act summary"))
-        .await
-        .expect("Prune…")
-        .click()
-        .await
-        .expect("open");
+    click(&client, "details.act summary").await;
     client
         .find(Locator::Css("#prune input[name='completed_after']"))
         .await
@@ -493,13 +459,7 @@ async fn the_mounted_dashboard_under_a_prefix_in_a_real_browser() {
         .send_keys("1s")
         .await
         .expect("type");
-    client
-        .find(Locator::Css("#prune button"))
-        .await
-        .expect("Prune")
-        .click()
-        .await
-        .expect("click");
+    click(&client, "#prune button").await;
     until_text(&client, "#message", "Would delete").await;
     assert_eq!(
         m.list_sessions(Default::default())
