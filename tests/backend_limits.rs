@@ -127,7 +127,12 @@ async fn window_of(m: &SessionManager, session: Uuid, target: usize) {
 async fn a_context_the_server_cannot_take_is_refused_by_name_and_one_it_can_is_saved() {
     each_backend_with(
         "a_context_the_server_cannot_take_is_refused_by_name_and_one_it_can_is_saved",
-        test_config(),
+        // Sizes, not time, are under test: a loaded machine may take longer
+        // than the default 2 s to write 16 MiB.
+        Config {
+            cleanup_timeout: Duration::from_secs(60),
+            ..test_config()
+        },
         |db| async move {
             if db.backend != Backend::MySql {
                 eprintln!(
