@@ -60,6 +60,8 @@ mod fixture;
 mod handoff;
 #[path = "scale/lock_lost.rs"]
 mod lock_lost;
+#[path = "scale/lockload.rs"]
+mod lockload;
 #[path = "scale/prune.rs"]
 mod prune;
 #[path = "scale/raw_seed.rs"]
@@ -85,15 +87,21 @@ async fn main() -> Result<(), Box<dyn Error>> {
         Mode::End => time_ends(&args).await,
         Mode::Throughput {
             concurrency,
+            instances,
             sessions,
             rounds,
-        } => throughput(&args, concurrency, sessions, rounds).await,
+        } => throughput(&args, concurrency, instances, sessions, rounds).await,
         Mode::Acquire => time_acquires(&args).await,
         Mode::Handoff => handoff::run(&args).await,
         Mode::Watch => watch::run(&args).await,
         Mode::Dashboard => dashboard::run(&args).await,
         Mode::Prune => prune::run(&args).await,
         Mode::LockLost => lock_lost::run(&args).await,
+        Mode::LockLoad {
+            clients,
+            instances,
+            seconds,
+        } => lockload::run(&args, clients, instances, seconds).await,
         Mode::Explain => {
             let locks = args.locks[0];
             with_fixture(&args, |fx| async move { explain::run(&fx, locks).await }).await
@@ -315,9 +323,10 @@ impl Errors {
     }
 }
 
-/// Ends every session in `ids` from `tasks` tasks; returns ends per second.
+/// Ends every session in `ids` from `tasks` tasks, spread over `managers`;
+/// returns ends per second.
 async fn end_all(
-    manager: &SessionManager,
+    managers: &[SessionManager],
     implementation: Impl,
     ids: Vec<Uuid>,
     locks: u64,
@@ -328,9 +337,9 @@ async fn end_all(
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut handles = Vec::with_capacity(tasks);
-    for _ in 0..tasks {
-        let (manager, ids, next, errors) =
-            (manager.clone(), ids.clone(), next.clone(), errors.clone());
+    for task in 0..tasks {
+        let manager = managers[task % managers.len()].clone();
+        let (ids, next, errors) = (ids.clone(), next.clone(), errors.clone());
         handles.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -364,11 +373,12 @@ fn median(values: &[f64]) -> f64 {
 }
 
 /// Rounds of `sessions` ends one at a time and `sessions` ends from
-/// `concurrency` tasks (alternating which phase goes first); reports the
-/// median rate of each phase.
+/// `concurrency` tasks over `instances` managers (alternating which phase
+/// goes first); reports the median rate of each phase.
 async fn throughput(
     args: &Args,
     concurrency: usize,
+    instances: usize,
     sessions: usize,
     rounds: usize,
 ) -> BoxResult<()> {
@@ -378,6 +388,13 @@ async fn throughput(
         let line: Arc<Mutex<Option<ThroughputLine>>> = Arc::default();
         let out = line.clone();
         with_fixture(args, |fx| async move {
+            let mut managers = vec![fx.manager.clone()];
+            for _ in 1..instances {
+                match fx.second_manager(manager_config(args)).await? {
+                    Some(manager) => managers.push(manager),
+                    None => break,
+                }
+            }
             let serial_errors = Arc::new(Errors::default());
             let concurrent_errors = Arc::new(Errors::default());
             let (mut serial, mut concurrent) = (Vec::new(), Vec::new());
@@ -394,9 +411,12 @@ async fn throughput(
                     } else {
                         (&mut concurrent, &concurrent_errors)
                     };
-                    rates.push(
-                        end_all(&fx.manager, implementation, ids, locks, tasks, errors).await?,
-                    );
+                    let on = if tasks == 1 {
+                        &managers[..1]
+                    } else {
+                        &managers[..]
+                    };
+                    rates.push(end_all(on, implementation, ids, locks, tasks, errors).await?);
                 }
             }
 
@@ -428,6 +448,7 @@ async fn throughput(
                 background_sessions: background,
                 sessions,
                 concurrency,
+                instances: managers.len(),
                 rounds,
                 serial_per_s: report::round1(serial_per_s),
                 concurrent_per_s: report::round1(concurrent_per_s),
@@ -439,6 +460,9 @@ async fn throughput(
                 first_error,
                 peak_rss_kb: peak_rss_kb(),
             });
+            for manager in managers.into_iter().skip(1) {
+                manager.close().await?;
+            }
             Ok(())
         })
         .await?;
@@ -457,15 +481,24 @@ async fn time_acquires(args: &Args) -> BoxResult<()> {
         let manager = &fx.manager;
         let session = manager.start_session().await?;
         let agent = manager.register_agent(session, "bench").await?;
+        lockload::create_floor(fx.connection()).await?;
+        let floor_conn = manager.write_connection();
         let mut samples = Vec::with_capacity(args.iters);
+        let mut floor = Vec::with_capacity(args.iters);
         for i in 0..WARMUP + args.iters {
             let key = format!("acquire/{session}/{i}");
             let started = Instant::now();
             manager.acquire_lock(agent, "file", &key).await?;
+            let took = started.elapsed();
+            let started = Instant::now();
+            lockload::floor_acquire(floor_conn, &key, agent).await?;
+            let floor_took = started.elapsed();
             if i >= WARMUP {
-                samples.push(started.elapsed());
+                samples.push(took);
+                floor.push(floor_took);
             }
         }
+        let (floor_median_us, floor_p99_us) = summarize(&floor);
         let (median_us, p99_us) = summarize(&samples);
         *out.lock().unwrap_or_else(PoisonError::into_inner) = Some(AcquireLine {
             op: "acquire_lock",
@@ -474,6 +507,9 @@ async fn time_acquires(args: &Args) -> BoxResult<()> {
             iters: args.iters,
             median_us,
             p99_us,
+            floor_median_us,
+            floor_p99_us,
+            ratio_to_floor: (median_us / floor_median_us * 1000.0).round() / 1000.0,
             peak_rss_kb: peak_rss_kb(),
         });
         Ok(())

@@ -26,10 +26,18 @@ load on the machine falls on all of them alike.
 
 modes (default: time ends, one JSON line per impl and combination):
   --concurrency N              throughput: end --sessions sessions serially, then with N tasks
+  --instances I                --concurrency: spread the N tasks over I managers on one store
+                               (as I processes of an app), each impl on each manager's pool [1]
   --sessions N                 sessions per throughput phase; with --prune, ended
                                sessions to prune (the issue's figure: 100000) [1000]
   --rounds N                   throughput rounds (serial + concurrent phase each) [3]
-  --acquire                    time acquire_lock instead of end_session
+  --acquire                    time acquire_lock instead of end_session, beside the
+                               one-statement floor (an INSERT … RETURNING) on the same pool
+  --lockload C,I               acquire + release pairs on distinct resources from C clients
+                               over I managers on one store, beside the raw-SQL floor
+                               (INSERT … RETURNING, then UPDATE) at the same concurrency
+                               and the library's one-client figure; medians of 3 runs
+  --lockload-seconds N         how long each --lockload run lasts [3]
   --handoff                    time a lock's hand-over to a waiting acquire (LockOptions::wait):
                                in one process, to a second manager on the same database,
                                and a queue of 16 waiters draining against uncontended pairs;
@@ -96,6 +104,7 @@ pub enum Mode {
     End,
     Throughput {
         concurrency: usize,
+        instances: usize,
         sessions: usize,
         rounds: usize,
     },
@@ -105,6 +114,11 @@ pub enum Mode {
     Dashboard,
     Prune,
     LockLost,
+    LockLoad {
+        clients: usize,
+        instances: usize,
+        seconds: u64,
+    },
     Explain,
     WalPages,
     Chart {
@@ -156,6 +170,7 @@ impl Args {
         let mut cleanup_timeout_ms = 2000;
         let mut max_connections = Config::default().max_connections;
         let mut concurrency = None;
+        let mut instances = 1;
         let mut sessions = 1000;
         let mut rounds = 3;
         let mut acquire = false;
@@ -164,6 +179,8 @@ impl Args {
         let mut dashboard = false;
         let mut prune = false;
         let mut lock_lost = false;
+        let mut lockload: Option<(usize, usize)> = None;
+        let mut lockload_seconds = 3;
         let mut prune_batches = vec![1000];
         let mut watch_rate = 5000;
         let mut watch_seconds = 3;
@@ -197,6 +214,7 @@ impl Args {
                     cleanup_timeout_ms = number("--cleanup-timeout-ms", &value()?)?
                 }
                 "--concurrency" => concurrency = Some(number("--concurrency", &value()?)?),
+                "--instances" => instances = number("--instances", &value()?)?,
                 "--sessions" => sessions = number("--sessions", &value()?)?,
                 "--rounds" => rounds = number("--rounds", &value()?)?,
                 "--acquire" => acquire = true,
@@ -205,6 +223,19 @@ impl Args {
                 "--dashboard" => dashboard = true,
                 "--prune" => prune = true,
                 "--lock-lost" => lock_lost = true,
+                "--lockload" => {
+                    let v: Vec<usize> = list("--lockload", &value()?)?;
+                    match v[..] {
+                        [c, i] if c > 0 && i > 0 => lockload = Some((c, i)),
+                        _ => {
+                            return Err(format!(
+                                "--lockload expects CLIENTS,INSTANCES, both at least 1\n\n{USAGE}"
+                            )
+                            .into())
+                        }
+                    }
+                }
+                "--lockload-seconds" => lockload_seconds = number("--lockload-seconds", &value()?)?,
                 "--batch" => prune_batches = list("--batch", &value()?)?,
                 "--watch-rate" => watch_rate = number("--watch-rate", &value()?)?,
                 "--watch-seconds" => watch_seconds = number("--watch-seconds", &value()?)?,
@@ -223,16 +254,17 @@ impl Args {
             || handoff
             || explain
             || wal_pages;
-        if [watch, dashboard, prune, lock_lost]
+        let lockload_mode = lockload.is_some();
+        if [watch, dashboard, prune, lock_lost, lockload_mode]
             .iter()
             .filter(|m| **m)
             .count()
             + usize::from(other_mode)
             > 1
-            && (watch || dashboard || prune || lock_lost)
+            && (watch || dashboard || prune || lock_lost || lockload_mode)
         {
             return Err(format!(
-                "choose one mode: --watch, --dashboard, --prune and --lock-lost go alone\n\n{USAGE}"
+                "choose one mode: --watch, --dashboard, --prune, --lock-lost and --lockload go alone\n\n{USAGE}"
             )
             .into());
         }
@@ -241,6 +273,14 @@ impl Args {
             _ if dashboard => Mode::Dashboard,
             _ if prune => Mode::Prune,
             _ if lock_lost => Mode::LockLost,
+            _ if lockload.is_some() => {
+                let (clients, instances) = lockload.unwrap_or((1, 1));
+                Mode::LockLoad {
+                    clients,
+                    instances,
+                    seconds: lockload_seconds.max(1),
+                }
+            }
             (Some(out), Some(from), None, false, false, false, false) => Mode::Chart { out, from },
             (Some(_), None, ..) | (None, Some(_), ..) => {
                 return Err(format!("--chart and --from go together\n\n{USAGE}").into())
@@ -248,6 +288,7 @@ impl Args {
             (None, None, Some(concurrency), false, false, false, false) if concurrency > 0 => {
                 Mode::Throughput {
                     concurrency,
+                    instances: instances.max(1),
                     sessions,
                     rounds: rounds.max(1),
                 }

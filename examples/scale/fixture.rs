@@ -16,7 +16,7 @@ use demiarch_sessions::{Config, SessionManager};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, Database, DatabaseBackend, DatabaseConnection,
-    DatabaseTransaction, EntityTrait, QueryFilter, TransactionTrait,
+    DatabaseTransaction, EntityTrait, QueryFilter, Statement, TransactionTrait,
 };
 use tempfile::TempDir;
 use uuid::Uuid;
@@ -219,9 +219,25 @@ impl Fixture {
         Ok(ended)
     }
 
-    /// The `--background` sessions: 2 agents holding 5 locks each.
+    /// The `--background` sessions: 2 agents holding 5 locks each. On
+    /// SQLite and PostgreSQL in bulk SQL (a recursive CTE, `generate_series`),
+    /// so a million fit in minutes; on MariaDB/MySQL through multi-row inserts.
     pub async fn populate_background(&self, sessions: u64) -> BoxResult<()> {
-        self.create_sessions(sessions, 2, 10).await?;
+        match self.backend {
+            BackendKind::MySql => {
+                self.create_sessions(sessions, 2, 10).await?;
+            }
+            _ => {
+                let mut made = 0;
+                while made < sessions {
+                    let n = std::cmp::min(BULK_SESSIONS_PER_TXN, sessions - made);
+                    let txn = self.manager.write_connection().begin().await?;
+                    bulk_sessions(&txn, n).await?;
+                    txn.commit().await?;
+                    made += n;
+                }
+            }
+        }
         self.analyze().await
     }
 
@@ -249,10 +265,106 @@ fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
 
-/// Reserves `n` fencing tokens from the counter; returns the first.
+/// Background sessions per transaction of the bulk fill.
+const BULK_SESSIONS_PER_TXN: u64 = 100_000;
+
+/// A random (version 4) UUID's text, in SQLite's SQL.
+const SQLITE_UUID: &str = "lower(hex(randomblob(4)) || '-' || hex(randomblob(2)) || '-4' \
+    || substr(hex(randomblob(2)), 2) || '-' || substr('89ab', 1 + (abs(random()) % 4), 1) \
+    || substr(hex(randomblob(2)), 2) || '-' || hex(randomblob(6)))";
+
+/// `n` background sessions (2 running agents, 10 held locks, a
+/// `session_start` row each) in five `INSERT … SELECT` statements over a
+/// temporary table of ids, inside the caller's transaction (SQLite and
+/// PostgreSQL).
+async fn bulk_sessions(txn: &DatabaseTransaction, n: u64) -> BoxResult<()> {
+    let backend = txn.get_database_backend();
+    let token = reserve_tokens(txn, n * 10).await?;
+    let at = sea_orm::Value::from(sea_orm::prelude::DateTimeWithTimeZone::from(now()));
+    let (create, uuid, details, ten, p1, p2) = if backend == DatabaseBackend::Postgres {
+        (
+            format!(
+                "CREATE TEMPORARY TABLE bg ON COMMIT DROP AS SELECT g AS n, \
+                 gen_random_uuid()::text AS sid, gen_random_uuid()::text AS a0, \
+                 gen_random_uuid()::text AS a1 FROM generate_series(1, {n}) g"
+            ),
+            "gen_random_uuid()::text".to_owned(),
+            "jsonb_build_object('session_id', sid)",
+            "generate_series(0, 9) AS t(l)",
+            "$1",
+            "$2",
+        )
+    } else {
+        (
+            format!(
+                "CREATE TEMPORARY TABLE bg AS WITH RECURSIVE c(n) AS \
+                 (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < {n}) \
+                 SELECT n, {SQLITE_UUID} AS sid, {SQLITE_UUID} AS a0, {SQLITE_UUID} AS a1 FROM c"
+            ),
+            SQLITE_UUID.to_owned(),
+            "json_object('session_id', sid)",
+            "(WITH RECURSIVE t(l) AS (SELECT 0 UNION ALL SELECT l + 1 FROM t WHERE l < 9) \
+             SELECT l FROM t) AS t",
+            "?1",
+            "?2",
+        )
+    };
+    let statements = [
+        format!(
+            "INSERT INTO global_sessions (id, status, started_at, updated_at) \
+             SELECT sid, 'active', {p1}, {p1} FROM bg"
+        ),
+        format!(
+            "INSERT INTO audit_log (id, event_type, event_time, session_id, details) \
+             SELECT {uuid}, 'session_start', {p1}, sid, {details} FROM bg ORDER BY n"
+        ),
+        format!(
+            "INSERT INTO agent_executions (id, session_id, agent_type, status, started_at) \
+             SELECT a0, sid, 'agent-0', 'running', {p1} FROM bg \
+             UNION ALL SELECT a1, sid, 'agent-1', 'running', {p1} FROM bg"
+        ),
+        format!(
+            "INSERT INTO resource_locks \
+             (id, agent_id, session_id, resource_type, resource_key, fencing_token, acquired_at) \
+             SELECT {uuid}, CASE WHEN t.l % 2 = 0 THEN a0 ELSE a1 END, sid, 'file', \
+             sid || '/' || t.l, {p2} + (n - 1) * 10 + t.l, {p1} FROM bg CROSS JOIN {ten}"
+        ),
+    ];
+    txn.execute_unprepared(&create).await?;
+    for (i, sql) in statements.iter().enumerate() {
+        let values = if i == 3 {
+            vec![at.clone(), token.into()]
+        } else {
+            vec![at.clone()]
+        };
+        txn.execute_raw(Statement::from_sql_and_values(backend, sql, values))
+            .await
+            .map_err(|e| format!("{sql}: {e}"))?;
+    }
+    if backend != DatabaseBackend::Postgres {
+        txn.execute_unprepared("DROP TABLE temp.bg").await?;
+    }
+    Ok(())
+}
+
+/// Reserves `n` fencing tokens from where the library draws them; returns
+/// the first.
 async fn reserve_tokens(txn: &DatabaseTransaction, n: u64) -> BoxResult<i64> {
     use sea_orm::ExprTrait;
     let step = i64::try_from(n)?;
+    if txn.get_database_backend() == DatabaseBackend::Postgres {
+        // Bulk SQL: the sequence, where the schema has one, moved on by `n` at once.
+        let sql = format!(
+            "SELECT setval(to_regclass('lock_fencing_seq'), \
+             nextval(to_regclass('lock_fencing_seq')) + {step} - 1)"
+        );
+        let row = txn
+            .query_one_raw(Statement::from_string(DatabaseBackend::Postgres, sql))
+            .await?;
+        if let Some(last) = row.and_then(|r| r.try_get_by_index::<Option<i64>>(0).ok().flatten()) {
+            return Ok(last - step + 1);
+        }
+    }
     lock_fencing::Entity::update_many()
         .col_expr(
             lock_fencing::Column::LastToken,

@@ -31,6 +31,7 @@ pub struct ThroughputLine {
     pub background_sessions: u64,
     pub sessions: usize,
     pub concurrency: usize,
+    pub instances: usize,
     pub rounds: usize,
     /// Medians over the rounds.
     pub serial_per_s: f64,
@@ -53,6 +54,10 @@ pub struct AcquireLine {
     pub iters: usize,
     pub median_us: f64,
     pub p99_us: f64,
+    /// The one-statement floor on the same pool, interleaved with the library's.
+    pub floor_median_us: f64,
+    pub floor_p99_us: f64,
+    pub ratio_to_floor: f64,
     pub peak_rss_kb: u64,
 }
 
