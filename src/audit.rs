@@ -4,10 +4,10 @@
 //! and only a prune deletes them, oldest first, at or below the compaction
 //! horizon it raises first; the database's triggers refuse anything else.
 use chrono::{DateTime, Utc};
-use sea_orm::{ActiveValue::Set, ConnectionTrait, EntityTrait, QuerySelect};
+use sea_orm::{ActiveValue::Set, ConnectionTrait, EntityTrait};
 use uuid::Uuid;
 
-use entity::{audit_head, audit_log};
+use entity::audit_log;
 
 /// The kinds of audit event this library writes. It serializes (serde) and
 /// displays as the `event_type` stored, such as `"session_end"`.
@@ -138,9 +138,10 @@ impl std::fmt::Display for AuditEvent {
 }
 
 /// Appends one audit row, as its ActiveModel, inside the caller's
-/// transaction, which must commit (or roll back) right after: it first locks
-/// `audit_head`, so that the database hands out `seq` in commit order (see
-/// the `watch` module), and that lock is held until the transaction ends.
+/// transaction, which must commit (or roll back) right after: it first takes
+/// the audit log's turn ([`db::audit_turn`](crate::db::audit_turn)), so that
+/// the database hands out `seq` in commit order (see the `watch` module), and
+/// holds it until the transaction ends.
 pub(crate) async fn append<C: ConnectionTrait>(
     txn: &C,
     event: AuditEvent,
@@ -148,18 +149,7 @@ pub(crate) async fn append<C: ConnectionTrait>(
     details: serde_json::Value,
     at: DateTime<Utc>,
 ) -> crate::Result<()> {
-    let head: Option<i64> = audit_head::Entity::find_by_id(1)
-        .select_only()
-        .column(audit_head::Column::Id)
-        .lock_exclusive()
-        .into_tuple()
-        .one(txn)
-        .await?;
-    if head.is_none() {
-        return Err(crate::Error::MissingRow {
-            table: "audit_head",
-        });
-    }
+    crate::db::audit_turn(txn).await?;
     let row = audit_log::ActiveModel {
         id: Set(Uuid::new_v4().to_string()),
         event_type: Set(event.as_str().to_owned()),

@@ -756,6 +756,175 @@ pub(crate) async fn begin_write(store: &Store) -> Result<WriteTxn> {
     Ok(WriteTxn { txn, _gate: gate })
 }
 
+/// Takes the resource's turn, held until the caller's transaction ends: the
+/// grants and queueings of one resource take turns, those of different
+/// resources do not wait for each other. On the servers it writes the
+/// resource's row in `lock_resources` (inserting it the first time); on
+/// SQLite the write transaction already holds the only write lock.
+pub(crate) async fn resource_turn(
+    txn: &DatabaseTransaction,
+    resource: &crate::locks::wake::Resource,
+) -> Result<()> {
+    use entity::lock_resources;
+    use sea_orm::sea_query::OnConflict;
+    use sea_orm::{ActiveValue::Set, EntityTrait};
+    if txn.get_database_backend() == DatabaseBackend::Sqlite {
+        return Ok(());
+    }
+    let row = lock_resources::ActiveModel {
+        id: Set(resource_id(resource).to_string()),
+        resource_type: Set(resource.0.clone()),
+        resource_key: Set(resource.1.clone()),
+        touched_at: Set(now().into()),
+    };
+    lock_resources::Entity::insert(row)
+        .on_conflict(
+            OnConflict::column(lock_resources::Column::Id)
+                .update_column(lock_resources::Column::TouchedAt)
+                .to_owned(),
+        )
+        .exec_without_returning(txn)
+        .await?;
+    Ok(())
+}
+
+/// The name-based id of a resource's row in `lock_resources`.
+pub(crate) fn resource_id(resource: &crate::locks::wake::Resource) -> uuid::Uuid {
+    /// The namespace of resource ids (a fixed random UUID).
+    const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x3c1e_97a4_5b0d_4f6e_a2d8_71c9_e5f3_0b42);
+    // The type's length first, so ("ab", "c") and ("a", "bc") differ.
+    let mut name = Vec::with_capacity(8 + resource.0.len() + resource.1.len());
+    name.extend_from_slice(&(resource.0.len() as u64).to_le_bytes());
+    name.extend_from_slice(resource.0.as_bytes());
+    name.extend_from_slice(resource.1.as_bytes());
+    uuid::Uuid::new_v5(&NAMESPACE, &name)
+}
+
+/// Takes the store-wide order of queueings, held until the caller's
+/// transaction ends: on the servers the `lock_fencing` row, `FOR UPDATE`; on
+/// SQLite the write transaction already holds the only write lock.
+pub(crate) async fn wait_order(txn: &DatabaseTransaction) -> Result<()> {
+    use entity::lock_fencing;
+    use sea_orm::{EntityTrait, QuerySelect};
+    if txn.get_database_backend() == DatabaseBackend::Sqlite {
+        return Ok(());
+    }
+    let row: Option<i64> = lock_fencing::Entity::find_by_id(1)
+        .select_only()
+        .column(lock_fencing::Column::Id)
+        .lock_exclusive()
+        .into_tuple()
+        .one(txn)
+        .await?;
+    row.map(|_| ()).ok_or(Error::MissingRow {
+        table: "lock_fencing",
+    })
+}
+
+/// Runs `update`, which changes at most the row `id`, and returns that row
+/// as it left it, or `None` if it changed nothing: one statement with
+/// `RETURNING` where the backend has it (PostgreSQL, SQLite), else the
+/// update and then a read of the row.
+pub(crate) async fn update_one_returning<E>(
+    txn: &DatabaseTransaction,
+    update: sea_orm::UpdateMany<E>,
+    id: <E::PrimaryKey as sea_orm::PrimaryKeyTrait>::ValueType,
+) -> Result<Option<E::Model>>
+where
+    E: sea_orm::EntityTrait,
+{
+    if txn.support_returning() {
+        return Ok(update.exec_with_returning(txn).await?.into_iter().next());
+    }
+    if update.exec(txn).await?.rows_affected == 0 {
+        return Ok(None);
+    }
+    Ok(E::find_by_id(id).one(txn).await?)
+}
+
+/// [`update_one_returning`] as a write of its own. On the library's own
+/// PostgreSQL connections it is one statement in the database's own
+/// transaction: no `BEGIN` and `COMMIT` round trips. Elsewhere it is a write
+/// transaction: SQLite's `BEGIN IMMEDIATE` (a lone write could fail on a
+/// stale snapshot instead of waiting), the bounded lock waits of a
+/// connection the app set up, the read-back where there is no `RETURNING`.
+pub(crate) async fn update_one_alone<E>(
+    store: &Store,
+    update: sea_orm::UpdateMany<E>,
+    id: <E::PrimaryKey as sea_orm::PrimaryKeyTrait>::ValueType,
+) -> Result<Option<E::Model>>
+where
+    E: sea_orm::EntityTrait,
+{
+    let writer = store.writer();
+    let alone = writer.get_database_backend() == DatabaseBackend::Postgres
+        && store.txn_lock_timeout.is_none();
+    if alone {
+        let _gate = write_gate(store).await?;
+        return Ok(update.exec_with_returning(writer).await?.into_iter().next());
+    }
+    let txn = begin_write(store).await?;
+    let row = update_one_returning(&txn, update, id).await?;
+    txn.commit().await?;
+    Ok(row)
+}
+
+/// Takes the audit log's turn, held until the caller's transaction ends, so
+/// that `seq` is handed out in commit order: on the servers the `audit_head`
+/// row, `FOR UPDATE`; on SQLite the write transaction already holds the only
+/// write lock.
+pub(crate) async fn audit_turn<C: ConnectionTrait>(txn: &C) -> Result<()> {
+    use entity::audit_head;
+    use sea_orm::{EntityTrait, QuerySelect};
+    if txn.get_database_backend() == DatabaseBackend::Sqlite {
+        return Ok(());
+    }
+    let head: Option<i64> = audit_head::Entity::find_by_id(1)
+        .select_only()
+        .column(audit_head::Column::Id)
+        .lock_exclusive()
+        .into_tuple()
+        .one(txn)
+        .await?;
+    head.map(|_| ()).ok_or(Error::MissingRow {
+        table: "audit_head",
+    })
+}
+
+/// Draws the next fencing token (also a queue's ticket) inside the caller's
+/// transaction. On PostgreSQL from `lock_fencing_seq`: a sequence holds no
+/// lock until commit, so grants of different resources never wait for each
+/// other. On SQLite (one writer at a time) and MariaDB/MySQL from the
+/// `lock_fencing` row, whose update holds it until commit. Either way the
+/// values only grow in the order they are drawn, and callers draw with
+/// their resource's row held, so a resource's tokens only grow.
+pub(crate) async fn next_token(txn: &DatabaseTransaction) -> Result<i64> {
+    use entity::lock_fencing;
+    use sea_orm::sea_query::{Expr, ExprTrait, Query};
+    use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+    let missing = || Error::MissingRow {
+        table: "lock_fencing",
+    };
+    if txn.get_database_backend() == DatabaseBackend::Postgres {
+        // A sequence, which the query builder can only call as custom SQL.
+        let draw = Query::select()
+            .expr(Expr::cust("nextval('lock_fencing_seq')"))
+            .to_owned();
+        let row = txn.query_one(&draw).await?.ok_or_else(missing)?;
+        return Ok(row.try_get_by_index::<i64>(0)?);
+    }
+    let update = lock_fencing::Entity::update_many()
+        .col_expr(
+            lock_fencing::Column::LastToken,
+            // 64-bit, as the column: sqlx caches a statement's parameter
+            // types by its text, so every binding of it must agree.
+            Expr::col(lock_fencing::Column::LastToken).add(1i64),
+        )
+        .filter(lock_fencing::Column::Id.eq(1));
+    let counter = update_one_returning(txn, update, 1).await?;
+    counter.map(|c| c.last_token).ok_or_else(missing)
+}
+
 /// A duration in whole milliseconds, saturating.
 pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)

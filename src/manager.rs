@@ -664,7 +664,11 @@ impl SessionManager {
         self.writes("release_lock")?;
         self.detached(|m| async move {
             if let Some(resource) = locks::release(&m.db, lock_id, None).await? {
-                m.announce(Freed::One(resource), false).await;
+                // The caller has its answer once the release committed; the
+                // wake-ups go out after it, in a task of this manager's
+                // (`close` waits for them).
+                let tasks = m.tasks().clone();
+                tasks.spawn(async move { m.announce(Freed::One(resource), false).await });
             }
             Ok(())
         })

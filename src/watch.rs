@@ -9,8 +9,9 @@
 //! 12, and a reader that delivered 12 and moved its cursor past it would
 //! never see 11. So appends are serialized, and kept short:
 //!
-//! - every audit append is the last work of its transaction: it locks the
-//!   one `audit_head` row (`FOR UPDATE`), inserts its row, and commits;
+//! - every audit append is the last work of its transaction: it takes the
+//!   audit log's turn (`db::audit_turn`: on the servers it locks the one
+//!   `audit_head` row, `FOR UPDATE`), inserts its row, and commits;
 //! - the next append waits for that lock, so it takes its `seq` only once
 //!   the one before has committed or rolled back;
 //! - hence, whenever a reader sees `seq` n, every committed row below n is
@@ -22,11 +23,11 @@
 //! the rest of its work. An end blocked on one session's
 //! row has not reached the lock, so other sessions' ends commit, and are
 //! delivered, meanwhile. On SQLite, `BEGIN IMMEDIATE` already serializes
-//! every write transaction and the lock is a plain read.
+//! every write transaction, so the turn takes no statement.
 //!
-//! What it costs: one primary-key read per audit-writing transaction, and on
-//! the servers the appends of concurrent ends (one insert and the commit
-//! each) run one after another. `docs/performance.md` has the figures.
+//! What it costs on the servers: one primary-key read per audit-writing
+//! transaction, and the appends of concurrent ends (one insert and the
+//! commit each) run one after another. `docs/performance.md` has the figures.
 //!
 //! The other way, delivering only below the oldest in-flight transaction's
 //! horizon, needs each backend's transaction ids (`pg_snapshot_xmin` has no

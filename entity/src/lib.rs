@@ -7,6 +7,7 @@ pub mod audit_head;
 pub mod audit_log;
 pub mod global_sessions;
 pub mod lock_fencing;
+pub mod lock_resources;
 pub mod lock_waiters;
 pub mod resource_locks;
 pub mod retention;

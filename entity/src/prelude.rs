@@ -5,6 +5,7 @@ pub use super::audit_head::Entity as AuditHead;
 pub use super::audit_log::Entity as AuditLog;
 pub use super::global_sessions::Entity as GlobalSessions;
 pub use super::lock_fencing::Entity as LockFencing;
+pub use super::lock_resources::Entity as LockResources;
 pub use super::lock_waiters::Entity as LockWaiters;
 pub use super::resource_locks::Entity as ResourceLocks;
 pub use super::retention::Entity as Retention;

@@ -11,6 +11,7 @@ mod m20261201_000004_audit_seq;
 mod m20261201_000005_browse_indexes;
 mod m20261207_000006_retention;
 mod m20261207_000007_dashboard;
+mod m20261207_000008_lock_order;
 mod shared;
 
 pub struct Migrator;
@@ -26,6 +27,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000005_browse_indexes::Migration),
             Box::new(m20261207_000006_retention::Migration),
             Box::new(m20261207_000007_dashboard::Migration),
+            Box::new(m20261207_000008_lock_order::Migration),
         ]
     }
 }

@@ -3,8 +3,9 @@
 //!
 //! Two holders at once are impossible by the database's unique index over
 //! held locks. Who gets a free resource is decided in one transaction that
-//! draws from the fencing counter, which serializes grants: the first live
-//! waiter in the queue (`queue`), or, when nobody waits, whoever asks.
+//! first takes the resource's turn (`db::resource_turn`), which serializes
+//! the grants of that resource: the first live waiter in the queue
+//! (`queue`), or, when nobody waits, whoever asks.
 mod deadlock;
 pub(crate) mod lost;
 mod queue;
@@ -15,15 +16,15 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sea_orm::entity::prelude::TextUuid;
-use sea_orm::sea_query::Expr;
+use sea_orm::sea_query::{Expr, Query};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, DatabaseConnection, DatabaseTransaction, EntityTrait, JoinType,
-    QueryFilter, QueryOrder, QuerySelect, RelationDef, SqlErr,
+    QueryFilter, QueryOrder, QuerySelect, RelationDef, SqlErr, UpdateMany,
 };
 use serde::Serialize;
 use uuid::Uuid;
 
-use entity::{agent_executions, global_sessions, lock_fencing, resource_locks};
+use entity::{agent_executions, global_sessions, resource_locks};
 
 pub(crate) use queue::leave_session;
 pub use queue::LockWaiter;
@@ -35,8 +36,9 @@ use crate::audit::{self, AuditEvent};
 use crate::status::{AgentStatus, ReleaseReason, SessionStatus};
 use crate::{db, validate, Config, Error, Result};
 
-/// A granted lock. `fencing_token` strictly increases over all grants: pass it
-/// to the protected resource so it can refuse a holder that was replaced
+/// A granted lock. `fencing_token` strictly increases over the grants of a
+/// resource (and is unique in the store): pass it to the protected resource
+/// so it can refuse a holder that was replaced
 /// (see [`SessionManager::validate_fence`](crate::SessionManager::validate_fence)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct LockGrant {
@@ -125,10 +127,11 @@ pub(crate) async fn attempt(
     let resource = &request.resource;
     let txn = db::begin_write(conn).await?;
     let session_id = check_holder(&txn, request.agent_id).await?;
-    // The counter's row lock serializes every grant and every queueing on
-    // every instance (see `queue`): what follows sees the queue and the
-    // holder as the previous such transaction left them.
-    let ticket = next_fencing_token(&txn).await?;
+    // The resource's turn serializes every grant and every queueing of this
+    // resource on every instance (see `queue`): what follows sees its queue
+    // and holder as the previous such transaction left them. Other
+    // resources go on meanwhile. The time is read once the turn is ours.
+    db::resource_turn(&txn, resource).await?;
     let now = db::now();
     let mut holder = queue::holder_of(&*txn, resource).await?;
     // The `locks_swept` row of an expired holder released here, appended
@@ -154,6 +157,7 @@ pub(crate) async fn attempt(
             .is_some_and(|head| Some(head) != queued);
     if free && !ahead {
         let waited_since = queued.map(|entry| entry.since);
+        let ticket = db::next_token(&txn).await?;
         if insert_lock(
             &txn,
             request,
@@ -192,6 +196,9 @@ pub(crate) async fn attempt(
     let mut entry = queued;
     let mut changed = expired_one;
     if let (Some(expires_at), None) = (request.wait_until, entry) {
+        // Queueing is ordered store-wide, so that of two waits that would
+        // close one cycle between them the second sees the first.
+        db::wait_order(&txn).await?;
         if let Some(holder) = &holder {
             let me = request.agent_id;
             if let Some(links) = queue::cycle(&*txn, me, resource, holder, now).await? {
@@ -205,7 +212,7 @@ pub(crate) async fn attempt(
             agent_id: request.agent_id,
             session_id,
             resource,
-            ticket,
+            ticket: db::next_token(&txn).await?,
             expires_at,
         };
         entry = Some(queue::enqueue(&*txn, arrival, now).await?);
@@ -267,24 +274,36 @@ async fn insert_lock(
 /// The agent must be running and its session active; returns the session.
 ///
 /// The session row is read `FOR SHARE` (PostgreSQL, MariaDB; SQLite's
-/// `BEGIN IMMEDIATE` already serializes writers), so an acquire and an end of
-/// the same session serialize on it: an acquire that locked it first commits
-/// its lock before the end's release runs and is released by it; an acquire
-/// that waits behind an end re-reads the row once the end commits and sees
-/// `completed`. A finish locks the session row too, so the agent's status is
-/// read after it: an acquire never sees a finished agent as running. No
-/// agent row is locked, so this never waits on one while holding the
-/// session row.
+/// `BEGIN IMMEDIATE` already serializes writers), found from the agent in the
+/// same statement, so an acquire and an end of the same session serialize on
+/// it: an acquire that locked it first commits its lock before the end's
+/// release runs and is released by it; an acquire that waits behind an end
+/// re-reads the row once the end commits and sees `completed`. A finish
+/// locks the session row too, so the agent's status is read after it: an
+/// acquire never sees a finished agent as running. No agent row is locked,
+/// so this never waits on one while holding the session row.
 async fn check_holder(txn: &DatabaseTransaction, agent_id: Uuid) -> Result<Uuid> {
-    let session: Option<TextUuid> = agent_executions::Entity::find()
-        .select_only()
+    let agent_session = Query::select()
         .column(agent_executions::Column::SessionId)
-        .filter(agent_executions::Column::Id.eq(TextUuid(agent_id)))
+        .from(agent_executions::Entity)
+        .and_where(agent_executions::Column::Id.eq(TextUuid(agent_id)))
+        .to_owned();
+    let session: Option<(TextUuid, String)> = global_sessions::Entity::find()
+        .select_only()
+        .column(global_sessions::Column::Id)
+        .column(global_sessions::Column::Status)
+        .filter(global_sessions::Column::Id.in_subquery(agent_session))
+        .lock_shared()
         .into_tuple()
         .one(txn)
         .await?;
-    let session_id = session.ok_or(Error::AgentNotFound(agent_id))?;
-    crate::session::start::lock_active_session(txn, session_id.0).await?;
+    let (session_id, status) = session.ok_or(Error::AgentNotFound(agent_id))?;
+    if status != SessionStatus::Active.as_str() {
+        return Err(Error::SessionNotActive {
+            session_id: session_id.0,
+            status,
+        });
+    }
     let agent_status: String = agent_executions::Entity::find()
         .select_only()
         .column(agent_executions::Column::Status)
@@ -331,30 +350,6 @@ async fn lock_delay_left(
     }))
 }
 
-/// Issues the next fencing token from the single-row counter. The row update
-/// serializes issuers (it holds the row until commit), so tokens strictly
-/// increase in grant order, and reading the row back in the same transaction
-/// sees our own increment.
-async fn next_fencing_token(txn: &DatabaseTransaction) -> Result<i64> {
-    use sea_orm::ExprTrait;
-    lock_fencing::Entity::update_many()
-        .col_expr(
-            lock_fencing::Column::LastToken,
-            // 64-bit, as the column: sqlx caches a PostgreSQL statement's
-            // parameter types by its text, so every binding of it must agree.
-            Expr::col(lock_fencing::Column::LastToken).add(1i64),
-        )
-        .filter(lock_fencing::Column::Id.eq(1))
-        .exec(txn)
-        .await?;
-    let counter = lock_fencing::Entity::find_by_id(1).one(txn).await?;
-    counter
-        .map(|c| c.last_token)
-        .ok_or_else(|| Error::MissingRow {
-            table: "lock_fencing",
-        })
-}
-
 /// Releases one held lock whose time to live ran out, inside the caller's
 /// transaction; the details of its `locks_swept` audit row, or `None` if it
 /// was renewed or released meanwhile.
@@ -391,27 +386,42 @@ pub(crate) async fn release(
     operator: Option<serde_json::Value>,
 ) -> Result<Option<Resource>> {
     validate::id("lock_id", lock_id)?;
+    let Some(operator) = operator else {
+        // The holder's own release: the update names what it released.
+        let update = release_update(lock_id, db::now());
+        if let Some(lock) = db::update_one_alone(conn, update, lock_id.to_string()).await? {
+            return Ok(Some((lock.resource_type, lock.resource_key)));
+        }
+        let known = resource_locks::Entity::find_by_id(lock_id.to_string())
+            .select_only()
+            .column(resource_locks::Column::Id)
+            .into_tuple::<String>()
+            .one(&**conn)
+            .await?;
+        return match known {
+            Some(_) => Ok(None),
+            None => Err(Error::LockNotFound(lock_id)),
+        };
+    };
     let txn = db::begin_write(conn).await?;
     let lock = resource_locks::Entity::find_by_id(lock_id.to_string())
         .one(&*txn)
         .await?
         .ok_or(Error::LockNotFound(lock_id))?;
-    if operator.is_some() {
-        // The session first, `FOR SHARE`, as an end takes it (`FOR UPDATE`)
-        // before its locks: the two never wait for each other crosswise, and
-        // the audit row's foreign key finds it already locked, so nothing
-        // waits once `audit_head` is held.
-        global_sessions::Entity::find_by_id(lock.session_id.as_str())
-            .select_only()
-            .column(global_sessions::Column::Id)
-            .lock_shared()
-            .into_tuple::<String>()
-            .one(&*txn)
-            .await?;
-    }
+    // The session first, `FOR SHARE`, as an end takes it (`FOR UPDATE`)
+    // before its locks: the two never wait for each other crosswise, and
+    // the audit row's foreign key finds it already locked, so nothing
+    // waits once `audit_head` is held.
+    global_sessions::Entity::find_by_id(lock.session_id.as_str())
+        .select_only()
+        .column(global_sessions::Column::Id)
+        .lock_shared()
+        .into_tuple::<String>()
+        .one(&*txn)
+        .await?;
     let now = db::now();
     let released = release_held(&txn, lock_id, now).await?;
-    if let (true, Some(operator)) = (released, operator) {
+    if released {
         let details = serde_json::json!({
             "lock_id": lock_id,
             "resource_type": lock.resource_type,
@@ -446,7 +456,13 @@ pub(crate) async fn release_held(
     lock_id: Uuid,
     now: DateTime<Utc>,
 ) -> Result<bool> {
-    let released = resource_locks::Entity::update_many()
+    let released = release_update(lock_id, now).exec(txn).await?.rows_affected;
+    Ok(released > 0)
+}
+
+/// The update that releases one lock (reason `released`) if it is held.
+fn release_update(lock_id: Uuid, now: DateTime<Utc>) -> UpdateMany<resource_locks::Entity> {
+    resource_locks::Entity::update_many()
         .col_expr(resource_locks::Column::ReleasedAt, Expr::value(now))
         .col_expr(
             resource_locks::Column::ReleaseReason,
@@ -454,10 +470,6 @@ pub(crate) async fn release_held(
         )
         .filter(resource_locks::Column::Id.eq(TextUuid(lock_id)))
         .filter(resource_locks::Column::ReleasedAt.is_null())
-        .exec(txn)
-        .await?
-        .rows_affected;
-    Ok(released > 0)
 }
 
 pub(crate) async fn renew(conn: &db::Store, lock_id: Uuid, ttl: Duration) -> Result<()> {

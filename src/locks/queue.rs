@@ -1,11 +1,15 @@
 //! The lock queue as the database keeps it (`lock_waiters`): who waits for
 //! which resource, in arrival order, and the waits-for graph it implies.
 //!
-//! A waiter's `ticket` is drawn from the fencing counter in the transaction
-//! that queues it. The counter's row lock serializes every transaction that
-//! queues or grants, on every instance, so tickets follow the order in which
-//! those transactions commit, and each sees the queue as the previous one
-//! left it.
+//! Every transaction that queues or grants on a resource first takes the
+//! resource's turn ([`db::resource_turn`]), which serializes them per
+//! resource on every instance: each sees the resource's queue and holder as
+//! the previous one left them. A waiter's `ticket` is drawn (from the fencing
+//! tokens' source) in its turn, so a resource's tickets follow the order in
+//! which its queueings commit. A queueing also takes the store-wide
+//! [`db::wait_order`] before it looks for a cycle, so of two waits that would
+//! close one cycle the second sees the first; a grant that nobody waits for
+//! never takes it.
 //!
 //! An entry past its `expires_at` (its wait plus a margin) was abandoned by a
 //! waiter that could not remove it: it is ignored, and removed by the next
@@ -153,8 +157,8 @@ pub(crate) struct Arrival<'a> {
     pub expires_at: DateTime<Utc>,
 }
 
-/// Queues the agent at the tail, inside the caller's transaction (which drew
-/// `ticket` from the fencing counter). Abandoned entries of the resource and
+/// Queues the agent at the tail, inside the caller's transaction (which holds
+/// the resource's row and the order of queueings, and drew `ticket`). Abandoned entries of the resource and
 /// of the agent are removed first.
 pub(crate) async fn enqueue(
     txn: &impl ConnectionTrait,
@@ -210,7 +214,7 @@ pub(crate) async fn enqueue(
             ticket: arrival.ticket,
             since,
         }),
-        // The id is random and the ticket counter-issued: the agent's own
+        // The id is random and the ticket drawn once: the agent's own
         // unique index refused a second wait, queued meanwhile by a writer
         // that does not draw from the counter.
         Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {

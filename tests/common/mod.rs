@@ -474,10 +474,25 @@ pub async fn rows_of(db: &TestDb, session: Uuid) -> SessionRows {
     (session_row(db, session).await, agents, locks, audit)
 }
 
-/// The `lock_fencing` counter, which `snapshot` does not cover.
+/// The last fencing token the store issued, which `snapshot` does not
+/// cover: on PostgreSQL the `lock_fencing_seq` sequence's, elsewhere the
+/// `lock_fencing` counter row's.
 pub async fn fencing_counter(db: &TestDb) -> i64 {
+    let conn = db.manager.connection();
+    if db.backend == Backend::Postgres {
+        let row = conn
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DatabaseBackend::Postgres,
+                "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END \
+                 FROM lock_fencing_seq",
+            ))
+            .await
+            .expect("read lock_fencing_seq")
+            .expect("a row");
+        return row.try_get_by_index::<i64>(0).expect("last value");
+    }
     entity::lock_fencing::Entity::find_by_id(1)
-        .one(db.manager.connection())
+        .one(conn)
         .await
         .expect("read lock_fencing")
         .expect("lock_fencing counter row")
