@@ -14,7 +14,9 @@ use demiarch_sessions::{
     ArchiveLine, AuditEvent, AuditFilter, Config, Error, PruneReport, RetentionPolicy,
     SessionManager, WatchOptions,
 };
-use entity::{agent_executions, audit_log, global_sessions, resource_locks, retention};
+use entity::{
+    agent_executions, audit_log, global_sessions, lock_resources, resource_locks, retention,
+};
 use futures::StreamExt;
 use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
@@ -1206,6 +1208,82 @@ async fn resuming_a_session_whose_context_was_cleared_starts_empty() {
                 .expect("context")
                 .is_empty());
             assert!(session_row(&db, resumed).await.context_data.is_some());
+        },
+    )
+    .await;
+}
+
+// ---- turn rows of resources nobody asks for ------------------------------------
+
+/// Sets every `lock_resources` row's `touched_at` to `n` days ago but those
+/// of `keep`.
+async fn backdate_resources(db: &TestDb, n: i64, keep: &str) {
+    let at = Utc::now().trunc_subsecs(6) - chrono::Duration::days(n);
+    lock_resources::Entity::update_many()
+        .col_expr(lock_resources::Column::TouchedAt, Expr::value(at))
+        .filter(lock_resources::Column::ResourceKey.ne(keep))
+        .exec(db.manager.connection())
+        .await
+        .expect("backdate touched_at");
+}
+
+async fn resource_keys(db: &TestDb) -> BTreeSet<String> {
+    lock_resources::Entity::find()
+        .all(db.manager.connection())
+        .await
+        .expect("lock_resources")
+        .into_iter()
+        .map(|r| r.resource_key)
+        .collect()
+}
+
+#[tokio::test]
+async fn prune_forgets_the_turn_rows_of_idle_resources_and_tokens_still_grow() {
+    each_backend(
+        "prune_forgets_the_turn_rows_of_idle_resources_and_tokens_still_grow",
+        |db| async move {
+            if db.is_sqlite() {
+                eprintln!(
+                    "prune_forgets_the_turn_rows_of_idle_resources_and_tokens_still_grow: \
+                     skipped on {}: SQLite takes turns by its write lock and writes no turn rows",
+                    db.backend.name()
+                );
+                return;
+            }
+            let m = &db.manager;
+            let session = m.start_session().await.expect("start");
+            let agent = m.register_agent(session, "a").await.expect("agent");
+            let idle = m.acquire_lock(agent, "file", "idle").await.expect("idle");
+            m.release_lock(idle.lock_id).await.expect("release idle");
+            let held = m.acquire_lock(agent, "file", "held").await.expect("held");
+            let fresh = m.acquire_lock(agent, "file", "fresh").await.expect("fresh");
+            m.release_lock(fresh.lock_id).await.expect("release fresh");
+            assert_eq!(
+                resource_keys(&db).await,
+                ["fresh", "held", "idle"].map(String::from).into()
+            );
+            // "idle" and "held" last asked for 10 days ago, "fresh" now.
+            backdate_resources(&db, 10, "fresh").await;
+            let policy = RetentionPolicy {
+                completed_after: Some(days(7)),
+                ..RetentionPolicy::default()
+            };
+            m.prune(&policy).await.expect("prune");
+            assert_eq!(
+                resource_keys(&db).await,
+                ["fresh", "held"].map(String::from).into(),
+                "only the idle resource's row goes: one is held, one was asked for lately"
+            );
+            let again = m
+                .acquire_lock(agent, "file", "idle")
+                .await
+                .expect("idle again");
+            assert!(again.fencing_token > idle.fencing_token);
+            assert!(again.fencing_token > held.fencing_token);
+            assert!(
+                resource_keys(&db).await.contains("idle"),
+                "asked for again, it has a row"
+            );
         },
     )
     .await;

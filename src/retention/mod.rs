@@ -35,7 +35,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::{Expr, LockBehavior, LockType, Query};
+use sea_orm::sea_query::{DynIden, Expr, IntoIden, LockBehavior, LockType, Query};
 use sea_orm::{
     ColumnTrait, Condition, ConnectionTrait, DatabaseBackend, EntityTrait, PaginatorTrait,
     QueryFilter, QueryOrder, QuerySelect, Select,
@@ -45,7 +45,8 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use entity::{
-    agent_executions, audit_log, global_sessions, lock_waiters, resource_locks, retention,
+    agent_executions, audit_log, global_sessions, lock_resources, lock_waiters, resource_locks,
+    retention,
 };
 
 use archive::Archive;
@@ -424,6 +425,7 @@ pub(crate) async fn prune(
 #[derive(Clone, Copy)]
 enum Step {
     Sessions,
+    Resources,
     Contexts,
     Audit,
 }
@@ -474,6 +476,7 @@ impl Pruning<'_> {
         }
         if let Some(before) = cutoffs.sessions {
             self.in_batches(Step::Sessions, before).await?;
+            self.in_batches(Step::Resources, before).await?;
         }
         if let Some(before) = cutoffs.contexts {
             self.in_batches(Step::Contexts, before).await?;
@@ -493,6 +496,7 @@ impl Pruning<'_> {
             }
             let taken = match step {
                 Step::Sessions => self.delete_sessions(before).await?,
+                Step::Resources => self.forget_resources(before).await?,
                 Step::Contexts => self.clear_contexts(before).await?,
                 Step::Audit => self.compact_audit(before).await?,
             };
@@ -548,6 +552,70 @@ impl Pruning<'_> {
         report.locks_deleted += locks;
         report.waiters_deleted += waiters;
         Ok(sessions)
+    }
+
+    /// One batch of the turn rows (`lock_resources`) of resources nobody
+    /// holds or waits for, and nobody asked for since `before`; the number
+    /// deleted. A resource asked for again gets a new row; its fencing
+    /// tokens come from the store-wide source, so they still only grow.
+    async fn forget_resources(&mut self, before: DateTime<Utc>) -> Result<u64> {
+        use sea_orm::sea_query::ExprTrait;
+        let on_resource = |table: DynIden, kind: DynIden, key: DynIden| {
+            Condition::all()
+                .add(
+                    Expr::col((table.clone(), kind))
+                        .equals((lock_resources::Entity, lock_resources::Column::ResourceType)),
+                )
+                .add(
+                    Expr::col((table, key))
+                        .equals((lock_resources::Entity, lock_resources::Column::ResourceKey)),
+                )
+        };
+        let held = Query::select()
+            .expr(Expr::val(1))
+            .from(resource_locks::Entity)
+            .cond_where(on_resource(
+                resource_locks::Entity.into_iden(),
+                resource_locks::Column::ResourceType.into_iden(),
+                resource_locks::Column::ResourceKey.into_iden(),
+            ))
+            .and_where(
+                Expr::col((resource_locks::Entity, resource_locks::Column::ReleasedAt)).is_null(),
+            )
+            .to_owned();
+        let waited = Query::select()
+            .expr(Expr::val(1))
+            .from(lock_waiters::Entity)
+            .cond_where(on_resource(
+                lock_waiters::Entity.into_iden(),
+                lock_waiters::Column::ResourceType.into_iden(),
+                lock_waiters::Column::ResourceKey.into_iden(),
+            ))
+            .to_owned();
+        let txn = self.lease.begin(self.store).await?;
+        let idle: Vec<String> = lock_resources::Entity::find()
+            .select_only()
+            .column(lock_resources::Column::Id)
+            .filter(lock_resources::Column::TouchedAt.lt(before))
+            .filter(Expr::exists(held).not())
+            .filter(Expr::exists(waited).not())
+            .limit(self.batch)
+            .into_tuple()
+            .all(&*txn)
+            .await?;
+        if idle.is_empty() {
+            txn.rollback().await?;
+            return Ok(0);
+        }
+        let found = idle.len() as u64;
+        // Asked for again meanwhile: its turn moved `touched_at` on.
+        lock_resources::Entity::delete_many()
+            .filter(lock_resources::Column::Id.is_in(idle))
+            .filter(lock_resources::Column::TouchedAt.lt(before))
+            .exec(&*txn)
+            .await?;
+        txn.commit().await?;
+        Ok(found)
     }
 
     /// The result of a batch's writes, after its lines were archived: if
