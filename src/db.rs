@@ -805,20 +805,32 @@ pub(crate) fn resource_id(resource: &crate::locks::wake::Resource) -> uuid::Uuid
 /// SQLite the write transaction already holds the only write lock.
 pub(crate) async fn wait_order(txn: &DatabaseTransaction) -> Result<()> {
     use entity::lock_fencing;
-    use sea_orm::{EntityTrait, QuerySelect};
+    lock_first_row::<lock_fencing::Entity>(txn, lock_fencing::Column::Id, "lock_fencing").await
+}
+
+/// Locks the row `id = 1` of a one-row table (`FOR UPDATE`) until the
+/// caller's transaction ends, on the servers; nothing on SQLite, whose write
+/// transaction already holds the only write lock.
+async fn lock_first_row<E: sea_orm::EntityTrait>(
+    txn: &impl ConnectionTrait,
+    id: E::Column,
+    table: &'static str,
+) -> Result<()>
+where
+    <E::PrimaryKey as sea_orm::PrimaryKeyTrait>::ValueType: From<i64>,
+{
+    use sea_orm::QuerySelect;
     if txn.get_database_backend() == DatabaseBackend::Sqlite {
         return Ok(());
     }
-    let row: Option<i64> = lock_fencing::Entity::find_by_id(1)
+    let row: Option<i64> = E::find_by_id(1i64)
         .select_only()
-        .column(lock_fencing::Column::Id)
+        .column(id)
         .lock_exclusive()
         .into_tuple()
         .one(txn)
         .await?;
-    row.map(|_| ()).ok_or(Error::MissingRow {
-        table: "lock_fencing",
-    })
+    row.map(|_| ()).ok_or(Error::MissingRow { table })
 }
 
 /// Runs `update`, which changes at most the row `id`, and returns that row
@@ -875,20 +887,7 @@ where
 /// write lock.
 pub(crate) async fn audit_turn<C: ConnectionTrait>(txn: &C) -> Result<()> {
     use entity::audit_head;
-    use sea_orm::{EntityTrait, QuerySelect};
-    if txn.get_database_backend() == DatabaseBackend::Sqlite {
-        return Ok(());
-    }
-    let head: Option<i64> = audit_head::Entity::find_by_id(1)
-        .select_only()
-        .column(audit_head::Column::Id)
-        .lock_exclusive()
-        .into_tuple()
-        .one(txn)
-        .await?;
-    head.map(|_| ()).ok_or(Error::MissingRow {
-        table: "audit_head",
-    })
+    lock_first_row::<audit_head::Entity>(txn, audit_head::Column::Id, "audit_head").await
 }
 
 /// Draws the next fencing token (also a queue's ticket) inside the caller's

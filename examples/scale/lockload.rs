@@ -15,7 +15,7 @@
 //! agent and resource. Each side runs for `--lockload-seconds`, three times,
 //! alternating which goes first; the line prints the medians of both sides
 //! and the library's one-client figure from the same run.
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,7 @@ use uuid::Uuid;
 use crate::args::Args;
 use crate::fixture::{BackendKind, BoxResult, Fixture};
 use crate::report::{peak_rss_kb, print_json, summarize};
-use crate::{manager_config, median, with_fixture};
+use crate::{manager_config, median, with_fixture, Errors};
 
 /// Runs of each side; the line prints their medians.
 const RUNS: usize = 3;
@@ -191,22 +191,6 @@ struct LockLoadLine {
 struct Run {
     pairs_per_s: f64,
     acquire: Vec<Duration>,
-}
-
-#[derive(Default)]
-struct Errors {
-    count: AtomicU64,
-    first: Mutex<Option<String>>,
-}
-
-impl Errors {
-    fn record(&self, e: impl std::fmt::Display) {
-        self.count.fetch_add(1, Ordering::Relaxed);
-        let mut first = self.first.lock().unwrap_or_else(PoisonError::into_inner);
-        if first.is_none() {
-            *first = Some(e.to_string());
-        }
-    }
 }
 
 /// A client of the library: its manager, agent and resource key.
