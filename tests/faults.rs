@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 /// Fails the test instead of hanging it.
 async fn within<T>(what: &str, call: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(20), call)
+    tokio::time::timeout(Duration::from_secs(60), call)
         .await
         .unwrap_or_else(|_| panic!("{what} hung"))
 }
