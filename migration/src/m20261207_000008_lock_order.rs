@@ -3,7 +3,7 @@
 //!   name-based UUID of (type, key). Every transaction that grants or queues
 //!   on a resource first writes its row (`touched_at`), which serializes
 //!   those transactions per resource on every instance; different resources
-//!   no longer wait for each other.
+//!   do not wait for each other.
 //! - PostgreSQL: `lock_fencing_seq`, the sequence fencing tokens and queue
 //!   tickets are drawn from, started after the counter row's last token. A
 //!   sequence hands out increasing values without a row lock held to commit;
